@@ -1,0 +1,25 @@
+"""The ``torch.ops.pydiff`` namespace: every op's schema is defined here, once.
+
+The compiled extension ``pydiff._C`` registers the C++ CPU and CUDA kernels for these schemas
+(``TORCH_LIBRARY_IMPL`` in csrc/bindings/); the fake (meta) kernels that let
+``torch.compile(fullgraph=True)`` trace the ops live next to each op's Python wrapper.  Without the
+extension, the wrappers register the Triton launcher (CUDA) and the torch reference (CPU) as the
+kernels, so ``torch.ops.pydiff.*`` always exists.
+"""
+import torch
+
+lib = torch.library.Library("pydiff", "DEF")
+
+SCHEMAS = {
+    "solver_step": (
+        "solver_step(Tensor x, Tensor? model_cond, Tensor? model_uncond, Tensor[] history, "
+        "Tensor? noise, Tensor? row_scale, float[] coeffs, Tensor? coeff_table, Tensor? step, "
+        "float clip_lo, float clip_hi) -> (Tensor, Tensor)"
+    ),
+    "cfg_rescale": "cfg_rescale(Tensor model_cond, Tensor model_uncond, float guidance, float phi) -> Tensor",
+}
+for _name, _schema in SCHEMAS.items():
+    lib.define(_schema)
+
+# Load the compiled kernels after the schemas exist.
+from pydiff import _ext  # noqa: E402,F401

@@ -1,0 +1,250 @@
+"""Fused solver step: ``torch.ops.pydiff.solver_step`` and its Python wrapper.
+
+One kernel per sampler step reads the sample, the model output(s), the history entries and the
+noise once and writes the next sample and the new history entry once.  The formula is defined in
+:mod:`pydiff.reference.solver`; :class:`StepCoeffs` builds its coefficient vector by name.
+
+Backends: ``cuda`` (csrc/solver/solver_step_cuda.cu), ``triton`` (triton_kernels/solver.py),
+``cpu`` (csrc/solver/solver_step_cpu.cpp) and ``torch`` (the reference, computed in fp32).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from pydiff import _ext, backend as _backend
+from pydiff.ops._library import lib  # noqa: F401  (defines the schemas)
+from pydiff.reference.solver import HEAD, ROW, cfg_rescale_ref, num_coeffs, solver_step_ref
+
+#: Most history entries one step can read (PLMS reads 3 eps + 1 sample; UniPC-3 reads 3 + 1).
+MAX_HISTORY = 6
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class StepCoeffs:
+    """Builds the flat float64 coefficient vector of one step by name.
+
+    >>> c = StepCoeffs(history=1)
+    >>> c.set(px=1 / a, pm=-s / a)                    # d = x0 = (x - s * eps) / a
+    >>> c.out(0, x=r, d=-a_t * (math.exp(-h) - 1) * (1 + 1 / (2 * q)), h=[...])
+    >>> c.out(1, d=1.0)                               # history entry = x0
+    >>> c.tolist()
+
+    Unset coefficients are 0, except ``g`` (guidance scale) which defaults to 1.
+    """
+
+    __slots__ = ("k", "v")
+
+    def __init__(self, history: int = 0):
+        if not 0 <= history <= MAX_HISTORY:
+            raise ValueError(f"history: expected 0..{MAX_HISTORY} entries, got {history}")
+        self.k = history
+        self.v = [0.0] * num_coeffs(history)
+        self.v[0] = 1.0
+
+    def set(self, **kw: float) -> "StepCoeffs":
+        for name, val in kw.items():
+            if name not in HEAD:
+                raise KeyError(f"StepCoeffs.set: unknown coefficient {name!r}; expected one of {HEAD}")
+            self.v[HEAD.index(name)] = float(val)
+        return self
+
+    def out(self, row: int, h: Sequence[float] = (), **kw: float) -> "StepCoeffs":
+        if row not in (0, 1):
+            raise ValueError(f"row: expected 0 (next sample) or 1 (history entry), got {row}")
+        base = len(HEAD) + row * (len(ROW) + self.k)
+        for name, val in kw.items():
+            if name not in ROW:
+                raise KeyError(f"StepCoeffs.out: unknown term {name!r}; expected one of {ROW} or h=[...]")
+            self.v[base + ROW.index(name)] = float(val)
+        if len(h) > self.k:
+            raise ValueError(f"h: {len(h)} history coefficients for {self.k} history entries")
+        for i, val in enumerate(h):
+            self.v[base + len(ROW) + i] = float(val)
+        return self
+
+    def tolist(self) -> list:
+        return list(self.v)
+
+    def __repr__(self) -> str:
+        return f"StepCoeffs(history={self.k}, {self.v})"
+
+
+def _check_same(name: str, t: Optional[torch.Tensor], x: torch.Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+    if t.shape != x.shape:
+        raise ValueError(f"{name}: expected shape {tuple(x.shape)} (the shape of x), got {tuple(t.shape)}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
+
+
+def check_solver_step_args(x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step,
+                           clip_lo, clip_hi) -> None:
+    """Raise a clear exception for bad input; shared by every backend."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x: expected dtype float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x: expected at least 1 dimension (batch first), got a 0-d tensor")
+    _check_same("model_cond", model_cond, x)
+    _check_same("model_uncond", model_uncond, x)
+    _check_same("noise", noise, x)
+    if model_uncond is not None and model_cond is None:
+        raise ValueError("model_uncond: given without model_cond (pass the conditional output as model_cond)")
+    if not isinstance(history, (list, tuple)):
+        raise TypeError(f"history: expected a list or tuple of tensors, got {type(history).__name__}")
+    if len(history) > MAX_HISTORY:
+        raise ValueError(f"history: expected at most {MAX_HISTORY} entries, got {len(history)}")
+    for i, h in enumerate(history):
+        if h is None:
+            raise TypeError(f"history[{i}]: expected a tensor, got None")
+        _check_same(f"history[{i}]", h, x)
+    n = num_coeffs(len(history))
+    if coeff_table is None:
+        if len(coeffs) != n:
+            raise ValueError(f"coeffs: expected {n} values for {len(history)} history entries, got {len(coeffs)}")
+        for i, c in enumerate(coeffs):
+            if not math.isfinite(c):
+                raise ValueError(f"coeffs[{i}]: expected a finite coefficient, got {c}")
+        if step is not None:
+            raise ValueError("step: only used with coeff_table")
+    else:
+        if len(coeffs) != 0:
+            raise ValueError("coeffs: pass either coeffs or coeff_table, not both")
+        if not isinstance(coeff_table, torch.Tensor) or coeff_table.dtype != torch.float64 or coeff_table.dim() != 2:
+            raise TypeError("coeff_table: expected a 2-D float64 tensor [steps, coeffs]")
+        if coeff_table.shape[1] != n or coeff_table.shape[0] < 1:
+            raise ValueError(f"coeff_table: expected shape [steps >= 1, {n}] for {len(history)} history entries, "
+                             f"got {tuple(coeff_table.shape)}")
+        if coeff_table.device != x.device:
+            raise ValueError(f"coeff_table: expected device {x.device}, got {coeff_table.device}")
+        if step is None or not isinstance(step, torch.Tensor) or step.dtype != torch.int64 or step.numel() != 1:
+            raise TypeError("step: expected a one-element int64 tensor (the device-side step counter)")
+        if step.device != x.device:
+            raise ValueError(f"step: expected device {x.device}, got {step.device}")
+    if row_scale is not None:
+        if not isinstance(row_scale, torch.Tensor) or row_scale.dtype != torch.float32:
+            raise TypeError("row_scale: expected a float32 tensor of shape [batch]")
+        if row_scale.shape != (x.shape[0],):
+            raise ValueError(f"row_scale: expected shape ({x.shape[0]},), got {tuple(row_scale.shape)}")
+        if row_scale.device != x.device:
+            raise ValueError(f"row_scale: expected device {x.device}, got {row_scale.device}")
+    if math.isnan(clip_lo) or math.isnan(clip_hi):
+        raise ValueError(f"clip: expected numbers, got ({clip_lo}, {clip_hi})")
+
+
+def _torch_impl(x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step, clip_lo, clip_hi):
+    if coeff_table is not None:
+        idx = step.reshape(1).clamp(0, coeff_table.shape[0] - 1)
+        coeffs = coeff_table.index_select(0, idx)[0]
+    return solver_step_ref(x, model_cond, model_uncond, history, noise, row_scale, coeffs, clip_lo, clip_hi,
+                           compute_dtype=torch.float32)
+
+
+def _triton_impl(*args):
+    from pydiff.triton_kernels.solver import solver_step_triton
+
+    return solver_step_triton(*args)
+
+
+@torch.library.register_fake("pydiff::solver_step", lib=lib)
+def _solver_step_fake(x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step,
+                      clip_lo, clip_hi):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
+        x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("pydiff::cfg_rescale", lib=lib)
+def _cfg_rescale_fake(model_cond, model_uncond, guidance, phi):
+    return model_cond.new_empty((model_cond.shape[0],), dtype=torch.float32)
+
+
+if not _ext.has_cpu_kernels():
+    # No compiled extension: the op still exists, backed by the reference (CPU) and Triton (CUDA).
+    lib.impl("solver_step", _torch_impl, "CPU")
+    lib.impl("solver_step", lambda *a: (_triton_impl if _backend.triton_available() else _torch_impl)(*a), "CUDA")
+    lib.impl("cfg_rescale", cfg_rescale_ref, "CPU")
+    lib.impl("cfg_rescale", cfg_rescale_ref, "CUDA")
+
+
+def solver_step(
+    x: torch.Tensor,
+    model_cond: Optional[torch.Tensor] = None,
+    model_uncond: Optional[torch.Tensor] = None,
+    history: Sequence[torch.Tensor] = (),
+    noise: Optional[torch.Tensor] = None,
+    *,
+    coeffs: Sequence[float] | StepCoeffs = (),
+    coeff_table: Optional[torch.Tensor] = None,
+    step: Optional[torch.Tensor] = None,
+    row_scale: Optional[torch.Tensor] = None,
+    clip: Optional[tuple] = None,
+    backend: Optional[str] = None,
+    check: bool = True,
+):
+    """One fused solver step.  See :mod:`pydiff.reference.solver` for the formula.
+
+    Args:
+        x: current sample ``[B, ...]``, float32/float16/bfloat16.
+        model_cond: model output (the conditional branch under CFG), shape and dtype of x.
+        model_uncond: unconditional model output; with it, ``m = u + g * (c - u)``.
+        history: up to 6 history entries, each shaped like x.
+        noise: optional noise, shaped like x.
+        coeffs: ``16 + 2 * len(history)`` float64 coefficients (or a :class:`StepCoeffs`), computed
+            on the host: they travel as kernel arguments, so the step never syncs with the host.
+        coeff_table, step: alternatively a float64 device table ``[steps, 16 + 2K]`` and a
+            one-element int64 device tensor; the kernel reads row ``step`` (clamped to the table).
+        row_scale: optional float32 ``[B]`` per-sample factor on m (guidance rescale).
+        clip: optional ``(lo, hi)`` clamp of ``d`` (the x0 estimate for ``clip_sample``).
+        backend: ``cuda``, ``triton``, ``cpu``, ``torch`` or ``auto`` (default: the global choice).
+        check: validate the arguments in Python (the C++ op checks shapes and devices regardless).
+
+    Returns:
+        ``(x_next, history_entry)``, both shaped like x, in x's dtype.
+    """
+    if isinstance(coeffs, StepCoeffs):
+        coeffs = coeffs.v
+    clip_lo, clip_hi = (float("-inf"), float("inf")) if clip is None else (float(clip[0]), float(clip[1]))
+    history = list(history)
+    if check:
+        check_solver_step_args(x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step,
+                               clip_lo, clip_hi)
+    name = _backend.resolve(backend, x.device)
+    args = (x, model_cond, model_uncond, history, noise, row_scale, list(coeffs), coeff_table, step, clip_lo, clip_hi)
+    if name in ("cuda", "cpu"):
+        return torch.ops.pydiff.solver_step(*args)
+    if name == "triton":
+        return _triton_impl(*args)
+    return _torch_impl(*args)
+
+
+def cfg_rescale(model_cond: torch.Tensor, model_uncond: torch.Tensor, guidance: float, phi: float,
+                *, backend: Optional[str] = None) -> torch.Tensor:
+    """Per-sample guidance-rescale factor ``r[b]`` (float32 ``[B]``) to pass as ``row_scale``.
+
+    ``r[b] = phi * std(c[b]) / std(u[b] + g (c[b] - u[b])) + (1 - phi)`` (Lin et al. 2023), with
+    sums accumulated in float64.  One read of both model outputs.
+    """
+    _check_same("model_uncond", model_uncond, model_cond)
+    if model_cond.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"model_cond: expected dtype float32, float16 or bfloat16, got {model_cond.dtype}")
+    if model_cond.dim() < 2 or model_cond[0].numel() < 2:
+        raise ValueError(f"model_cond: expected [B, ...] with at least 2 elements per sample, got {tuple(model_cond.shape)}")
+    if not (math.isfinite(guidance) and math.isfinite(phi)):
+        raise ValueError(f"guidance, phi: expected finite numbers, got {guidance}, {phi}")
+    name = _backend.resolve(backend, model_cond.device)
+    if name in ("cuda", "cpu"):
+        return torch.ops.pydiff.cfg_rescale(model_cond, model_uncond, float(guidance), float(phi))
+    if name == "triton":
+        from pydiff.triton_kernels.solver import cfg_rescale_triton
+
+        return cfg_rescale_triton(model_cond, model_uncond, float(guidance), float(phi))
+    return cfg_rescale_ref(model_cond, model_uncond, guidance, phi)

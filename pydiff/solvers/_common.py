@@ -1,0 +1,59 @@
+"""Shared float64 schedule math for the per-sampler steppers (host side, numpy float64).
+
+Every stepper computes its coefficients here in float64 and hands them to the fused kernel; none
+of this touches a device tensor, so a step never synchronises with the host.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
+
+
+def betas_for(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
+              trained_betas=None) -> np.ndarray:
+    """Training betas as diffusers defines them, in float64."""
+    n = num_train_timesteps
+    if trained_betas is not None:
+        return np.asarray(trained_betas, dtype=np.float64)
+    if beta_schedule == "linear":
+        return np.linspace(beta_start, beta_end, n, dtype=np.float64)
+    if beta_schedule == "scaled_linear":
+        return np.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=np.float64) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        return np.array([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)], dtype=np.float64)
+    raise NotImplementedError(f"beta_schedule: {beta_schedule!r} is not supported "
+                              "(expected linear, scaled_linear or squaredcos_cap_v2)")
+
+
+def alphas_cumprod_for(betas: np.ndarray) -> np.ndarray:
+    return np.cumprod(1.0 - betas)
+
+
+def x0_coeffs(prediction_type: str, alpha: float, sigma: float) -> tuple[float, float]:
+    """(px, pm) with x0 = px * x + pm * m for a model output m, where x = alpha * x0 + sigma * eps."""
+    if prediction_type == "epsilon":
+        return 1.0 / alpha, -sigma / alpha
+    if prediction_type == "v_prediction":  # v = alpha * eps - sigma * x0, alpha^2 + sigma^2 = 1
+        return alpha, -sigma
+    if prediction_type == "sample":
+        return 0.0, 1.0
+    if prediction_type == "flow_prediction":  # x = (1 - s) x0 + s eps, v = eps - x0
+        return 1.0, -sigma
+    raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def eps_coeffs(prediction_type: str, alpha: float, sigma: float) -> tuple[float, float]:
+    """(ex, em) with eps = ex * x + em * m."""
+    if prediction_type == "epsilon":
+        return 0.0, 1.0
+    if prediction_type == "v_prediction":
+        return sigma, alpha
+    if prediction_type == "sample":
+        return 1.0 / sigma, -alpha / sigma
+    if prediction_type == "flow_prediction":
+        return 1.0, 1.0 - sigma
+    raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {prediction_type!r}")
