@@ -82,12 +82,12 @@ void run(const SolverStepArgs& a, const float* c) {
 }  // namespace
 
 int solver_step_cpu(const SolverStepArgs& a) {
+  if (a.numel == 0 && a.num_history >= 0 && a.num_history <= kMaxHistory) return 0;
   if (a.num_history < 0 || a.num_history > kMaxHistory || a.numel < 0 || a.inner <= 0 ||
       (a.numel > 0 && a.numel % a.inner != 0) || !a.x || !a.out_x || !a.out_h)
     return 1;
   for (int j = 0; j < a.num_history; ++j)
     if (!a.history[j]) return 1;
-  if (a.numel == 0) return 0;
   const int nc = num_step_coeffs(a.num_history);
   float c[kMaxStepCoeffs];
   if (a.coeff_table) {

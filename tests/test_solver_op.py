@@ -1,0 +1,297 @@
+"""torch.ops.pydiff.solver_step / cfg_rescale: every backend against the float64 reference."""
+import math
+import random
+
+import pytest
+import torch
+
+import pydiff
+from pydiff.ops.solver import MAX_HISTORY, StepCoeffs, check_solver_step_args
+from pydiff.reference.solver import cfg_rescale_ref, num_coeffs, solver_step_ref
+
+from _util import CPU, DTYPES, assert_close_to_ref, poison_allocator
+
+BACKENDS = pydiff.available_backends(CPU)
+# odd sizes: 1, primes, non-multiples of the CPU chunk (512) and the Triton block (1024)
+SHAPES = [(1,), (7,), (3, 5, 13), (2, 4, 7, 9), (1, 1031), (2, 1543)]
+
+
+def _rand_coeffs(k, gen):
+    return [round(random.Random(gen.initial_seed() + i).uniform(-1.5, 1.5), 6) for i in range(num_coeffs(k))]
+
+
+def _inputs(shape, dtype, k, *, cond=True, uncond=True, noise=True, rs=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda: torch.randn(shape, generator=g).to(dtype)  # noqa: E731
+    x = mk()
+    c = mk() if cond else None
+    u = mk() if (uncond and cond) else None
+    z = mk() if noise else None
+    hist = [mk() for _ in range(k)]
+    row_scale = (torch.rand(shape[0], generator=g) + 0.5) if rs else None
+    return x, c, u, hist, z, row_scale, _rand_coeffs(k, g)
+
+
+CONFIGS = [
+    # (history, cond, uncond, noise, row_scale, clip)
+    (0, True, False, False, False, None),
+    (1, True, True, False, False, None),
+    (2, True, True, True, True, (-1.0, 1.0)),
+    (3, True, False, True, False, (-0.5, 0.25)),
+    (6, True, True, True, True, None),
+    (2, False, False, False, False, None),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"k{c[0]}c{int(c[1])}u{int(c[2])}z{int(c[3])}r{int(c[4])}clip{int(c[5] is not None)}")
+def test_solver_step_matches_float64_reference(backend, dtype, shape, cfg):
+    k, cond, uncond, noise, rs, clip = cfg
+    if backend == "triton" and (shape[-1] > 1000 and dtype != torch.float32):
+        pytest.skip("keep interpreter runs small")
+    x, c, u, hist, z, r, coeffs = _inputs(shape, dtype, k, cond=cond, uncond=uncond, noise=noise, rs=rs,
+                                          seed=hash((shape, k, str(dtype))) % 10_000)
+    lo, hi = clip if clip else (-math.inf, math.inf)
+    ref_x, ref_h = solver_step_ref(x, c, u, hist, z, r, coeffs, lo, hi, compute_dtype=torch.float64)
+    # the reference in float64 without the cast to x's dtype
+    ref64 = solver_step_ref(x.double(), None if c is None else c.double(), None if u is None else u.double(),
+                            [h.double() for h in hist], None if z is None else z.double(), r, coeffs, lo, hi)
+    poison_allocator(x.numel(), dtype)
+    out_x, out_h = pydiff.solver_step(x, c, u, hist, z, coeffs=coeffs, row_scale=r, clip=clip, backend=backend)
+    assert out_x.shape == x.shape and out_x.dtype == dtype and out_h.dtype == dtype
+    assert_close_to_ref(out_x, ref64[0], dtype, f"{backend} x_next")
+    assert_close_to_ref(out_h, ref64[1], dtype, f"{backend} history entry")
+    del ref_x, ref_h
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_solver_step_device_table_and_step_counter(backend):
+    """Coefficients from a float64 table at a device-side step index (clamped to the table)."""
+    shape, k = (2, 3, 11), 2
+    x, c, u, hist, z, _, _ = _inputs(shape, torch.float32, k, seed=3)
+    gen = torch.Generator().manual_seed(5)
+    table = torch.rand((4, num_coeffs(k)), generator=gen, dtype=torch.float64) * 2 - 1
+    for s in (0, 2, 3, 7, -1):
+        step = torch.tensor([s], dtype=torch.int64)
+        row = table[min(max(s, 0), 3)].tolist()
+        ref = solver_step_ref(x, c, u, hist, z, None, row)
+        out = pydiff.solver_step(x, c, u, hist, z, coeff_table=table, step=step, backend=backend)
+        for o, rr in zip(out, ref):
+            assert_close_to_ref(o, rr, torch.float32, f"{backend} table row {s}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_solver_step_strided_inputs(backend):
+    g = torch.Generator().manual_seed(1)
+    base = [torch.randn(5, 6, 7, generator=g).transpose(1, 2) for _ in range(4)]
+    x, c, u, h = base
+    coeffs = _rand_coeffs(1, g)
+    ref = solver_step_ref(x, c, u, [h], None, None, coeffs)
+    out = pydiff.solver_step(x, c, u, [h], coeffs=coeffs, backend=backend)
+    for o, rr in zip(out, ref):
+        assert o.shape == x.shape
+        assert_close_to_ref(o, rr, torch.float32, f"{backend} strided")
+
+
+def test_nan_propagates_and_clip_passes_nan():
+    x = torch.tensor([[1.0, float("nan"), 3.0]])
+    c = torch.tensor([[0.5, 0.5, float("nan")]])
+    k = StepCoeffs(0).set(px=1.0, pm=1.0).out(0, d=1.0).out(1, x=1.0)
+    for b in BACKENDS:
+        out, _ = pydiff.solver_step(x, c, coeffs=k, clip=(-1.0, 1.0), backend=b)
+        assert out[0, 0].item() == 1.0 and math.isnan(out[0, 1].item()) and math.isnan(out[0, 2].item()), b
+
+
+def test_empty_tensor():
+    for b in BACKENDS:
+        x = torch.empty(0, 4)
+        out = pydiff.solver_step(x, x, coeffs=[0.5] * num_coeffs(0), backend=b)
+        assert out[0].shape == (0, 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 2), (3, 5, 7), (2, 4, 33, 31)], ids=str)
+def test_cfg_rescale_matches_reference(backend, dtype, shape):
+    g = torch.Generator().manual_seed(7)
+    c = (torch.randn(shape, generator=g) * 1.3 + 0.2).to(dtype)
+    u = torch.randn(shape, generator=g).to(dtype)
+    ref = cfg_rescale_ref(c, u, 7.5, 0.7).double()
+    out = pydiff.cfg_rescale(c, u, 7.5, 0.7, backend=backend)
+    assert out.dtype == torch.float32 and out.shape == (shape[0],)
+    assert torch.allclose(out.double(), ref, rtol=1e-6, atol=1e-6), (out, ref)
+
+
+def test_guidance_rescale_end_to_end_matches_diffusers_formula():
+    """row_scale from cfg_rescale reproduces diffusers' rescale_noise_cfg inside the fused step."""
+    g = torch.Generator().manual_seed(2)
+    x, c, u = (torch.randn(2, 4, 9, 9, generator=g) for _ in range(3))
+    gs, phi = 5.0, 0.7
+    cfg = u + gs * (c - u)
+    std_c = c.std(dim=(1, 2, 3), keepdim=True)
+    std_f = cfg.std(dim=(1, 2, 3), keepdim=True)
+    expect = phi * cfg * (std_c / std_f) + (1 - phi) * cfg
+    k = StepCoeffs(0).set(g=gs).out(0, m=1.0)
+    for b in BACKENDS:
+        r = pydiff.cfg_rescale(c, u, gs, phi, backend=b)
+        out, _ = pydiff.solver_step(x, c, u, coeffs=k, row_scale=r, backend=b)
+        assert torch.allclose(out, expect, rtol=1e-5, atol=1e-5), b
+
+
+# ---------------------------------------------------------------- registration
+def _op_args(k=2, seed=0):
+    x, c, u, hist, z, r, coeffs = _inputs((2, 3, 5), torch.float32, k, rs=True, seed=seed)
+    return (x, c, u, hist, z, r, coeffs, None, None, -2.0, 2.0)
+
+
+@pytest.mark.skipif(not pydiff.build_info()["cpu_kernels"], reason="compiled extension not built")
+def test_opcheck_solver_step():
+    torch.library.opcheck(torch.ops.pydiff.solver_step.default, _op_args())
+    x, c, u, hist, z, r, _ = _inputs((3, 7), torch.float32, 1, seed=4)
+    table = torch.rand((3, num_coeffs(1)), dtype=torch.float64)
+    torch.library.opcheck(torch.ops.pydiff.solver_step.default,
+                          (x, c, u, hist, z, None, [], table, torch.tensor([1]), -math.inf, math.inf))
+
+
+@pytest.mark.skipif(not pydiff.build_info()["cpu_kernels"], reason="compiled extension not built")
+def test_opcheck_cfg_rescale():
+    g = torch.Generator().manual_seed(0)
+    torch.library.opcheck(torch.ops.pydiff.cfg_rescale.default,
+                          (torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g), 3.0, 0.5))
+
+
+def test_torch_compile_fullgraph():
+    args = _op_args(k=1, seed=9)
+    x, c, u, hist, z, r, coeffs = args[:7]
+
+    def f(x, c, u, h0, z, r):
+        a, b = torch.ops.pydiff.solver_step(x * 1.0, c, u, [h0], z, r, coeffs, None, None, -2.0, 2.0)
+        return a + b
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(x, c, u, hist[0], z, r)
+    ref = f(x, c, u, hist[0], z, r)
+    assert torch.equal(out, ref)
+
+
+# ---------------------------------------------------------------- bad input
+def _good():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, generator=g)
+    return dict(x=x, c=torch.randn(2, 3, generator=g), h=[torch.randn(2, 3, generator=g)], coeffs=[0.1] * num_coeffs(1))
+
+
+@pytest.mark.parametrize("case,exc,msg", [
+    ("shape", ValueError, "model_cond: expected shape"),
+    ("dtype", TypeError, "model_cond: expected dtype"),
+    ("int_x", TypeError, "x: expected dtype"),
+    ("history_len", ValueError, "coeffs: expected 20 values for 2 history entries, got 18"),
+    ("history_shape", ValueError, "history[0]: expected shape"),
+    ("too_many_history", ValueError, "history: expected at most 6"),
+    ("nan_coeff", ValueError, "coeffs[3]: expected a finite coefficient"),
+    ("inf_coeff", ValueError, "coeffs[0]: expected a finite coefficient"),
+    ("device", ValueError, "noise: expected device"),
+    ("uncond_only", ValueError, "model_uncond: given without model_cond"),
+    ("row_scale", ValueError, "row_scale: expected shape"),
+    ("table_and_coeffs", ValueError, "coeffs: pass either coeffs or coeff_table"),
+    ("table_dtype", TypeError, "coeff_table: expected a 2-D float64"),
+    ("no_step", TypeError, "step: expected a one-element int64"),
+    ("scalar_x", ValueError, "x: expected at least 1 dimension"),
+])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_raises_clear_errors(case, exc, msg, backend):
+    a = _good()
+    kw = dict(coeffs=a["coeffs"], backend=backend)
+    x, c, h, u, z = a["x"], a["c"], a["h"], None, None
+    if case == "shape":
+        c = torch.randn(2, 4)
+    elif case == "dtype":
+        c = c.double()
+    elif case == "int_x":
+        x = torch.ones(2, 3, dtype=torch.int32)
+    elif case == "history_len":
+        h = h + [h[0]]
+        kw["coeffs"] = [0.1] * num_coeffs(1)
+    elif case == "history_shape":
+        h = [torch.randn(3, 2)]
+    elif case == "too_many_history":
+        h = h * (MAX_HISTORY + 1)
+    elif case == "nan_coeff":
+        kw["coeffs"] = list(a["coeffs"])
+        kw["coeffs"][3] = float("nan")
+    elif case == "inf_coeff":
+        kw["coeffs"] = list(a["coeffs"])
+        kw["coeffs"][0] = float("inf")
+    elif case == "device":
+        z = torch.randn(2, 3, device="meta")
+    elif case == "uncond_only":
+        u, c = c, None
+    elif case == "row_scale":
+        kw["row_scale"] = torch.ones(3)
+    elif case == "table_and_coeffs":
+        kw["coeff_table"] = torch.zeros(1, num_coeffs(1), dtype=torch.float64)
+        kw["step"] = torch.zeros(1, dtype=torch.int64)
+    elif case == "table_dtype":
+        kw["coeffs"] = ()
+        kw["coeff_table"] = torch.zeros(1, num_coeffs(1))
+        kw["step"] = torch.zeros(1, dtype=torch.int64)
+    elif case == "no_step":
+        kw["coeffs"] = ()
+        kw["coeff_table"] = torch.zeros(1, num_coeffs(1), dtype=torch.float64)
+    elif case == "scalar_x":
+        x, c, h = torch.tensor(1.0), None, []
+        kw["coeffs"] = [0.1] * num_coeffs(0)
+    with pytest.raises(exc) as ei:
+        pydiff.solver_step(x, c, u, h, z, **kw)
+    assert msg in str(ei.value)
+
+
+@pytest.mark.skipif(not pydiff.build_info()["cpu_kernels"], reason="compiled extension not built")
+@pytest.mark.parametrize("case", ["shape", "dtype", "coeffs", "nan", "history"])
+def test_raw_op_checks_its_arguments(case):
+    """The C++ op validates on its own: torch.ops.pydiff.solver_step never reads out of bounds."""
+    a = _good()
+    x, c, h, coeffs = a["x"], a["c"], a["h"], a["coeffs"]
+    if case == "shape":
+        c = torch.randn(5)
+    elif case == "dtype":
+        c = c.half()
+    elif case == "coeffs":
+        coeffs = coeffs[:-1]
+    elif case == "nan":
+        coeffs = [float("nan")] + coeffs[1:]
+    elif case == "history":
+        h = [torch.randn(1)]
+    with pytest.raises((ValueError, TypeError)):
+        torch.ops.pydiff.solver_step(x, c, None, h, None, None, coeffs, None, None, -math.inf, math.inf)
+
+
+def test_backend_selection():
+    assert pydiff.get_backend() == "auto"
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        pydiff.set_backend("bogus")
+    with pytest.raises(RuntimeError, match="'cuda' cannot run tensors on cpu"):
+        pydiff.solver_step(torch.ones(2), torch.ones(2), coeffs=[0.0] * num_coeffs(0), backend="cuda")
+    x = torch.randn(4, 3)
+    k = [0.3] * num_coeffs(0)
+    with pydiff.use_backend("torch"):
+        assert pydiff.get_backend() == "torch"
+        a = pydiff.solver_step(x, x, coeffs=k)[0]
+    assert pydiff.get_backend() == "auto"
+    b = pydiff.solver_step(x, x, coeffs=k)[0]
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_step_coeffs_builder():
+    c = StepCoeffs(history=2).set(g=7.5, px=2.0).out(0, x=1.0, h=[0.5, 0.25]).out(1, d=1.0)
+    v = c.tolist()
+    assert len(v) == num_coeffs(2) and v[0] == 7.5 and v[1] == 2.0
+    assert v[6] == 1.0 and v[6 + 5] == 0.5 and v[6 + 6] == 0.25 and v[6 + 7 + 2] == 1.0
+    with pytest.raises(KeyError, match="unknown term"):
+        c.out(0, q=1.0)
+    with pytest.raises(ValueError, match="history: expected 0..6"):
+        StepCoeffs(history=7)
+    with pytest.raises(ValueError):
+        check_solver_step_args(torch.ones(2), None, None, [], None, None, [0.0] * 3, None, None, 0.0, 1.0)
