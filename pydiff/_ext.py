@@ -16,6 +16,8 @@ if os.environ.get("PYDIFF_DISABLE_EXT", "0") == "1":
     LOAD_ERROR = "disabled by PYDIFF_DISABLE_EXT=1"
 else:
     try:
+        if os.environ.get("PYDIFF_SIMULATE_NO_EXT", "0") == "1":  # tests: behave as if never built
+            raise ImportError("simulated: pydiff was installed without a compiler (PYDIFF_SIMULATE_NO_EXT=1)")
         from pydiff import _C  # type: ignore[attr-defined,no-redef]
     except ImportError as exc:  # no compiler at install time, or an ABI mismatch
         LOAD_ERROR = f"{type(exc).__name__}: {exc}"

@@ -295,3 +295,29 @@ def test_step_coeffs_builder():
         StepCoeffs(history=7)
     with pytest.raises(ValueError):
         check_solver_step_args(torch.ones(2), None, None, [], None, None, [0.0] * 3, None, None, 0.0, 1.0)
+
+
+def test_without_compiled_extension_imports_with_one_warning_and_runs():
+    """No compiler at install time: pydiff imports, warns once, and the ops run on torch/Triton."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import pydiff\n"
+        "msgs = [str(x.message) for x in w if 'pydiff' in str(x.message)]\n"
+        "assert len(msgs) == 1 and 'compiled extension' in msgs[0], msgs\n"
+        "assert 'cpu' not in pydiff.available_backends(torch.device('cpu'))\n"
+        "x = torch.randn(3, 4); n = pydiff.reference.num_coeffs(0)\n"
+        "a = torch.ops.pydiff.solver_step(x, x, None, [], None, None, [0.5] * n, None, None, -1.0, 1.0)[0]\n"
+        "b = pydiff.solver_step(x, x, coeffs=[0.5] * n, clip=(-1.0, 1.0))[0]\n"
+        "assert torch.allclose(a, b)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, PYDIFF_SIMULATE_NO_EXT="1")
+    env.pop("PYDIFF_DISABLE_EXT", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

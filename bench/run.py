@@ -1,0 +1,119 @@
+"""pydiff benchmarks: the main job.  Runs on whatever device is present (CUDA if available).
+
+    python bench/run.py                      # all families, default shapes
+    python bench/run.py --quick              # small shapes, no torch.compile (a smoke run)
+    python bench/run.py --out bench/results  # JSON + PNG plot written there
+
+Prints a table per part: time, achieved GB/s, the byte floor (bytes / measured copy bandwidth) and
+time as a multiple of it, next to the baselines a user would run instead, measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+import pydiff  # noqa: E402
+from _timing import copy_bandwidth, device_name  # noqa: E402
+
+GPU_SHAPES = [(4, 4, 128, 128), (1, 16, 21, 90, 160)]
+CPU_SHAPES = [(4, 4, 128, 128), (1, 16, 21, 90, 160)]
+QUICK_SHAPES = [(2, 4, 32, 32)]
+
+
+def _table(rows, cols):
+    widths = [max(len(c), *(len(f"{r.get(c, '')}") for r in rows)) for c in cols]
+    line = lambda vals: "  ".join(f"{v:>{w}}" for v, w in zip(vals, widths))  # noqa: E731
+    out = [line(cols)]
+    for r in rows:
+        out.append(line([r.get(c, "") for c in cols]))
+    return "\n".join(out)
+
+
+def _fmt(rows):
+    res = []
+    for r in rows:
+        q = dict(r)
+        for key in ("time_us", "floor_us"):
+            if key in q:
+                q[key] = f"{q[key]:.1f}"
+        if "gbps" in q:
+            q["gbps"] = f"{q['gbps']:.1f}"
+        if "x_floor" in q:
+            q["x_floor"] = f"{q['x_floor']:.2f}"
+        res.append(q)
+    return res
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)")
+        return
+    kern = [r for r in rows if r["part"] == "kernel"]
+    shapes = sorted({r["shape"] for r in kern})
+    fig, axes = plt.subplots(1, max(1, len(shapes)), figsize=(7 * max(1, len(shapes)), 4.5), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        sub = [r for r in kern if r["shape"] == shape]
+        configs = list(dict.fromkeys(r["config"] for r in sub))
+        impls = list(dict.fromkeys(r["impl"] for r in sub))
+        w = 0.8 / max(1, len(impls))
+        for j, impl in enumerate(impls):
+            vals = [next((r["x_floor"] for r in sub if r["config"] == c and r["impl"] == impl), 0) for c in configs]
+            ax.bar([i + j * w for i in range(len(configs))], vals, w, label=impl)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(configs))], configs, rotation=20)
+        ax.set_ylabel("time / byte floor (lower is better)")
+        ax.set_yscale("log")
+        ax.set_title(f"solver step {shape}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="small shapes, no torch.compile baseline")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    ap.add_argument("--no-loop", action="store_true", help="skip the 25-step loop comparison")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    import solver as solver_bench
+
+    shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    bw = copy_bandwidth(device, (64 << 20) if device.type == "cpu" else (512 << 20))
+    info = dict(device=device_name(device), torch=torch.__version__, pydiff=pydiff.build_info(),
+                copy_gbps=bw / 1e9, date=time.strftime("%Y-%m-%d"))
+    print(f"# pydiff bench on {info['device']}, torch {torch.__version__}, copy bandwidth {bw / 1e9:.1f} GB/s")
+    rows = solver_bench.kernel_rows(device, shapes, compile_baseline=not (args.quick or args.no_compile), bw=bw)
+    print("\n## Solver step with CFG (fp32): one call")
+    print(_table(_fmt(rows), ["shape", "config", "impl", "time_us", "gbps", "floor_us", "x_floor"]))
+    if not args.no_loop:
+        loop = solver_bench.loop_rows(device, shapes[:1] if device.type == "cpu" else shapes)
+        if loop:
+            print("\n## 25-step loop with CFG, per step (stand-in model output)")
+            print(_table(_fmt(loop), ["shape", "config", "impl", "time_us"]))
+        rows += loop
+    os.makedirs(args.out, exist_ok=True)
+    tag = "gpu" if device.type == "cuda" else "cpu"
+    with open(os.path.join(args.out, f"solver_{tag}.json"), "w") as f:
+        json.dump(dict(info=info, rows=rows), f, indent=1)
+    plot(rows, os.path.join(args.out, f"solver_{tag}.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
