@@ -321,3 +321,22 @@ def test_without_compiled_extension_imports_with_one_warning_and_runs():
     env.pop("PYDIFF_DISABLE_EXT", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd="/")
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_write_history_false_skips_the_second_output(backend):
+    x, c, u, hist, z, r, coeffs = _inputs((3, 5, 7), torch.float32, 2, rs=True, seed=11)
+    ref = solver_step_ref(x.double(), c.double(), u.double(), [h.double() for h in hist], z.double(), r, coeffs)
+    out_x, out_h = pydiff.solver_step(x, c, u, hist, z, coeffs=coeffs, row_scale=r, write_history=False,
+                                      backend=backend)
+    assert out_h.numel() == 0
+    assert_close_to_ref(out_x, ref[0], torch.float32, backend)
+    # auto: an all-zero history row is not written
+    k = StepCoeffs(0).set(px=1.0).out(0, x=0.5, d=0.5)
+    assert pydiff.solver_step(x, c, coeffs=k, backend=backend)[1].numel() == 0
+    assert pydiff.solver_step(x, c, coeffs=k.out(1, x=1.0), backend=backend)[1].shape == x.shape
+
+
+@pytest.mark.skipif(not pydiff.build_info()["cpu_kernels"], reason="compiled extension not built")
+def test_opcheck_solver_step_without_history_output():
+    torch.library.opcheck(torch.ops.pydiff.solver_step.default, _op_args() + (False,))

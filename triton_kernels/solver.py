@@ -25,7 +25,7 @@ def _solver_step_kernel(
     x_ptr, c_ptr, u_ptr, z_ptr, h0, h1, h2, h3, h4, h5, rs_ptr, out_x, out_h,
     table_ptr, step_ptr, table_rows, numel, inner, clip_lo, clip_hi,
     HAS_C: tl.constexpr, HAS_U: tl.constexpr, HAS_Z: tl.constexpr, HAS_RS: tl.constexpr, K: tl.constexpr,
-    CLIP: tl.constexpr, BLOCK: tl.constexpr,
+    CLIP: tl.constexpr, WRITE_H: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
@@ -81,7 +81,8 @@ def _solver_step_kernel(
         o0 += _coef(cp, R0 + 10) * h
         o1 += _coef(cp, R1 + 10) * h
     tl.store(out_x + offs, o0.to(out_x.dtype.element_ty), mask=mask)
-    tl.store(out_h + offs, o1.to(out_h.dtype.element_ty), mask=mask)
+    if WRITE_H:
+        tl.store(out_h + offs, o1.to(out_h.dtype.element_ty), mask=mask)
 
 
 _ZERO_STEP = {}
@@ -95,7 +96,7 @@ def _zero_step(device):
 
 
 def solver_step_triton(x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step,
-                       clip_lo, clip_hi, block: int = 1024):
+                       clip_lo, clip_hi, write_history: bool = True, block: int = 1024):
     """Launch the Triton solver step; arguments as ``torch.ops.pydiff.solver_step``."""
     k = len(history)
     if k > MAX_HISTORY:
@@ -112,7 +113,7 @@ def solver_step_triton(x, model_cond, model_uncond, history, noise, row_scale, c
     xx, cc, uu, zz = c(x), c(model_cond), c(model_uncond), c(noise)
     hh = [c(h) for h in history] + [xx] * (MAX_HISTORY - k)
     out_x = torch.empty_like(xx)
-    out_h = torch.empty_like(xx)
+    out_h = torch.empty_like(xx) if write_history else xx.new_empty((0,))
     n = xx.numel()
     if n == 0:
         return out_x, out_h
@@ -121,11 +122,11 @@ def solver_step_triton(x, model_cond, model_uncond, history, noise, row_scale, c
     grid = (triton.cdiv(n, block),)
     _solver_step_kernel[grid](
         xx, cc if cc is not None else xx, uu if uu is not None else xx, zz if zz is not None else xx, *hh,
-        row_scale if row_scale is not None else coeff_table, out_x, out_h,
+        row_scale if row_scale is not None else coeff_table, out_x, out_h if write_history else out_x,
         coeff_table, step.reshape(1), coeff_table.shape[0], n, inner,
         float(clip_lo) if clip else 0.0, float(clip_hi) if clip else 0.0,
         HAS_C=cc is not None, HAS_U=uu is not None, HAS_Z=zz is not None, HAS_RS=row_scale is not None, K=k,
-        CLIP=clip, BLOCK=block,
+        CLIP=clip, WRITE_H=bool(write_history), BLOCK=block,
     )
     return out_x, out_h
 

@@ -50,7 +50,8 @@ inline SolverStepCall make_solver_step_call(const at::Tensor& x, const std::opti
                                             const std::vector<at::Tensor>& history, const std::optional<at::Tensor>& noise,
                                             const std::optional<at::Tensor>& row_scale, const std::vector<double>& coeffs,
                                             const std::optional<at::Tensor>& coeff_table,
-                                            const std::optional<at::Tensor>& step, double clip_lo, double clip_hi) {
+                                            const std::optional<at::Tensor>& step, double clip_lo, double clip_hi,
+                                            bool write_history) {
   SolverStepCall call;
   SolverStepArgs& a = call.args;
   a.dtype = to_dtype(x, "x");
@@ -107,9 +108,10 @@ inline SolverStepCall make_solver_step_call(const at::Tensor& x, const std::opti
   a.clip_lo = float(clip_lo);
   a.clip_hi = float(clip_hi);
   call.out_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  call.out_h = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  call.out_h = write_history ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous))
+                             : at::empty({0}, x.options());
   a.out_x = call.out_x.data_ptr();
-  a.out_h = call.out_h.data_ptr();
+  a.out_h = write_history ? call.out_h.data_ptr() : nullptr;
   return call;
 }
 

@@ -11,10 +11,10 @@ std::tuple<at::Tensor, at::Tensor> solver_step_cpu_op(const at::Tensor& x, const
                                                       c10::ArrayRef<double> coeffs,
                                                       const std::optional<at::Tensor>& coeff_table,
                                                       const std::optional<at::Tensor>& step, double clip_lo,
-                                                      double clip_hi) {
+                                                      double clip_hi, bool write_history) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), "x: expected a CPU tensor, got ", x.device());
   SolverStepCall call = make_solver_step_call(x, model_cond, model_uncond, history.vec(), noise, row_scale, coeffs.vec(),
-                                              coeff_table, step, clip_lo, clip_hi);
+                                              coeff_table, step, clip_lo, clip_hi, write_history);
   TORCH_CHECK(solver_step_cpu(call.args) == 0, "pydiff.solver_step: the CPU kernel rejected its arguments");
   return {call.out_x, call.out_h};
 }

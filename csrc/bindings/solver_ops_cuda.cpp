@@ -15,11 +15,11 @@ std::tuple<at::Tensor, at::Tensor> solver_step_cuda_op(const at::Tensor& x, cons
                                                        c10::ArrayRef<double> coeffs,
                                                        const std::optional<at::Tensor>& coeff_table,
                                                        const std::optional<at::Tensor>& step, double clip_lo,
-                                                       double clip_hi) {
+                                                       double clip_hi, bool write_history) {
   TORCH_CHECK_VALUE(x.is_cuda(), "x: expected a CUDA tensor, got ", x.device());
   c10::cuda::CUDAGuard guard(x.device());
   SolverStepCall call = make_solver_step_call(x, model_cond, model_uncond, history.vec(), noise, row_scale, coeffs.vec(),
-                                              coeff_table, step, clip_lo, clip_hi);
+                                              coeff_table, step, clip_lo, clip_hi, write_history);
   const int err = solver_step_cuda(call.args, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
   TORCH_CHECK(err == 0, "pydiff.solver_step: CUDA kernel launch failed with cudaError ", err);
   return {call.out_x, call.out_h};

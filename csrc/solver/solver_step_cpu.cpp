@@ -75,7 +75,7 @@ void run(const SolverStepArgs& a, const float* c) {
       for (int64_t i = 0; i < n; ++i) { O0[i] += w0 * B[i]; O1[i] += w1 * B[i]; }
     }
     store<T>(a.out_x, lo, n, O0);
-    store<T>(a.out_h, lo, n, O1);
+    if (a.out_h) store<T>(a.out_h, lo, n, O1);
   }
 }
 
@@ -84,7 +84,7 @@ void run(const SolverStepArgs& a, const float* c) {
 int solver_step_cpu(const SolverStepArgs& a) {
   if (a.numel == 0 && a.num_history >= 0 && a.num_history <= kMaxHistory) return 0;
   if (a.num_history < 0 || a.num_history > kMaxHistory || a.numel < 0 || a.inner <= 0 ||
-      (a.numel > 0 && a.numel % a.inner != 0) || !a.x || !a.out_x || !a.out_h)
+      (a.numel > 0 && a.numel % a.inner != 0) || !a.x || !a.out_x)
     return 1;
   for (int j = 0; j < a.num_history; ++j)
     if (!a.history[j]) return 1;

@@ -95,11 +95,11 @@ __device__ __forceinline__ void step_elems(const SolverStepArgs& a, const float*
   }
   if (FULL) {
     store_vec<T, VEC>(a.out_x, i, O0);
-    store_vec<T, VEC>(a.out_h, i, O1);
+    if (a.out_h) store_vec<T, VEC>(a.out_h, i, O1);
   } else {
     for (int j = 0; j < n; ++j) {
       static_cast<T*>(a.out_x)[i + j] = fromf<T>(O0[j]);
-      static_cast<T*>(a.out_h)[i + j] = fromf<T>(O1[j]);
+      if (a.out_h) static_cast<T*>(a.out_h)[i + j] = fromf<T>(O1[j]);
     }
   }
 }
@@ -131,7 +131,7 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 template <typename T>
 cudaError_t launch(const SolverStepArgs& a, cudaStream_t s) {
   constexpr int VEC = 16 / sizeof(T);
-  bool ok = aligned16(a.x) && aligned16(a.out_x) && aligned16(a.out_h) &&
+  bool ok = aligned16(a.x) && aligned16(a.out_x) && (!a.out_h || aligned16(a.out_h)) &&
             (!a.model_cond || aligned16(a.model_cond)) && (!a.model_uncond || aligned16(a.model_uncond)) &&
             (!a.noise || aligned16(a.noise));
   for (int h = 0; h < a.num_history; ++h) ok = ok && aligned16(a.history[h]);

@@ -141,12 +141,13 @@ def check_solver_step_args(x, model_cond, model_uncond, history, noise, row_scal
         raise ValueError(f"clip: expected numbers, got ({clip_lo}, {clip_hi})")
 
 
-def _torch_impl(x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step, clip_lo, clip_hi):
+def _torch_impl(x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step, clip_lo, clip_hi,
+                write_history=True):
     if coeff_table is not None:
         idx = step.reshape(1).clamp(0, coeff_table.shape[0] - 1)
         coeffs = coeff_table.index_select(0, idx)[0]
     return solver_step_ref(x, model_cond, model_uncond, history, noise, row_scale, coeffs, clip_lo, clip_hi,
-                           compute_dtype=torch.float32)
+                           compute_dtype=torch.float32, write_history=write_history)
 
 
 def _triton_impl(*args):
@@ -157,9 +158,9 @@ def _triton_impl(*args):
 
 @torch.library.register_fake("pydiff::solver_step", lib=lib)
 def _solver_step_fake(x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step,
-                      clip_lo, clip_hi):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
-        x, memory_format=torch.contiguous_format)
+                      clip_lo, clip_hi, write_history=True):
+    h = torch.empty_like(x, memory_format=torch.contiguous_format) if write_history else x.new_empty((0,))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), h
 
 
 @torch.library.register_fake("pydiff::cfg_rescale", lib=lib)
@@ -189,6 +190,7 @@ def solver_step(
     clip: Optional[tuple] = None,
     backend: Optional[str] = None,
     check: bool = True,
+    write_history: Optional[bool] = None,
 ):
     """One fused solver step.  See :mod:`pydiff.reference.solver` for the formula.
 
@@ -206,9 +208,12 @@ def solver_step(
         clip: optional ``(lo, hi)`` clamp of ``d`` (the x0 estimate for ``clip_sample``).
         backend: ``cuda``, ``triton``, ``cpu``, ``torch`` or ``auto`` (default: the global choice).
         check: validate the arguments in Python (the C++ op checks shapes and devices regardless).
+        write_history: write the second output; by default only when its coefficient row is not all
+            zero (or a coefficient table is used). When not written it is an empty tensor.
 
     Returns:
-        ``(x_next, history_entry)``, both shaped like x, in x's dtype.
+        ``(x_next, history_entry)``, both shaped like x, in x's dtype (history_entry empty when not
+        written).
     """
     if isinstance(coeffs, StepCoeffs):
         coeffs = coeffs.v
@@ -218,7 +223,11 @@ def solver_step(
         check_solver_step_args(x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step,
                                clip_lo, clip_hi)
     name = _backend.resolve(backend, x.device)
-    args = (x, model_cond, model_uncond, history, noise, row_scale, list(coeffs), coeff_table, step, clip_lo, clip_hi)
+    if write_history is None:
+        base = len(HEAD) + len(ROW) + len(history)
+        write_history = coeff_table is not None or any(c != 0.0 for c in coeffs[base:])
+    args = (x, model_cond, model_uncond, history, noise, row_scale, list(coeffs), coeff_table, step, clip_lo, clip_hi,
+            bool(write_history))
     if name in ("cuda", "cpu"):
         return torch.ops.pydiff.solver_step(*args)
     if name == "triton":

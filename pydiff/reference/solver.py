@@ -46,11 +46,13 @@ def solver_step_ref(
     clip_lo: float = float("-inf"),
     clip_hi: float = float("inf"),
     compute_dtype: torch.dtype = torch.float64,
+    write_history: bool = True,
 ):
     """Evaluate the step in ``compute_dtype`` (float64 by default); outputs are cast to x's dtype.
 
     Shapes: x, model_cond, model_uncond, noise and every history entry share x's shape
-    ``[B, ...]``; row_scale is ``[B]``.  Returns ``(x_next, history_entry)``.
+    ``[B, ...]``; row_scale is ``[B]``.  Returns ``(x_next, history_entry)``; with
+    ``write_history=False`` the second output is an empty tensor (the kernels skip that write).
     """
     k = len(history)
     c = torch.as_tensor(coeffs, dtype=torch.float64).tolist() if isinstance(coeffs, torch.Tensor) else list(coeffs)
@@ -74,14 +76,14 @@ def solver_step_ref(
         d = d.clamp(clip_lo, clip_hi)
     e = ex * xx + em * m + ed * d
     outs = []
-    for r in rows:
+    for r in (rows if write_history else rows[:1]):
         o = r[0] * xx + r[1] * m + r[2] * d + r[3] * e
         if zz is not None:
             o = o + r[4] * zz
         for kk in range(k):
             o = o + r[5 + kk] * hh[kk]
         outs.append(o.to(x.dtype))
-    return outs[0], outs[1]
+    return outs[0], (outs[1] if write_history else x.new_empty((0,)))
 
 
 def cfg_rescale_ref(model_cond: torch.Tensor, model_uncond: torch.Tensor, guidance: float, phi: float) -> torch.Tensor:

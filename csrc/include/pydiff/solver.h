@@ -31,7 +31,7 @@ struct SolverStepArgs {
   const void* noise;         // may be null
   const float* row_scale;    // may be null; [batch]
   void* out_x;
-  void* out_h;
+  void* out_h;               // may be null: the history entry is not written
   // Coefficients: either host values (coeffs, used when coeff_table is null) or a device table
   // [table_rows, num_step_coeffs(num_history)] of float64 read at row clamp(*step, 0, table_rows-1).
   double coeffs[kMaxStepCoeffs];
