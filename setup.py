@@ -51,7 +51,7 @@ def _extensions():
     # kernels: csrc/<family>/*_cpu.cpp and *_cuda.cu; registrations: csrc/bindings/*.cpp (*_cuda.cpp with CUDA)
     sources = rel("csrc/*/*_cpu.cpp") + [p for p in rel("csrc/bindings/*.cpp") if not p.endswith("_cuda.cpp")]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]  # torch picks the C++ standard its headers need
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-Wno-psabi"]  # torch picks the C++ standard its headers need
     with_cuda = (os.environ.get("PYDIFF_NO_CUDA") != "1" and torch.version.cuda is not None
                  and ce.CUDA_HOME is not None and os.path.exists(os.path.join(ce.CUDA_HOME, "bin", "nvcc")))
     archs = os.environ.get("PYDIFF_CUDA_ARCHS", "8.0;9.0a")

@@ -14,9 +14,13 @@ SCHEMAS = {
     "solver_step": (
         "solver_step(Tensor x, Tensor? model_cond, Tensor? model_uncond, Tensor[] history, "
         "Tensor? noise, Tensor? row_scale, float[] coeffs, Tensor? coeff_table, Tensor? step, "
-        "float clip_lo, float clip_hi) -> (Tensor, Tensor)"
+        "float clip_lo, float clip_hi, bool write_history=True) -> (Tensor, Tensor)"
     ),
     "cfg_rescale": "cfg_rescale(Tensor model_cond, Tensor model_uncond, float guidance, float phi) -> Tensor",
+    "sample_categorical": (
+        "sample_categorical(Tensor logits, Tensor? threshold, Tensor? row_mask, Tensor seeds, Tensor offsets, "
+        "float temperature) -> (Tensor, Tensor, Tensor)"
+    ),
 }
 for _name, _schema in SCHEMAS.items():
     lib.define(_schema)

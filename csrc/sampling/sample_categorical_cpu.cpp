@@ -1,0 +1,257 @@
+// Exact categorical sampling, CPU kernel. Rows in parallel (OpenMP); each row in chunks of
+// kSampleChunk logits converted to fp32 in L1: chunk max, then the exponentials relative to it
+// (a vectorised exp: fp32 polynomial on a reduced argument, scaled by 2^k in float64 so nothing
+// underflows above 1e-308), summed in float64. A float64 uniform picks the chunk by the
+// cumulative chunk sums and a rescan of that chunk picks the token. Definition:
+// pydiff/reference/sampling.py; declarations: csrc/include/pydiff/sampling.h.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "pydiff/cpu_types.h"
+#include "pydiff/sampling.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PYDIFF_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define PYDIFF_CLONES
+#endif
+
+namespace pydiff {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+struct ChunkMax {
+  float m1, m2;  // largest and second-largest kept value (with multiplicity)
+  bool bad;      // NaN or +inf seen
+};
+
+// GCC/Clang vector extensions: 8 lanes; the avx2 clone maps them to 256-bit registers.
+typedef float v8f __attribute__((vector_size(32)));
+typedef int v8i __attribute__((vector_size(32)));
+typedef double v4d __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+typedef int v4i __attribute__((vector_size(16)));
+typedef long long v4l __attribute__((vector_size(32)));
+
+__attribute__((always_inline)) inline v8f load8(const float* p) { v8f v; std::memcpy(&v, p, sizeof v); return v; }
+__attribute__((always_inline)) inline float hmax(v8f v) { float m = v[0]; for (int j = 1; j < 8; ++j) m = v[j] > m ? v[j] : m; return m; }
+
+// n8: n rounded up to 8, the tail padded with -inf by the caller.
+PYDIFF_CLONES ChunkMax chunk_max(const float* __restrict__ l, int64_t n8, float tau, float need_second_from) {
+  const v8f ninf = v8f{} + kNegInf, pinf = v8f{} - kNegInf, vtau = v8f{} + tau;
+  v8f m = ninf;
+  v8i bad = v8i{};
+  for (int64_t i = 0; i < n8; i += 8) {
+    const v8f v = load8(l + i);
+    bad |= (v != v) | (v == pinf);
+    const v8f kv = v >= vtau ? v : ninf;
+    m = kv > m ? kv : m;
+  }
+  int any_bad = 0;
+  for (int j = 0; j < 8; ++j) any_bad |= bad[j];
+  const float m1 = hmax(m);
+  if (m1 < need_second_from) return {m1, kNegInf, any_bad != 0};  // the caller needs only m1
+  // second largest with multiplicity: count of m1, and max of the values below m1
+  const v8f vm1 = v8f{} + m1;
+  v8i cnt = v8i{};
+  v8f below = ninf;
+  for (int64_t i = 0; i < n8; i += 8) {
+    const v8f v = load8(l + i);
+    const v8f kv = v >= vtau ? v : ninf;
+    cnt -= (kv == vm1);  // true lanes are -1
+    const v8f b = kv < vm1 ? kv : ninf;
+    below = b > below ? b : below;
+  }
+  int count = 0;
+  for (int j = 0; j < 8; ++j) count += cnt[j];
+  return {m1, (count > 1 && m1 > kNegInf) ? m1 : hmax(below), any_bad != 0};
+}
+
+// e[i] = exp(x[i]) with x[i] = (l[i] - mc) * inv_t for kept tokens (l[i] >= tau), else 0, and
+// the float64 sums s = sum e[i], t = sum e[i] x[i] in a fixed lane order (deterministic).
+// exp(x) = p * 2^k: p = e^r by an fp32 polynomial on r = x - k ln2 (|r| <= ln2/2, relative error
+// ~2e-7), 2^k applied in float64, so values down to 1e-308 survive (fp32 would flush at 1e-38).
+PYDIFF_CLONES void chunk_exp(const float* __restrict__ l, int64_t n8, float mc, float inv_t, float tau,
+                             double* __restrict__ e, double* s_out, double* t_out) {
+  const v8f vmc = v8f{} + mc, vinv = v8f{} + inv_t, vtau = v8f{} + tau, lo = v8f{} - 1000.f;
+  const v8f zero = v8f{};
+  v4d s0 = v4d{}, s1 = v4d{}, t0 = v4d{}, t1 = v4d{};
+  for (int64_t i = 0; i < n8; i += 8) {
+    const v8f v = load8(l + i);
+    v8f x = (v - vmc) * vinv;
+    x = x < lo ? lo : x;  // also maps -inf (and the padding) to a value whose 2^k is 0 below
+    v8f kf = x * 1.44269504088896341f;
+    kf = (kf + 12582912.f) - 12582912.f;  // round to nearest integer
+    v8f r = x - kf * 0.693359375f;        // Cody-Waite ln2 split
+    r = r - kf * -2.12194440e-4f;
+    v8f p = v8f{} + 1.f / 5040.f;
+    p = p * r + 1.f / 720.f;
+    p = p * r + 1.f / 120.f;
+    p = p * r + 1.f / 24.f;
+    p = p * r + 1.f / 6.f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    p = v >= vtau ? p : zero;
+    v8i k = __builtin_convertvector(kf, v8i);
+    k = k < -1023 ? v8i{} - 1023 : k;  // biased exponent 0: scale 0
+    for (int h = 0; h < 2; ++h) {
+      const v4f ph = {p[4 * h], p[4 * h + 1], p[4 * h + 2], p[4 * h + 3]};
+      const v4i kh = {k[4 * h], k[4 * h + 1], k[4 * h + 2], k[4 * h + 3]};
+      const v4f xh = {x[4 * h], x[4 * h + 1], x[4 * h + 2], x[4 * h + 3]};
+      const v4l bits = (__builtin_convertvector(kh, v4l) + 1023) << 52;
+      v4d scale;
+      std::memcpy(&scale, &bits, sizeof scale);
+      const v4d ev = __builtin_convertvector(ph, v4d) * scale;
+      std::memcpy(e + i + 4 * h, &ev, sizeof ev);
+      const v4d tx = ev * __builtin_convertvector(xh, v4d);
+      if (h == 0) { s0 += ev; t0 += tx; } else { s1 += ev; t1 += tx; }
+    }
+  }
+  const v4d s = s0 + s1, t = t0 + t1;
+  *s_out = (s[0] + s[1]) + (s[2] + s[3]);
+  *t_out = (t[0] + t[1]) + (t[2] + t[3]);
+}
+
+// Converts n logits to fp32 and pads to a multiple of 8 with -inf; returns the padded length.
+template <typename T>
+int64_t load_chunk(const T* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+  const int64_t n8 = (n + 7) & ~int64_t(7);
+  for (int64_t i = n; i < n8; ++i) dst[i] = kNegInf;
+  return n8;
+}
+
+template <typename T>
+void sample_rows(const SampleArgs& a) {
+  const int64_t V = a.vocab, C = kSampleChunk;
+  const int64_t nchunks = (V + C - 1) / C;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const bool argmax = a.temperature == 0.0;
+  const double t_stat = argmax ? 1.0 : a.temperature;
+  const float inv_t = float(1.0 / t_stat);
+#pragma omp parallel
+  {
+    std::vector<float> lbuf(C);
+    std::vector<double> ebuf(C);
+    std::vector<double> cm(nchunks), cs(nchunks), ct(nchunks);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t r = 0; r < a.rows; ++r) {
+      double* st = a.stats + 3 * r;
+      if (a.row_mask && !a.row_mask[r]) {
+        a.tokens[r] = -1;
+        a.prob[r] = nan;
+        st[0] = st[1] = st[2] = nan;
+        continue;
+      }
+      const T* row = static_cast<const T*>(a.logits) + r * a.row_stride;
+      const float tau = a.threshold ? a.threshold[r] : kNegInf;
+      float M = kNegInf, M2 = kNegInf;
+      bool bad = std::isnan(tau);
+      // pass 1: per chunk max (kept), exponentials relative to it, float64 sums
+      for (int64_t c = 0; c < nchunks; ++c) {
+        const int64_t lo = c * C, n = std::min(C, V - lo);
+        const int64_t n8 = load_chunk<T>(row + lo, n, lbuf.data());
+        const ChunkMax mx = chunk_max(lbuf.data(), n8, tau, M);
+        bad |= mx.bad;
+        // merge top-2
+        if (mx.m1 > M) {
+          M2 = std::max(M, mx.m2);
+          M = mx.m1;
+        } else if (mx.m1 == M) {
+          M2 = M;
+        } else {
+          M2 = std::max(M2, mx.m1);
+        }
+        cm[c] = mx.m1;
+        if (mx.m1 == kNegInf) {
+          cs[c] = ct[c] = 0.0;
+          continue;
+        }
+        chunk_exp(lbuf.data(), n8, mx.m1, inv_t, tau, ebuf.data(), &cs[c], &ct[c]);
+      }
+      if (bad || M == kNegInf) {
+        a.tokens[r] = -2;
+        a.prob[r] = nan;
+        st[0] = st[1] = st[2] = nan;
+        continue;
+      }
+      // combine: Z = sum_c cs_c w_c with w_c = exp((m_c - M) / T')
+      double Z = 0, tsum = 0;
+      for (int64_t c = 0; c < nchunks; ++c) {
+        if (cs[c] == 0.0) continue;
+        const double off = (double(cm[c]) - double(M)) / t_stat;
+        const double w = std::exp(off);
+        cm[c] = w;  // reuse as the chunk weight
+        Z += cs[c] * w;
+        tsum += w * (ct[c] + cs[c] * off);
+      }
+      st[0] = 1.0 / Z;
+      st[1] = (1.0 - std::exp((double(M2) - double(M)) / t_stat)) / Z;
+      st[2] = std::log(Z) - tsum / Z;
+      int64_t tok = -1;
+      double etok = 0;
+      if (argmax) {
+        for (int64_t c = 0; c < nchunks && tok < 0; ++c) {
+          const int64_t lo = c * C, n = std::min(C, V - lo);
+          load_chunk<T>(row + lo, n, lbuf.data());
+          for (int64_t i = 0; i < n; ++i)
+            if (lbuf[i] == M) { tok = lo + i; break; }
+        }
+        etok = 1.0;
+      } else {
+        const double target = uniform53(a.seeds[r], a.offsets[r]) * Z;
+        double acc = 0;
+        int64_t c_sel = -1, c_last = -1;
+        for (int64_t c = 0; c < nchunks; ++c) {
+          if (cs[c] == 0.0) continue;
+          c_last = c;
+          const double inc = cs[c] * cm[c];
+          if (acc + inc > target) { c_sel = c; break; }
+          acc += inc;
+        }
+        if (c_sel < 0) c_sel = c_last;  // rounding: u Z beyond the last cumulative sum
+        const int64_t lo = c_sel * C, n = std::min(C, V - lo);
+        const int64_t n8 = load_chunk<T>(row + lo, n, lbuf.data());
+        const ChunkMax mx = chunk_max(lbuf.data(), n8, tau, std::numeric_limits<float>::infinity());
+        double s_unused, t_unused;
+        chunk_exp(lbuf.data(), n8, mx.m1, inv_t, tau, ebuf.data(), &s_unused, &t_unused);
+        const double w = cm[c_sel];
+        const double rem = (target - acc) / w;
+        double a2 = 0;
+        int64_t last = -1;
+        for (int64_t i = 0; i < n; ++i) {
+          if (ebuf[i] <= 0) continue;
+          last = i;
+          a2 += ebuf[i];
+          if (a2 > rem) { tok = lo + i; etok = ebuf[i] * w; break; }
+        }
+        if (tok < 0) { tok = lo + last; etok = ebuf[last] * w; }
+      }
+      a.tokens[r] = tok;
+      a.prob[r] = etok / Z;
+    }
+  }
+}
+
+}  // namespace
+
+int sample_categorical_cpu(const SampleArgs& a) {
+  if (a.rows < 0 || a.vocab < 1 || a.row_stride < 0 || !(a.temperature >= 0) || !std::isfinite(a.temperature))
+    return 1;
+  if (a.rows == 0) return 0;
+  if (!a.logits || !a.seeds || !a.offsets || !a.tokens || !a.prob || !a.stats) return 1;
+  switch (a.dtype) {
+    case DType::kF32: sample_rows<float>(a); break;
+    case DType::kF16: sample_rows<half_t>(a); break;
+    case DType::kBF16: sample_rows<bf16_t>(a); break;
+    default: return 1;
+  }
+  return 0;
+}
+
+}  // namespace pydiff

@@ -1,0 +1,321 @@
+// Exact categorical sampling, CUDA kernels (CUDA headers only). Definition:
+// pydiff/reference/sampling.py; declarations: csrc/include/pydiff/sampling.h.
+//
+// Kernel 1, grid (chunks, rows): each block loads one chunk of kChunk logits into registers (one
+// read of the logits in total), reduces the chunk's max / second max / first argmax / NaN flag,
+// then sums e = exp((l - m_c) / T) in float64 (fp32 polynomial on the reduced argument, 2^k in
+// float64: nothing underflows above 1e-308) and e * x for the entropy.
+// Kernel 2, one warp per row: combines the chunk partials (max, Z, entropy, margin), draws the
+// float64 uniform, scans the weighted chunk sums to pick the chunk and rescans that chunk (from
+// L2) with a warp prefix sum to pick the token.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <cstdint>
+
+#include "pydiff/sampling.h"
+
+namespace pydiff {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kPerThread = 16;
+constexpr int kChunk = kThreads * kPerThread;  // 4096 logits per block
+
+struct Partial {
+  double s, t;      // sum e, sum e * x (relative to the chunk max)
+  float m1, m2;     // chunk max and second max (with multiplicity), kept tokens only
+  int64_t arg;      // first index of m1 in the row (-1 if none kept)
+  int bad, pad;     // NaN / +inf seen
+};
+
+__device__ __forceinline__ float tof(float v) { return v; }
+__device__ __forceinline__ float tof(__half v) { return __half2float(v); }
+__device__ __forceinline__ float tof(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+__device__ __forceinline__ double exp_neg(float x) {
+  x = fmaxf(x, -1000.f);
+  float kf = rintf(x * 1.44269504088896341f);
+  float r = fmaf(kf, -0.693359375f, x);
+  r = fmaf(kf, 2.12194440e-4f, r);
+  float p = 1.f / 5040.f;
+  p = fmaf(p, r, 1.f / 720.f);
+  p = fmaf(p, r, 1.f / 120.f);
+  p = fmaf(p, r, 1.f / 24.f);
+  p = fmaf(p, r, 1.f / 6.f);
+  p = fmaf(p, r, 0.5f);
+  p = fmaf(p, r, 1.f);
+  p = fmaf(p, r, 1.f);
+  int k = int(kf);
+  k = k < -1022 ? -1023 : k;
+  return double(p) * __longlong_as_double(static_cast<long long>(k + 1023) << 52);
+}
+
+__device__ __forceinline__ double warp_sum(double v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// (m1, m2, arg) pair merge: keep the two largest with multiplicity and the first argmax.
+__device__ __forceinline__ void merge_top2(float& m1, float& m2, int64_t& arg, float o1, float o2, int64_t oarg) {
+  if (o1 > m1) {
+    m2 = fmaxf(m1, o2);
+    m1 = o1;
+    arg = oarg;
+  } else if (o1 == m1) {
+    m2 = m1;
+    if (oarg >= 0 && (arg < 0 || oarg < arg)) arg = oarg;
+  } else {
+    m2 = fmaxf(m2, o1);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) partial_kernel(SampleArgs a, Partial* __restrict__ part, int nchunks) {
+  const int64_t row = blockIdx.y;
+  const int c = blockIdx.x;
+  if (a.row_mask && !a.row_mask[row]) return;
+  const T* lrow = static_cast<const T*>(a.logits) + row * a.row_stride;
+  const float tau = a.threshold ? a.threshold[row] : -INFINITY;
+  const int64_t base = int64_t(c) * kChunk;
+  float v[kPerThread];
+  float m1 = -INFINITY, m2 = -INFINITY;
+  int64_t arg = -1;
+  int bad = 0;
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    const int64_t i = base + int64_t(j) * kThreads + threadIdx.x;  // coalesced
+    float x = -INFINITY;
+    if (i < a.vocab) {
+      x = tof(lrow[i]);
+      bad |= (x != x) | (x == INFINITY);
+    }
+    const float kv = x >= tau ? x : -INFINITY;
+    v[j] = i < a.vocab ? kv : -INFINITY;
+    merge_top2(m1, m2, arg, v[j], -INFINITY, (i < a.vocab && v[j] > -INFINITY) ? i : -1);
+  }
+  // block reduce (m1, m2, arg, bad)
+  __shared__ float sm1[kThreads / 32], sm2[kThreads / 32];
+  __shared__ int64_t sarg[kThreads / 32];
+  __shared__ int sbad[kThreads / 32];
+  for (int o = 16; o > 0; o >>= 1) {
+    const float o1 = __shfl_xor_sync(0xffffffffu, m1, o), o2 = __shfl_xor_sync(0xffffffffu, m2, o);
+    const int64_t oa = __shfl_xor_sync(0xffffffffu, arg, o);
+    merge_top2(m1, m2, arg, o1, o2, oa);
+    bad |= __shfl_xor_sync(0xffffffffu, bad, o);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) { sm1[warp] = m1; sm2[warp] = m2; sarg[warp] = arg; sbad[warp] = bad; }
+  __syncthreads();
+  m1 = sm1[0]; m2 = sm2[0]; arg = sarg[0]; bad = sbad[0];
+  for (int w = 1; w < kThreads / 32; ++w) {
+    merge_top2(m1, m2, arg, sm1[w], sm2[w], sarg[w]);
+    bad |= sbad[w];
+  }
+  // exponentials relative to the chunk max, float64 sums
+  const double inv_t = 1.0 / (a.temperature == 0.0 ? 1.0 : a.temperature);
+  const float inv_tf = float(inv_t);
+  double s = 0, t = 0;
+  if (m1 > -INFINITY) {
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const float x = (v[j] - m1) * inv_tf;
+      const double e = v[j] > -INFINITY ? exp_neg(x) : 0.0;
+      s += e;
+      t += e > 0 ? e * double(x) : 0.0;
+    }
+  }
+  s = warp_sum(s);
+  t = warp_sum(t);
+  __shared__ double ss[kThreads / 32], st[kThreads / 32];
+  __syncthreads();
+  if (lane == 0) { ss[warp] = s; st[warp] = t; }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double S = 0, Tt = 0;
+    for (int w = 0; w < kThreads / 32; ++w) { S += ss[w]; Tt += st[w]; }
+    Partial p;
+    p.s = S; p.t = Tt; p.m1 = m1; p.m2 = m2; p.arg = arg; p.bad = bad; p.pad = 0;
+    part[row * nchunks + c] = p;
+  }
+}
+
+template <typename T>
+__global__ void select_kernel(SampleArgs a, const Partial* __restrict__ part, int nchunks) {
+  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= a.rows) return;
+  double* st = a.stats + 3 * row;
+  const double nan = __longlong_as_double(0x7ff8000000000000ll);
+  if (a.row_mask && !a.row_mask[row]) {
+    if (lane == 0) { a.tokens[row] = -1; a.prob[row] = nan; st[0] = st[1] = st[2] = nan; }
+    return;
+  }
+  const Partial* P = part + row * nchunks;
+  float M = -INFINITY, M2 = -INFINITY;
+  int64_t arg = -1;
+  int bad = 0;
+  for (int c = lane; c < nchunks; c += 32) {
+    merge_top2(M, M2, arg, P[c].m1, P[c].m2, P[c].arg);
+    bad |= P[c].bad;
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const float o1 = __shfl_xor_sync(0xffffffffu, M, o), o2 = __shfl_xor_sync(0xffffffffu, M2, o);
+    const int64_t oa = __shfl_xor_sync(0xffffffffu, arg, o);
+    merge_top2(M, M2, arg, o1, o2, oa);
+    bad |= __shfl_xor_sync(0xffffffffu, bad, o);
+  }
+  if (a.threshold && a.threshold[row] != a.threshold[row]) bad = 1;
+  if (bad || M == -INFINITY) {
+    if (lane == 0) { a.tokens[row] = -2; a.prob[row] = nan; st[0] = st[1] = st[2] = nan; }
+    return;
+  }
+  const double t_stat = a.temperature == 0.0 ? 1.0 : a.temperature;
+  double Z = 0, tsum = 0;
+  for (int c = lane; c < nchunks; c += 32) {
+    if (P[c].s == 0.0) continue;
+    const double off = (double(P[c].m1) - double(M)) / t_stat;
+    const double w = exp(off);
+    Z += P[c].s * w;
+    tsum += w * (P[c].t + P[c].s * off);
+  }
+  Z = warp_sum(Z);
+  tsum = warp_sum(tsum);
+  if (lane == 0) {
+    st[0] = 1.0 / Z;
+    st[1] = (1.0 - exp((double(M2) - double(M)) / t_stat)) / Z;
+    st[2] = log(Z) - tsum / Z;
+  }
+  if (a.temperature == 0.0) {
+    if (lane == 0) { a.tokens[row] = arg; a.prob[row] = 1.0 / Z; }
+    return;
+  }
+  // pick the chunk: ordered prefix over chunks, 32 at a time
+  const double target = uniform53(a.seeds[row], a.offsets[row]) * Z;
+  double acc = 0;
+  int c_sel = -1, c_last = -1;
+  double w_sel = 0;
+  for (int g = 0; g < nchunks && c_sel < 0; g += 32) {
+    const int c = g + lane;
+    double w = 0, inc = 0;
+    if (c < nchunks && P[c].s > 0.0) {
+      w = exp((double(P[c].m1) - double(M)) / t_stat);
+      inc = P[c].s * w;
+    }
+    double scan = inc;
+    for (int o = 1; o < 32; o <<= 1) {
+      const double y = __shfl_up_sync(0xffffffffu, scan, o);
+      if (lane >= o) scan += y;
+    }
+    const unsigned hit = __ballot_sync(0xffffffffu, inc > 0 && acc + scan > target);
+    const unsigned nz = __ballot_sync(0xffffffffu, inc > 0);
+    if (nz) c_last = g + 31 - __clz(nz);
+    if (hit) {
+      const int l = __ffs(hit) - 1;
+      c_sel = g + l;
+      w_sel = __shfl_sync(0xffffffffu, w, l);
+      acc += __shfl_sync(0xffffffffu, scan - inc, l);
+    } else {
+      acc += __shfl_sync(0xffffffffu, scan, 31);
+    }
+  }
+  const bool beyond = c_sel < 0;  // rounding: u Z beyond the last cumulative sum
+  if (beyond) {
+    c_sel = c_last;
+    w_sel = exp((double(P[c_sel].m1) - double(M)) / t_stat);
+  }
+  // rescan the chunk
+  const T* lrow = static_cast<const T*>(a.logits) + row * a.row_stride;
+  const float tau = a.threshold ? a.threshold[row] : -INFINITY;
+  const float mc = P[c_sel].m1;
+  const float inv_tf = float(1.0 / t_stat);
+  const double rem = beyond ? INFINITY : (target - acc) / w_sel;  // beyond: the last kept token
+  const int64_t lo = int64_t(c_sel) * kChunk;
+  const int64_t hi = lo + kChunk < a.vocab ? lo + kChunk : a.vocab;
+  double run = 0;
+  int64_t tok = -1, last = -1;
+  double etok = 0, elast = 0;
+  for (int64_t g = lo; g < hi && tok < 0; g += 32) {
+    const int64_t i = g + lane;
+    double e = 0;
+    if (i < hi) {
+      const float x = tof(lrow[i]);
+      if (x >= tau && x > -INFINITY) e = exp_neg((x - mc) * inv_tf);
+    }
+    double scan = e;
+    for (int o = 1; o < 32; o <<= 1) {
+      const double y = __shfl_up_sync(0xffffffffu, scan, o);
+      if (lane >= o) scan += y;
+    }
+    const unsigned hit = __ballot_sync(0xffffffffu, e > 0 && run + scan > rem);
+    const unsigned nz = __ballot_sync(0xffffffffu, e > 0);
+    if (nz) {
+      const int l = 31 - __clz(nz);
+      last = g + l;
+      elast = __shfl_sync(0xffffffffu, e, l);
+    }
+    if (hit) {
+      const int l = __ffs(hit) - 1;
+      tok = g + l;
+      etok = __shfl_sync(0xffffffffu, e, l);
+    }
+    run += __shfl_sync(0xffffffffu, scan, 31);
+  }
+  if (tok < 0) { tok = last; etok = elast; }
+  if (lane == 0) {
+    a.tokens[row] = tok;
+    a.prob[row] = etok * w_sel / Z;
+  }
+}
+
+template <typename T>
+cudaError_t launch(const SampleArgs& a, void* ws, cudaStream_t s) {
+  const int nchunks = int((a.vocab + kChunk - 1) / kChunk);
+  Partial* part = static_cast<Partial*>(ws);
+  if (a.rows > 65535) {
+    // grid.y limit: process rows in slices
+    for (int64_t r0 = 0; r0 < a.rows; r0 += 65535) {
+      SampleArgs b = a;
+      const int64_t n = a.rows - r0 < 65535 ? a.rows - r0 : 65535;
+      b.rows = n;
+      b.logits = static_cast<const T*>(a.logits) + r0 * a.row_stride;
+      b.threshold = a.threshold ? a.threshold + r0 : nullptr;
+      b.row_mask = a.row_mask ? a.row_mask + r0 : nullptr;
+      b.seeds = a.seeds + r0;
+      b.offsets = a.offsets + r0;
+      b.tokens = a.tokens + r0;
+      b.prob = a.prob + r0;
+      b.stats = a.stats + 3 * r0;
+      const cudaError_t err = launch<T>(b, part + r0 * nchunks, s);
+      if (err != cudaSuccess) return err;
+    }
+    return cudaSuccess;
+  }
+  partial_kernel<T><<<dim3(unsigned(nchunks), unsigned(a.rows)), kThreads, 0, s>>>(a, part, nchunks);
+  const int rows_per_block = 4;
+  select_kernel<T><<<unsigned((a.rows + rows_per_block - 1) / rows_per_block), 32 * rows_per_block, 0, s>>>(
+      a, part, nchunks);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int64_t sample_categorical_cuda_workspace(int64_t rows, int64_t vocab) {
+  return rows * ((vocab + kChunk - 1) / kChunk) * int64_t(sizeof(Partial));
+}
+
+int sample_categorical_cuda(const SampleArgs& a, void* workspace, void* stream) {
+  if (a.rows < 0 || a.vocab < 1 || a.row_stride < 0 || !(a.temperature >= 0)) return int(cudaErrorInvalidValue);
+  if (a.rows == 0) return 0;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (a.dtype) {
+    case DType::kF32: return int(launch<float>(a, workspace, s));
+    case DType::kF16: return int(launch<__half>(a, workspace, s));
+    case DType::kBF16: return int(launch<__nv_bfloat16>(a, workspace, s));
+  }
+  return int(cudaErrorInvalidValue);
+}
+
+}  // namespace pydiff

@@ -1,0 +1,209 @@
+"""Exact categorical sampling: ``torch.ops.pydiff.sample_categorical`` and its Python wrapper.
+
+One read of the logits per row (plus a re-read of one chunk): per-chunk maxima and float64 sums of
+exponentials, one float64 uniform per row from a counter-based generator, then the inverse CDF over
+chunks and within the chosen chunk.  No per-element random numbers, no ``R x V`` buffer.  The
+definition is :mod:`pydiff.reference.sampling`.
+
+Backends: ``cuda`` (csrc/sampling/sample_categorical_cuda.cu), ``triton``
+(triton_kernels/sampling.py), ``cpu`` (csrc/sampling/sample_categorical_cpu.cpp), ``torch`` (the
+reference).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+from pydiff import _ext, backend as _backend
+from pydiff.ops._library import lib
+from pydiff.reference.sampling import sample_categorical_ref
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@torch.library.register_fake("pydiff::sample_categorical", lib=lib)
+def _fake(logits, threshold, row_mask, seeds, offsets, temperature):
+    r = logits.shape[0]
+    return (logits.new_empty((r,), dtype=torch.int64), logits.new_empty((r,), dtype=torch.float64),
+            logits.new_empty((r, 3), dtype=torch.float64))
+
+
+def _torch_impl(logits, threshold, row_mask, seeds, offsets, temperature):
+    return sample_categorical_ref(logits, seeds, offsets, temperature, threshold, row_mask)
+
+
+def _triton_impl(logits, threshold, row_mask, seeds, offsets, temperature):
+    from pydiff.triton_kernels.sampling import sample_categorical_triton
+
+    return sample_categorical_triton(logits, threshold, row_mask, seeds, offsets, temperature)
+
+
+if not _ext.has_cpu_kernels():
+    lib.impl("sample_categorical", _torch_impl, "CPU")
+    lib.impl("sample_categorical",
+             lambda *a: (_triton_impl if _backend.triton_available() else _torch_impl)(*a), "CUDA")
+
+
+class SampleResult(NamedTuple):
+    """Tokens plus, on request, the chosen token's probability and remasking confidences."""
+    tokens: torch.Tensor
+    probs: Optional[torch.Tensor] = None      # float64, probability of the chosen token
+    top1: Optional[torch.Tensor] = None       # float64, probability of the most likely token
+    margin: Optional[torch.Tensor] = None     # float64, top-1 minus top-2 probability
+    entropy: Optional[torch.Tensor] = None    # float64, entropy in nats
+
+
+def check_sample_args(logits, temperature, top_k, top_p, min_p, mask, fill, seeds, offsets) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits: expected a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"logits: expected dtype float32, float16 or bfloat16, got {logits.dtype}")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits: expected shape [..., V] with V >= 1, got {tuple(logits.shape)}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
+    if top_p is not None and not (0.0 < float(top_p) <= 1.0):
+        raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
+    if min_p is not None and not (0.0 <= float(min_p) <= 1.0):
+        raise ValueError(f"min_p: expected a number in [0, 1], got {min_p!r}")
+    batch = logits.shape[:-1]
+    for name, t, dt in (("mask", mask, torch.bool), ("fill", fill, torch.int64), ("seeds", seeds, torch.int64),
+                        ("offsets", offsets, torch.int64)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != dt:
+            raise TypeError(f"{name}: expected dtype {dt}, got {t.dtype}")
+        if t.shape != batch:
+            raise ValueError(f"{name}: expected shape {tuple(batch)} (logits.shape[:-1]), got {tuple(t.shape)}")
+        if t.device != logits.device:
+            raise ValueError(f"{name}: expected device {logits.device}, got {t.device}")
+    if (seeds is None) != (offsets is None):
+        raise ValueError("seeds, offsets: pass both (per-row seeds and offsets) or neither")
+
+
+def _topp_threshold(lg: torch.Tensor, tau: Optional[torch.Tensor], temperature: float, top_p: float,
+                    rows_per_block: int = 64) -> torch.Tensor:
+    """Per-row logit threshold keeping the smallest top set of mass >= top_p (ties at the edge
+    kept), computed in float64 on blocks of rows: extra memory rows_per_block x V, not R x V."""
+    R, V = lg.shape
+    out = torch.empty(R, dtype=torch.float32, device=lg.device)
+    t = temperature if temperature > 0 else 1.0
+    for r0 in range(0, R, rows_per_block):
+        blk = lg[r0:r0 + rows_per_block].double()
+        if tau is not None:
+            blk = torch.where(blk >= tau[r0:r0 + rows_per_block].double().unsqueeze(1), blk,
+                              torch.full_like(blk, float("-inf")))
+        srt = torch.sort(blk, dim=1, descending=True).values
+        p = torch.softmax(srt / t, dim=1)
+        c = torch.cumsum(p, dim=1)
+        # first index whose cumulative mass reaches top_p (guard rounding with the last index)
+        j = torch.searchsorted(c, torch.full((c.shape[0], 1), top_p, dtype=c.dtype, device=c.device))
+        j = j.clamp(max=V - 1)
+        out[r0:r0 + rows_per_block] = srt.gather(1, j).squeeze(1).float()
+    return out
+
+
+def sample_categorical(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    min_p: Optional[float] = None,
+    mask: Optional[torch.Tensor] = None,
+    fill: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
+    seeds: Optional[torch.Tensor] = None,
+    offsets: Optional[torch.Tensor] = None,
+    return_probs: bool = False,
+    return_confidence: bool = False,
+    on_invalid: str = "raise",
+    backend: Optional[str] = None,
+):
+    """Draw one token per row from ``softmax(logits / temperature)``, exactly (float64).
+
+    Args:
+        logits: ``[..., V]`` float32 / float16 / bfloat16 (the last dim contiguous is fastest).
+        temperature: ``T > 0`` samples; ``0`` takes the argmax.
+        top_k: keep the ``top_k`` largest logits (ties with the k-th are kept, as in HF).
+        top_p: then keep the smallest most-likely set of mass >= top_p (nucleus; computed on
+            blocks of 64 rows, so its extra memory is ``64 x V``, never ``R x V``).
+        min_p: then keep tokens with ``p >= min_p * p_max``.
+        mask: bool ``[...]``: rows to sample; the others are not read and get ``fill`` (or -1).
+        fill: int64 ``[...]``: values for the rows that ``mask`` switches off.
+        generator: a ``torch.Generator`` (one 64-bit draw per call, on the logits' device: no sync).
+        seed: an int; with it, row ``r`` uses ``(seed, r)``.
+        seeds, offsets: int64 ``[...]`` per-row seed and offset (e.g. a per-sequence seed and the
+            step index): the same values give the same tokens on every run of a backend.
+        return_probs: also return the chosen token's probability (float64).
+        return_confidence: also return top-1 probability, top-1 minus top-2 margin, entropy.
+        on_invalid: ``"raise"`` (a row of all ``-inf`` or with NaN / +inf raises ``ValueError``;
+            this reads one flag back from the device) or ``"flag"`` (such rows get token -2, no sync).
+        backend: ``cuda``, ``triton``, ``cpu``, ``torch`` or ``auto``.
+
+    Returns:
+        int64 tokens ``[...]``, or a :class:`SampleResult` when ``return_probs`` /
+        ``return_confidence`` is set.
+    """
+    check_sample_args(logits, temperature, top_k, top_p, min_p, mask, fill, seeds, offsets)
+    if on_invalid not in ("raise", "flag"):
+        raise ValueError(f"on_invalid: expected 'raise' or 'flag', got {on_invalid!r}")
+    batch = logits.shape[:-1]
+    V = logits.shape[-1]
+    lg = logits.reshape(-1, V)
+    if lg.stride(-1) != 1:
+        lg = lg.contiguous()
+    R = lg.shape[0]
+    dev = logits.device
+    if seeds is None:
+        if seed is not None:
+            base = torch.full((1,), int(seed), dtype=torch.int64, device=dev)
+        else:
+            base = torch.randint(-(2 ** 63), 2 ** 63 - 1, (1,), dtype=torch.int64, device=dev, generator=generator)
+        seeds_r = base.expand(R)
+        offsets_r = torch.arange(R, dtype=torch.int64, device=dev)
+    else:
+        seeds_r, offsets_r = seeds.reshape(R), offsets.reshape(R)
+    T = float(temperature)
+    tau = None
+    if top_k is not None and top_k < V:
+        tau = torch.topk(lg, top_k, dim=1).values[:, -1].float().contiguous()
+    if top_p is not None and top_p < 1.0 and R > 0:
+        tp = _topp_threshold(lg, tau, T, float(top_p))
+        tau = tp if tau is None else torch.maximum(tau, tp)
+    if min_p is not None and min_p > 0 and T > 0 and R > 0:
+        mx = lg.amax(dim=1).double()
+        tm = (mx + T * math.log(min_p)).float() if min_p < 1 else mx.float()
+        tau = tm if tau is None else torch.maximum(tau, tm)
+    row_mask = None if mask is None else mask.reshape(R)
+    name = _backend.resolve(backend, dev)
+    args = (lg, tau, row_mask, seeds_r.contiguous(), offsets_r.contiguous(), T)
+    if name in ("cuda", "cpu"):
+        tokens, prob, stats = torch.ops.pydiff.sample_categorical(*args)
+    elif name == "triton":
+        tokens, prob, stats = _triton_impl(*args)
+    else:
+        tokens, prob, stats = _torch_impl(*args)
+    if on_invalid == "raise" and R > 0 and bool((tokens == -2).any()):
+        bad = (tokens == -2).nonzero()[:4, 0].tolist()
+        raise ValueError(f"logits: row(s) {bad} have no finite kept logit or contain NaN/+inf "
+                         "(pass on_invalid='flag' to get token -2 for them instead)")
+    if fill is not None and row_mask is not None:
+        tokens = torch.where(row_mask, tokens, fill.reshape(R))
+    tokens = tokens.reshape(batch)
+    if not (return_probs or return_confidence):
+        return tokens
+    res = SampleResult(tokens=tokens)
+    if return_probs:
+        res = res._replace(probs=prob.reshape(batch))
+    if return_confidence:
+        res = res._replace(top1=stats[:, 0].reshape(batch), margin=stats[:, 1].reshape(batch),
+                           entropy=stats[:, 2].reshape(batch))
+    return res

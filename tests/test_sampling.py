@@ -1,0 +1,344 @@
+"""Exact categorical sampling: every backend against the float64 reference, statistical exactness
+(chi-square, and a tail test that fp32 Gumbel-max provably fails), truncations, edge cases."""
+import math
+
+import pytest
+import torch
+
+import pydiff
+from pydiff.reference.sampling import sample_categorical_ref, uniform53
+from pydiff.sampling import sample_categorical
+
+from _util import CPU, DTYPES, poison_allocator
+
+BACKENDS = pydiff.available_backends(CPU)
+FAST = [b for b in BACKENDS if b != "triton"]  # the interpreter is slow: big statistical runs skip it
+
+
+def _ref(logits, seeds, offsets, temperature=1.0, threshold=None, row_mask=None):
+    return sample_categorical_ref(logits.reshape(-1, logits.shape[-1]), seeds, offsets, temperature, threshold,
+                                  row_mask)
+
+
+def _seeds(r, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-2 ** 62, 2 ** 62, (r,), generator=g), torch.randint(0, 2 ** 40, (r,), generator=g)
+
+
+# ---------------------------------------------------------------- against the reference
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 2), (5, 7), (2, 2049), (3, 4097), (2, 3, 1031), (1, 10007)], ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+def test_matches_float64_reference(backend, dtype, shape, temperature):
+    if backend == "triton" and shape[-1] > 5000 and dtype != torch.float32:
+        pytest.skip("keep interpreter runs small")
+    g = torch.Generator().manual_seed(shape[-1] * 7 + len(shape))
+    logits = (torch.randn(shape, generator=g) * 3).to(dtype)
+    R = logits.numel() // shape[-1]
+    seeds, offsets = _seeds(R, seed=shape[-1])
+    ref_tok, ref_p, ref_st = _ref(logits, seeds, offsets, temperature)
+    poison_allocator(R * 4, torch.float64)
+    res = sample_categorical(logits, temperature=temperature, seeds=seeds.reshape(shape[:-1]),
+                             offsets=offsets.reshape(shape[:-1]), return_probs=True, return_confidence=True,
+                             backend=backend)
+    assert res.tokens.shape == shape[:-1] and res.tokens.dtype == torch.int64
+    assert torch.equal(res.tokens.reshape(-1), ref_tok), (res.tokens, ref_tok)
+    # kernels form (l - m) / T in fp32 and evaluate exp to ~2e-7 relative; sums are float64
+    rtol = 1e-10 if backend == "torch" else 1e-6
+    for got, want in ((res.probs, ref_p), (res.top1, ref_st[:, 0]), (res.margin, ref_st[:, 1]),
+                      (res.entropy, ref_st[:, 2])):
+        assert got.dtype == torch.float64
+        assert torch.allclose(got.reshape(-1), want, rtol=rtol, atol=1e-12), (got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_probabilities_are_the_float64_softmax(backend):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(16, 300, generator=g) * 4
+    res = sample_categorical(logits, temperature=0.8, seed=3, return_probs=True, return_confidence=True,
+                             backend=backend)
+    p = torch.softmax(logits.double() / 0.8, -1)
+    assert torch.allclose(res.probs, p.gather(1, res.tokens[:, None])[:, 0], rtol=1e-6)
+    top2 = p.topk(2, dim=1).values
+    assert torch.allclose(res.top1, top2[:, 0], rtol=1e-6)
+    assert torch.allclose(res.margin, top2[:, 0] - top2[:, 1], rtol=1e-5, atol=1e-12)
+    ent = -(p * p.log()).sum(1)
+    assert torch.allclose(res.entropy, ent, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- statistics
+def _chi2_crit(df: int, z: float = 5.0) -> float:
+    """Wilson-Hilferty upper quantile of chi-square(df) at ~z sigma."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def _chi2(counts: torch.Tensor, p: torch.Tensor, n: int) -> float:
+    exp = p * n
+    return float(((counts.double() - exp) ** 2 / exp).sum())
+
+
+def _counts(tokens, V):
+    return torch.bincount(tokens.reshape(-1), minlength=V)[:V]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chi_square_small_vocab(backend):
+    V, n = 6, 60_000 if backend != "triton" else 300
+    logits = torch.tensor([2.0, 0.0, -1.0, 1.5, -3.0, 0.5])
+    T = 0.9
+    p = torch.softmax(logits.double() / T, 0)
+    tok = sample_categorical(logits.expand(n, V), temperature=T, seed=11, backend=backend)
+    stat = _chi2(_counts(tok, V), p, n)
+    assert stat < _chi2_crit(V - 1), stat
+    if backend == "triton":
+        return  # too few interpreter draws for the power check below
+    # the same test rejects a sampler at the wrong temperature (so it can fail)
+    wrong = sample_categorical(logits.expand(n, V), temperature=T * 0.8, seed=11, backend=backend)
+    assert _chi2(_counts(wrong, V), p, n) > _chi2_crit(V - 1)
+
+
+def _tail_test(tail_hits: int, rows: int, p_tail: float, z: float = 4.0) -> bool:
+    """Poisson test: observed tail hits consistent with rows * p_tail (z sigma, both sides)."""
+    lam = rows * p_tail
+    return abs(tail_hits - lam) <= z * math.sqrt(lam) + 1
+
+
+def _fp32_gumbel_tail_hits(rows: int, n_tail: int, gap: float, generator) -> int:
+    """fp32 Gumbel-max on rows [0, -gap, ..., -gap] (1 + n_tail tokens), drawn exactly but cheaply:
+    the tail's best noise is -log(-log(max of n_tail fp32 uniforms)), and torch.rand's fp32
+    uniforms live on the grid k * 2^-24, so that max is floor(2^24 * U^(1/n_tail)) * 2^-24."""
+    u_top = torch.rand(rows, generator=generator, dtype=torch.float32)
+    umax = torch.floor(torch.rand(rows, generator=generator, dtype=torch.float64) ** (1.0 / n_tail) * 2 ** 24)
+    umax = (umax.clamp(max=2 ** 24 - 1) * 2.0 ** -24).float()
+    g_top = -torch.log(-torch.log(u_top))
+    g_tail = -torch.log(-torch.log(umax))
+    return int(((-gap + g_tail) > g_top).sum())
+
+
+def test_fp32_gumbel_cap_is_provable():
+    """With 24-bit uniforms the fp32 Gumbel noise lies in [-log(-log(2^-24)), -log(-log(1-2^-24))],
+    so a token more than their difference (19.45 nats) below the best can never win."""
+    lo = -math.log(-math.log(2.0 ** -24))
+    hi = -math.log(-math.log(torch.tensor(1 - 2.0 ** -24, dtype=torch.float32).item()))
+    assert 19.4 < hi - lo < 19.5
+
+
+@pytest.mark.parametrize("backend", [b for b in FAST if b == "cpu"] or ["torch"])
+def test_tail_beyond_the_fp32_gumbel_cap_is_drawn_at_the_right_rate(backend):
+    """Tokens 19.6 nats below the best: fp32 Gumbel-max provably never draws them; the exact
+    sampler draws them at rate N e^-19.6 / (1 + N e^-19.6)."""
+    gap, V = 19.6, 1 << 20
+    rows = 8_000 if backend == "cpu" else 64
+    logits = torch.full((V,), -gap)
+    logits[0] = 0.0
+    n = V - 1
+    p_tail = n * math.exp(-gap) / (1 + n * math.exp(-gap))
+    hits = 0
+    for part in range(4):
+        tok = sample_categorical(logits.expand(rows // 4, V), seed=100 + part, backend=backend)
+        hits += int((tok != 0).sum())
+    if backend == "cpu":
+        assert hits > 0 and _tail_test(hits, rows, p_tail), (hits, rows * p_tail)
+    g = torch.Generator().manual_seed(0)
+    assert _fp32_gumbel_tail_hits(100_000, n, gap, g) == 0
+
+
+@pytest.mark.parametrize("backend", [b for b in FAST if b == "cpu"] or ["torch"])
+def test_tail_test_rejects_fp32_gumbel_where_it_truncates(backend):
+    """At 18 nats below the best, fp32 Gumbel-max draws the tail at ~2% of its probability: the
+    same Poisson test accepts the exact sampler and rejects fp32 Gumbel-max."""
+    gap, V = 18.0, 1 << 16
+    n = V - 1
+    p_tail = n * math.exp(-gap) / (1 + n * math.exp(-gap))
+    rows = 24_000 if backend == "cpu" else 256
+    logits = torch.full((V,), -gap)
+    logits[0] = 0.0
+    if backend == "cpu":
+        tok = sample_categorical(logits.expand(rows, V), seed=7, backend=backend)
+        hits = int((tok != 0).sum())
+        assert _tail_test(hits, rows, p_tail), (hits, rows * p_tail)
+    g = torch.Generator().manual_seed(1)
+    gumbel_hits = _fp32_gumbel_tail_hits(rows, n, gap, g)
+    assert not _tail_test(gumbel_hits, rows, p_tail), (gumbel_hits, rows * p_tail)
+
+
+# ---------------------------------------------------------------- options
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_truncations_draw_only_kept_tokens_at_renormalised_rates(backend):
+    V, n = 8, 20_000 if backend != "triton" else 150
+    logits = torch.tensor([3.0, 2.5, 2.5, 1.0, 0.0, -1.0, -2.0, -5.0])
+    p = torch.softmax(logits.double(), 0)
+    cases = {
+        "top_k=3": dict(top_k=3),                  # keeps 3.0, 2.5, 2.5
+        "top_k=2 (ties kept)": dict(top_k=2),      # the 2nd value ties: 3 kept, as HF
+        "min_p=0.2": dict(min_p=0.2),              # p >= 0.2 p_max
+        "top_p=0.8": dict(top_p=0.8),
+    }
+    for name, kw in cases.items():
+        if "top_k" in kw:
+            keep = logits >= logits.topk(kw["top_k"]).values[-1]
+        elif "min_p" in kw:
+            keep = p >= kw["min_p"] * p.max()
+        else:
+            srt, idx = p.sort(descending=True)
+            j = int((srt.cumsum(0) >= kw["top_p"]).nonzero()[0])
+            keep = p >= srt[j]
+        q = torch.where(keep, p, torch.zeros_like(p))
+        q = q / q.sum()
+        tok = sample_categorical(logits.expand(n, V), seed=5, backend=backend, **kw)
+        c = _counts(tok, V)
+        assert int(c[~keep].sum()) == 0, name
+        k = int(keep.sum())
+        if k > 1:
+            assert _chi2(c[keep], q[keep], n) < _chi2_crit(k - 1), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_banned_tokens_never_drawn_and_invalid_rows(backend):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(64 if backend != "triton" else 12, 50, generator=g)
+    logits[:, ::3] = float("-inf")
+    tok = sample_categorical(logits, seed=1, temperature=2.0, backend=backend)
+    assert (tok % 3 != 0).all()
+    bad = logits.clone()
+    bad[5] = float("-inf")
+    with pytest.raises(ValueError, match=r"logits: row\(s\) \[5\]"):
+        sample_categorical(bad, seed=1, backend=backend)
+    nan = logits.clone()
+    nan[7, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        sample_categorical(nan, seed=1, backend=backend)
+    flagged = sample_categorical(nan, seed=1, on_invalid="flag", backend=backend)
+    assert flagged[7] == -2 and (flagged[:7] >= 0).all()
+    pinf = logits.clone()
+    pinf[9, 4] = float("inf")
+    assert sample_categorical(pinf, seed=1, on_invalid="flag", backend=backend)[9] == -2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocab_one_and_near_zero_temperature(backend):
+    assert sample_categorical(torch.randn(4, 1), seed=0, backend=backend).tolist() == [0, 0, 0, 0]
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(32, 100, generator=g)
+    am = logits.argmax(-1)
+    assert torch.equal(sample_categorical(logits, temperature=1e-6, seed=3, backend=backend), am)
+    res = sample_categorical(logits, temperature=0.0, return_confidence=True, backend=backend)
+    assert torch.equal(res.tokens, am)
+    # temperature 0: confidences are those of softmax(logits) (T = 1), as LLaDA reads them
+    assert torch.allclose(res.top1, torch.softmax(logits.double(), -1).max(-1).values, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_large_vocab(backend):
+    g = torch.Generator().manual_seed(5)
+    V = 262_147
+    logits = torch.randn(3, V, generator=g).bfloat16()
+    seeds, offsets = _seeds(3, seed=9)
+    res = sample_categorical(logits, seeds=seeds, offsets=offsets, return_probs=True, backend=backend)
+    ref = _ref(logits, seeds, offsets)
+    assert torch.equal(res.tokens, ref[0])
+    assert torch.allclose(res.probs, ref[1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_fill_and_reproducibility(backend):
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(4, 6, 40, generator=g)
+    mask = torch.rand(4, 6, generator=g) > 0.4
+    fill = torch.full((4, 6), 99, dtype=torch.int64)
+    a = sample_categorical(logits, mask=mask, fill=fill, seed=12, backend=backend)
+    b = sample_categorical(logits, mask=mask, fill=fill, seed=12, backend=backend)
+    assert torch.equal(a, b)
+    assert (a[~mask] == 99).all() and (a[mask] < 40).all()
+    assert (sample_categorical(logits, mask=mask, seed=12, backend=backend)[~mask] == -1).all()
+    # generator: reproducible from its seed, and a new draw each call
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    x1 = sample_categorical(logits, generator=g1, backend=backend)
+    x2 = sample_categorical(logits, generator=g2, backend=backend)
+    assert torch.equal(x1, x2)
+    x3 = sample_categorical(logits, generator=g1, backend=backend)
+    assert not torch.equal(x1, x3)
+    # per-row seeds/offsets: a row's token depends only on its own (seed, offset)
+    s, o = _seeds(24, seed=1)
+    full = sample_categorical(logits.reshape(24, 40), seeds=s, offsets=o, backend=backend)
+    part = sample_categorical(logits.reshape(24, 40)[5:9], seeds=s[5:9], offsets=o[5:9], backend=backend)
+    assert torch.equal(full[5:9], part)
+
+
+def test_uniform53_matches_the_c_definition():
+    # splitmix64-based: values computed once with Python integers
+    def mix(z):
+        z = (z + 0x9E3779B97F4A7C15) & (2 ** 64 - 1)
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2 ** 64 - 1)
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2 ** 64 - 1)
+        return z ^ (z >> 31)
+
+    for s, o in [(0, 0), (1, 2), (-5, 7), (2 ** 62, 3)]:
+        want = (mix((s & (2 ** 64 - 1)) ^ mix(o)) >> 11) * 2.0 ** -53
+        got = uniform53(torch.tensor([s]), torch.tensor([o])).item()
+        assert got == want
+
+
+# ---------------------------------------------------------------- registration, errors
+@pytest.mark.skipif(not pydiff.build_info()["cpu_kernels"], reason="compiled extension not built")
+def test_opcheck_sample_categorical():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 37, generator=g)
+    s, o = _seeds(5)
+    thr = torch.full((5,), -1.0)
+    msk = torch.tensor([True, True, True, True, True])  # rows switched off give NaN, which opcheck can't compare
+    torch.library.opcheck(torch.ops.pydiff.sample_categorical.default, (logits, thr, msk, s, o, 0.9))
+    torch.library.opcheck(torch.ops.pydiff.sample_categorical.default, (logits, None, None, s, o, 0.0))
+
+
+def test_torch_compile_fullgraph():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 37, generator=g)
+    s, o = _seeds(5)
+
+    def f(lg):
+        tok, prob, st = torch.ops.pydiff.sample_categorical(lg * 2.0, None, None, s, o, 1.0)
+        return tok, prob * st[:, 0]
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(logits)
+    ref = f(logits)
+    assert torch.equal(out[0], ref[0]) and torch.allclose(out[1], ref[1])
+
+
+@pytest.mark.parametrize("kw,exc,msg", [
+    (dict(temperature=-1.0), ValueError, "temperature: expected a finite number >= 0"),
+    (dict(temperature=float("nan")), ValueError, "temperature"),
+    (dict(top_k=0), ValueError, "top_k: expected an int >= 1"),
+    (dict(top_p=1.5), ValueError, "top_p: expected a number in (0, 1]"),
+    (dict(min_p=-0.1), ValueError, "min_p"),
+    (dict(mask=torch.ones(3, dtype=torch.bool)), ValueError, "mask: expected shape (4,)"),
+    (dict(mask=torch.ones(4)), TypeError, "mask: expected dtype torch.bool"),
+    (dict(seeds=torch.zeros(4, dtype=torch.int64)), ValueError, "seeds, offsets: pass both"),
+    (dict(on_invalid="ignore"), ValueError, "on_invalid"),
+])
+def test_bad_arguments(kw, exc, msg):
+    with pytest.raises(exc) as ei:
+        sample_categorical(torch.randn(4, 10), **kw)
+    assert msg in str(ei.value)
+
+
+def test_bad_logits():
+    with pytest.raises(TypeError, match="logits: expected dtype float32, float16 or bfloat16"):
+        sample_categorical(torch.ones(3, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="logits: expected shape"):
+        sample_categorical(torch.ones(3, 0))
+
+
+@pytest.mark.skipif(not pydiff.build_info()["cpu_kernels"], reason="compiled extension not built")
+def test_raw_op_checks_its_arguments():
+    x = torch.randn(3, 5)
+    s, o = _seeds(3)
+    with pytest.raises(ValueError, match="logits: expected a 2-D"):
+        torch.ops.pydiff.sample_categorical(x[0], None, None, s, o, 1.0)
+    with pytest.raises(ValueError, match="seeds: expected shape"):
+        torch.ops.pydiff.sample_categorical(x, None, None, s[:2], o, 1.0)
+    with pytest.raises(TypeError, match="threshold: expected dtype"):
+        torch.ops.pydiff.sample_categorical(x, torch.zeros(3, dtype=torch.float64), None, s, o, 1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        torch.ops.pydiff.sample_categorical(x, None, None, s, o, -2.0)

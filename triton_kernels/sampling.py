@@ -1,0 +1,175 @@
+"""Triton kernels of exact categorical sampling (definition: :mod:`pydiff.reference.sampling`).
+
+Kernel 1, grid (chunks, rows): one read of each chunk of logits; the chunk's max, second max
+(with multiplicity), first argmax, NaN/+inf flag, and the float64 sums of ``e = exp((l - m_c)/T)``
+and ``e * (l - m_c)/T``.  Kernel 2, one program per row: combines the chunk partials, draws the
+counter-based float64 uniform, picks the chunk by the cumulative weighted sums and rescans it with
+a float64 prefix sum to pick the token.  Extra memory: ``rows x chunks`` partials.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 4096
+_BIG = 2 ** 62
+
+
+@triton.jit
+def _mix64(z):
+    z = z + 0x9E3779B97F4A7C15
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+    return z ^ (z >> 31)
+
+
+@triton.jit
+def _partial_kernel(logits_ptr, thr_ptr, mask_ptr, pm1, pm2, ps, pt, parg, pbad, V, row_stride, nchunks, inv_t,
+                    HAS_T: tl.constexpr, HAS_M: tl.constexpr, CHUNK: tl.constexpr):
+    c = tl.program_id(0)
+    r = tl.program_id(1).to(tl.int64)
+    offs = c.to(tl.int64) * CHUNK + tl.arange(0, CHUNK).to(tl.int64)
+    valid = offs < V
+    if HAS_M:
+        valid = valid & (tl.load(mask_ptr + r).to(tl.int32) != 0)
+    x = tl.load(logits_ptr + r * row_stride + offs, mask=valid, other=float("-inf")).to(tl.float32)
+    bad = tl.max(((x != x) | (x == float("inf"))).to(tl.int32), 0)
+    if HAS_T:
+        tau = tl.load(thr_ptr + r)
+        kv = tl.where(x >= tau, x, float("-inf"))
+    else:
+        kv = tl.where(x == x, x, float("-inf"))
+    m1 = tl.max(kv, 0)
+    cnt = tl.sum((kv == m1).to(tl.int32), 0)
+    below = tl.max(tl.where(kv < m1, kv, float("-inf")), 0)
+    m2 = tl.where((cnt > 1) & (m1 > float("-inf")), m1, below)
+    arg = tl.min(tl.where((kv == m1) & (kv > float("-inf")), offs, 2 ** 62), 0)
+    m1s = tl.where(m1 > float("-inf"), m1, 0.0)
+    xs = (kv - m1s) * inv_t
+    e = tl.where(kv > float("-inf"), tl.exp(xs.to(tl.float64)), 0.0)
+    s = tl.sum(e, 0)
+    t = tl.sum(tl.where(e > 0, e * xs.to(tl.float64), 0.0), 0)
+    i = r * nchunks + c
+    tl.store(pm1 + i, m1)
+    tl.store(pm2 + i, m2)
+    tl.store(ps + i, s)
+    tl.store(pt + i, t)
+    tl.store(parg + i, arg)
+    tl.store(pbad + i, bad)
+
+
+@triton.jit
+def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, pm2, ps, pt, parg, pbad,
+                   tok_ptr, prob_ptr, stats_ptr, V, row_stride, nchunks, t_stat, inv_t,
+                   ARGMAX: tl.constexpr, HAS_T: tl.constexpr, HAS_M: tl.constexpr, NCP: tl.constexpr,
+                   CHUNK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    on = 1
+    if HAS_M:
+        on = tl.load(mask_ptr + r).to(tl.int32)
+    ci = tl.arange(0, NCP)
+    cv = ci < nchunks
+    base = r * nchunks
+    m1 = tl.load(pm1 + base + ci, mask=cv, other=float("-inf"))
+    m2 = tl.load(pm2 + base + ci, mask=cv, other=float("-inf"))
+    s = tl.load(ps + base + ci, mask=cv, other=0.0)
+    t = tl.load(pt + base + ci, mask=cv, other=0.0)
+    arg = tl.load(parg + base + ci, mask=cv, other=2 ** 62)
+    bad = tl.max(tl.load(pbad + base + ci, mask=cv, other=0), 0)
+    if HAS_T:
+        tau = tl.load(thr_ptr + r)
+        bad = bad | (tau != tau).to(tl.int32)
+    M = tl.max(m1, 0)
+    cnt = tl.sum((m1 == M).to(tl.int32), 0)
+    M2 = tl.maximum(tl.max(tl.where(m1 < M, m1, float("-inf")), 0), tl.max(tl.where(m1 == M, m2, float("-inf")), 0))
+    M2 = tl.where(cnt > 1, M, M2)
+    first = tl.min(tl.where(m1 == M, arg, 2 ** 62), 0)
+    Md = tl.where(M > float("-inf"), M, 0.0).to(tl.float64)
+    off = (m1.to(tl.float64) - Md) / t_stat
+    w = tl.where(s > 0, tl.exp(off), 0.0)
+    inc = s * w
+    Z = tl.sum(inc, 0)
+    tsum = tl.sum(tl.where(s > 0, w * (t + s * off), 0.0), 0)
+    top1 = 1.0 / Z
+    margin = (1.0 - tl.exp((M2.to(tl.float64) - Md) / t_stat)) / Z
+    ent = tl.log(Z) - tsum / Z
+    invalid = (bad != 0) | (M == float("-inf"))
+    if ARGMAX:
+        tok = first
+        prob = top1
+    else:
+        seed = tl.load(seeds_ptr + r).to(tl.uint64, bitcast=True)
+        offv = tl.load(offsets_ptr + r).to(tl.uint64, bitcast=True)
+        h = _mix64(seed ^ _mix64(offv))
+        u = (h >> 11).to(tl.float64) * (1.0 / 9007199254740992.0)
+        target = u * Z
+        cum = tl.cumsum(inc, 0)
+        sel = tl.min(tl.where((cum > target) & (s > 0), ci, NCP), 0)
+        beyond = sel == NCP
+        last_c = tl.max(tl.where(s > 0, ci, -1), 0)
+        sel = tl.where(beyond, last_c, sel)
+        sel = tl.maximum(sel, 0)
+        acc = tl.sum(tl.where(ci == sel, cum - inc, 0.0), 0)
+        w_sel = tl.sum(tl.where(ci == sel, w, 0.0), 0)
+        m_sel = tl.sum(tl.where(ci == sel, m1, 0.0), 0)
+        rem = tl.where(beyond, float("inf"), (target - acc) / tl.where(w_sel > 0, w_sel, 1.0))
+        offs = sel.to(tl.int64) * CHUNK + tl.arange(0, CHUNK).to(tl.int64)
+        valid = (offs < V) & (on != 0) & (invalid == 0)
+        x = tl.load(logits_ptr + r * row_stride + offs, mask=valid, other=float("-inf")).to(tl.float32)
+        if HAS_T:
+            kv = tl.where(x >= tau, x, float("-inf"))
+        else:
+            kv = tl.where(x == x, x, float("-inf"))
+        xs = (kv - m_sel) * inv_t
+        e = tl.where(kv > float("-inf"), tl.exp(xs.to(tl.float64)), 0.0)
+        ce = tl.cumsum(e, 0)
+        tok = tl.min(tl.where((ce > rem) & (e > 0), offs, 2 ** 62), 0)
+        last = tl.max(tl.where(e > 0, offs, -1), 0)
+        tok = tl.where(tok == 2 ** 62, last, tok)
+        etok = tl.sum(tl.where(offs == tok, e, 0.0), 0)
+        prob = etok * w_sel / Z
+    nan = float("nan")
+    tok = tl.where(invalid, -2, tok)
+    prob = tl.where(invalid, nan, prob)
+    tok = tl.where(on != 0, tok, -1)
+    keep_stats = (on != 0) & (invalid == 0)
+    tl.store(tok_ptr + r, tok)
+    tl.store(prob_ptr + r, tl.where(on != 0, prob, nan))
+    tl.store(stats_ptr + 3 * r, tl.where(keep_stats, top1, nan))
+    tl.store(stats_ptr + 3 * r + 1, tl.where(keep_stats, margin, nan))
+    tl.store(stats_ptr + 3 * r + 2, tl.where(keep_stats, ent, nan))
+
+
+def sample_categorical_triton(logits, threshold, row_mask, seeds, offsets, temperature, chunk: int = CHUNK):
+    """Launch the two kernels; arguments and outputs as ``torch.ops.pydiff.sample_categorical``."""
+    R, V = logits.shape
+    dev = logits.device
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    chunk = min(chunk, triton.next_power_of_2(V))
+    nchunks = triton.cdiv(V, chunk)
+    tokens = torch.empty(R, dtype=torch.int64, device=dev)
+    prob = torch.empty(R, dtype=torch.float64, device=dev)
+    stats = torch.empty((R, 3), dtype=torch.float64, device=dev)
+    if R == 0:
+        return tokens, prob, stats
+    pm1 = torch.empty((R, nchunks), dtype=torch.float32, device=dev)
+    pm2 = torch.empty_like(pm1)
+    ps = torch.empty((R, nchunks), dtype=torch.float64, device=dev)
+    pt = torch.empty_like(ps)
+    parg = torch.empty((R, nchunks), dtype=torch.int64, device=dev)
+    pbad = torch.empty((R, nchunks), dtype=torch.int32, device=dev)
+    t_stat = float(temperature) if temperature > 0 else 1.0
+    row_stride = logits.stride(0) if R > 1 else V
+    thr = threshold.contiguous() if threshold is not None else pm1
+    msk = row_mask.contiguous() if row_mask is not None else pbad
+    seeds, offsets = seeds.contiguous(), offsets.contiguous()
+    _partial_kernel[(nchunks, R)](logits, thr, msk, pm1, pm2, ps, pt, parg, pbad, V, row_stride, nchunks,
+                                  1.0 / t_stat, HAS_T=threshold is not None, HAS_M=row_mask is not None,
+                                  CHUNK=chunk)
+    _select_kernel[(R,)](logits, thr, msk, seeds, offsets, pm1, pm2, ps, pt, parg, pbad, tokens, prob, stats, V,
+                         row_stride, nchunks, t_stat, 1.0 / t_stat, ARGMAX=temperature == 0,
+                         HAS_T=threshold is not None, HAS_M=row_mask is not None,
+                         NCP=max(2, triton.next_power_of_2(nchunks)), CHUNK=chunk)
+    return tokens, prob, stats
