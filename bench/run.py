@@ -82,14 +82,33 @@ def plot(rows, path):
     print(f"plot: {path}")
 
 
+def _fmt_row(r):
+    q = {}
+    for k, v in r.items():
+        if isinstance(v, float):
+            q[k] = f"{v:.2f}" if abs(v) < 100 else f"{v:.1f}"
+        elif v is None:
+            q[k] = "-"
+        else:
+            q[k] = v
+    return q
+
+
+PARTS = ("solver", "loop", "sampling", "schedulers", "loops", "masked")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="small shapes, no torch.compile baseline")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     ap.add_argument("--no-loop", action="store_true", help="skip the 25-step loop comparison")
+    ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {PARTS}")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
+    parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    if args.no_loop:
+        parts = [p for p in parts if p != "loop"]
     device = torch.device(args.device)
     import solver as solver_bench
 
@@ -98,20 +117,46 @@ def main(argv=None):
     info = dict(device=device_name(device), torch=torch.__version__, pydiff=pydiff.build_info(),
                 copy_gbps=bw / 1e9, date=time.strftime("%Y-%m-%d"))
     print(f"# pydiff bench on {info['device']}, torch {torch.__version__}, copy bandwidth {bw / 1e9:.1f} GB/s")
-    rows = solver_bench.kernel_rows(device, shapes, compile_baseline=not (args.quick or args.no_compile), bw=bw)
-    print("\n## Solver step with CFG (fp32): one call")
-    print(_table(_fmt(rows), ["shape", "config", "impl", "time_us", "gbps", "floor_us", "x_floor"]))
-    if not args.no_loop:
+    rows = []
+    if "solver" in parts:
+        kr = solver_bench.kernel_rows(device, shapes, compile_baseline=not (args.quick or args.no_compile), bw=bw)
+        print("\n## Solver step with CFG (fp32): one call")
+        print(_table(_fmt(kr), ["shape", "config", "impl", "time_us", "gbps", "floor_us", "x_floor"]))
+        rows += kr
+    if "loop" in parts:
         loop = solver_bench.loop_rows(device, shapes[:1] if device.type == "cpu" else shapes)
         if loop:
             print("\n## 25-step loop with CFG, per step (stand-in model output)")
             print(_table(_fmt(loop), ["shape", "config", "impl", "time_us"]))
         rows += loop
+    if "sampling" in parts:
+        import sampling as sampling_bench
+
+        sr = sampling_bench.rows(device, [(16, 4096)] if args.quick else None, bw=bw)
+        print("\n## Categorical sampling: logits -> tokens + chosen-token probability")
+        print(_table([_fmt_row(r) for r in sr],
+                     ["shape", "dtype", "impl", "time_us", "gbps", "x_amax", "x_hbm_floor", "peak_extra_mib"]))
+        rows += sr
+    for part, title in (("schedulers", "Drop-in diffusers schedulers: scheduler.step per step"),
+                        ("loops", "Sampling loops (25 steps)"), ("masked", "Masked-diffusion generation")):
+        if part not in parts:
+            continue
+        try:
+            mod = __import__(part)
+            pr = mod.rows(device)
+        except (ImportError, AttributeError) as exc:
+            print(f"\n## {title}: skipped ({exc})")
+            continue
+        print(f"\n## {title}")
+        cols = list(dict.fromkeys(k for r in pr for k in r if k != "part"))
+        print(_table([_fmt_row(r) for r in pr], cols))
+        rows += [dict(r, part=part) for r in pr]
     os.makedirs(args.out, exist_ok=True)
     tag = "gpu" if device.type == "cuda" else "cpu"
-    with open(os.path.join(args.out, f"solver_{tag}.json"), "w") as f:
-        json.dump(dict(info=info, rows=rows), f, indent=1)
-    plot(rows, os.path.join(args.out, f"solver_{tag}.png"))
+    with open(os.path.join(args.out, f"bench_{tag}.json"), "w") as f:
+        json.dump(dict(info=info, rows=rows), f, indent=1, default=str)
+    if any(r.get("part") == "kernel" for r in rows):
+        plot(rows, os.path.join(args.out, f"solver_{tag}.png"))
     return 0
 
 

@@ -1,11 +1,14 @@
-"""Test set-up: Triton kernels run on CPU tensors in Triton's interpreter (set before triton is
-imported), so CI without a GPU tests them too."""
+"""Test set-up: without a GPU, Triton kernels run on CPU tensors in Triton's interpreter
+(TRITON_INTERPRET=1, set before triton is imported), so CI tests them too.  With a GPU they
+compile for it and the GPU tests run."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import pydiff  # noqa: E402,F401
 

@@ -1,0 +1,74 @@
+"""GPU tests of exact categorical sampling (CUDA and Triton backends): skipped without a GPU."""
+import pytest
+import torch
+
+import pydiff
+from pydiff.reference.sampling import sample_categorical_ref
+from pydiff.sampling import sample_categorical
+
+from _util import DTYPES
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none present)")
+GPU = torch.device("cuda")
+
+
+def _backends():
+    return [b for b in pydiff.available_backends(GPU) if b != "torch"] if torch.cuda.is_available() else []
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 4097), (17, 32000), (2, 262147)], ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 0.0])
+def test_gpu_matches_reference(dtype, shape, temperature):
+    g = torch.Generator(device=GPU).manual_seed(shape[1])
+    logits = (torch.randn(shape, device=GPU, generator=g) * 3).to(dtype)
+    seeds = torch.randint(-2 ** 62, 2 ** 62, (shape[0],), device=GPU, generator=g)
+    offsets = torch.arange(shape[0], device=GPU)
+    ref = sample_categorical_ref(logits, seeds, offsets, temperature)
+    for b in _backends():
+        res = sample_categorical(logits, temperature=temperature, seeds=seeds, offsets=offsets, return_probs=True,
+                                 return_confidence=True, backend=b)
+        agree = (res.tokens == ref[0]).double().mean().item()
+        assert agree == 1.0, (b, agree)
+        assert torch.allclose(res.probs, ref[1], rtol=2e-6, atol=1e-12), b
+        assert torch.allclose(res.entropy, ref[2][:, 2], rtol=2e-6, atol=1e-9), b
+
+
+def test_gpu_chi_square_and_threshold():
+    V, n = 6, 200_000
+    logits = torch.tensor([2.0, 0.0, -1.0, 1.5, -3.0, 0.5], device=GPU)
+    p = torch.softmax(logits.double(), 0)
+    for b in _backends():
+        tok = sample_categorical(logits.expand(n, V), seed=3, backend=b)
+        c = torch.bincount(tok, minlength=V).double()
+        stat = float(((c - p * n) ** 2 / (p * n)).sum())
+        assert stat < 40.0, (b, stat)
+        tk = sample_categorical(logits.expand(n, V), seed=3, top_k=2, backend=b)
+        assert set(tk.unique().tolist()) <= {0, 3}, b
+
+
+def test_gpu_no_host_sync_with_flag():
+    logits = torch.randn(64, 1000, device=GPU)
+    mask = torch.rand(64, device=GPU) > 0.5
+    seeds = torch.zeros(64, dtype=torch.int64, device=GPU)
+    offsets = torch.arange(64, device=GPU)
+    for b in _backends():
+        sample_categorical(logits, seeds=seeds, offsets=offsets, mask=mask, on_invalid="flag", backend=b)  # warm-up
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            sample_categorical(logits, seeds=seeds, offsets=offsets, mask=mask, on_invalid="flag",
+                               return_probs=True, backend=b)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+def test_gpu_rows_times_vocab_beyond_int32():
+    R, V = 17_000, 126_464  # 2.15e9 elements > 2^31
+    logits = torch.randn((R, V), device=GPU, dtype=torch.bfloat16)
+    logits[-1].fill_(-30.0)
+    logits[-1, V - 1] = 5.0  # the last row's mass sits on its last token
+    for b in _backends():
+        tok = sample_categorical(logits, seed=1, on_invalid="flag", backend=b)
+        assert tok[-1].item() == V - 1 and (tok >= 0).all(), b
+    del logits
