@@ -3,6 +3,7 @@
 // vectorises, and written once. Formula: csrc/include/pydiff/solver.h.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "pydiff/cpu_types.h"
 #include "pydiff/solver.h"
@@ -17,19 +18,89 @@ inline void load(const void* p, int64_t off, int64_t n, float* __restrict__ dst)
   const T* src = static_cast<const T*>(p) + off;
   for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
 }
+// fp32: a pointer into the tensor itself; fp16/bf16: converted into buf.
+template <typename T>
+inline const float* view(const void* p, int64_t off, int64_t n, float* buf) {
+  if (std::is_same<T, float>::value) return static_cast<const float*>(p) + off;
+  load<T>(p, off, n, buf);
+  return buf;
+}
+template <typename T>
+inline float* out_view(void* p, int64_t off, float* buf) {
+  if (std::is_same<T, float>::value) return static_cast<float*>(p) + off;
+  return buf;
+}
 template <typename T>
 inline void store(void* p, int64_t off, int64_t n, const float* __restrict__ src) {
   T* dst = static_cast<T*>(p) + off;
   for (int64_t i = 0; i < n; ++i) dst[i] = from_float<T>(src[i]);
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PYDIFF_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define PYDIFF_CLONES
+#endif
+
+struct Coef {
+  float g, px, pm, ex, em, ed;
+  float a0[4], a1[4];  // x m d e terms of the two outputs
+  float lo, hi;
+  bool clip;
+};
+
+// m = (u + g (c - u)) * r (M holds c on entry; U may be null), then d, e and the x/m/d/e terms of
+// both outputs. Coefficients arrive by value, so the loops keep them in registers and vectorise.
+PYDIFF_CLONES void chunk_math(const Coef k, int64_t n, const float* __restrict__ X, const float* __restrict__ C,
+                              const float* __restrict__ U, float r, float* __restrict__ M, float* __restrict__ O0,
+                              float* __restrict__ O1) {
+  if (!C) {
+    for (int64_t i = 0; i < n; ++i) M[i] = 0.f;
+  } else if (U) {
+    for (int64_t i = 0; i < n; ++i) M[i] = (U[i] + k.g * (C[i] - U[i])) * r;
+  } else {
+    for (int64_t i = 0; i < n; ++i) M[i] = C[i] * r;
+  }
+  if (k.clip) {
+    for (int64_t i = 0; i < n; ++i) {
+      float d = k.px * X[i] + k.pm * M[i];
+      d = d < k.lo ? k.lo : (d > k.hi ? k.hi : d);
+      const float e = k.ex * X[i] + k.em * M[i] + k.ed * d;
+      O0[i] = k.a0[0] * X[i] + k.a0[1] * M[i] + k.a0[2] * d + k.a0[3] * e;
+      O1[i] = k.a1[0] * X[i] + k.a1[1] * M[i] + k.a1[2] * d + k.a1[3] * e;
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const float d = k.px * X[i] + k.pm * M[i];
+      const float e = k.ex * X[i] + k.em * M[i] + k.ed * d;
+      O0[i] = k.a0[0] * X[i] + k.a0[1] * M[i] + k.a0[2] * d + k.a0[3] * e;
+      O1[i] = k.a1[0] * X[i] + k.a1[1] * M[i] + k.a1[2] * d + k.a1[3] * e;
+    }
+  }
+}
+
+PYDIFF_CLONES void chunk_axpy2(int64_t n, const float* __restrict__ B, float w0, float w1, float* __restrict__ O0,
+                               float* __restrict__ O1) {
+  for (int64_t i = 0; i < n; ++i) {
+    O0[i] += w0 * B[i];
+    O1[i] += w1 * B[i];
+  }
+}
+
 template <typename T>
 void run(const SolverStepArgs& a, const float* c) {
   const int k = a.num_history;
-  const float g = c[0], px = c[1], pm = c[2], ex = c[3], em = c[4], ed = c[5];
   const float* r0 = c + kHeadCoeffs;
   const float* r1 = r0 + kRowTerms + k;
-  const bool clip = a.clip_lo < a.clip_hi;
+  Coef co;
+  co.g = c[0]; co.px = c[1]; co.pm = c[2]; co.ex = c[3]; co.em = c[4]; co.ed = c[5];
+  for (int j = 0; j < 4; ++j) { co.a0[j] = r0[j]; co.a1[j] = r1[j]; }
+  co.clip = a.clip_lo < a.clip_hi;
+  co.lo = a.clip_lo;
+  co.hi = a.clip_hi;
+  const float z0 = r0[4], z1 = r1[4];
+  float w0[kMaxHistory], w1[kMaxHistory];
+  for (int j = 0; j < k; ++j) { w0[j] = r0[kRowTerms + j]; w1[j] = r1[kRowTerms + j]; }
   const int64_t inner = a.inner;
   const int64_t batch = a.numel / inner;
   const int64_t per_row = (inner + kChunk - 1) / kChunk;
@@ -37,45 +108,24 @@ void run(const SolverStepArgs& a, const float* c) {
 
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < total; ++t) {
-    alignas(64) float X[kChunk], M[kChunk], D[kChunk], O0[kChunk], O1[kChunk], B[kChunk];
+    // fp32 tensors are read and written in place; fp16/bf16 go through fp32 buffers in L1
+    alignas(64) float Xb[kChunk], Cb[kChunk], Ub[kChunk], M[kChunk], O0b[kChunk], O1b[kChunk], B[kChunk];
     const int64_t b = t / per_row;
     const int64_t lo = b * inner + (t % per_row) * kChunk;
     const int64_t n = std::min(kChunk, b * inner + inner - lo);
-    load<T>(a.x, lo, n, X);
-    if (a.model_cond) {
-      load<T>(a.model_cond, lo, n, M);
-      if (a.model_uncond) {
-        load<T>(a.model_uncond, lo, n, B);
-        for (int64_t i = 0; i < n; ++i) M[i] = B[i] + g * (M[i] - B[i]);
-      }
-      if (a.row_scale) {
-        const float r = a.row_scale[b];
-        for (int64_t i = 0; i < n; ++i) M[i] *= r;
-      }
-    } else {
-      for (int64_t i = 0; i < n; ++i) M[i] = 0.f;
+    const float* X = view<T>(a.x, lo, n, Xb);
+    const float* C = a.model_cond ? view<T>(a.model_cond, lo, n, Cb) : nullptr;
+    const float* U = (a.model_cond && a.model_uncond) ? view<T>(a.model_uncond, lo, n, Ub) : nullptr;
+    float* O0 = out_view<T>(a.out_x, lo, O0b);
+    float* O1 = a.out_h ? out_view<T>(a.out_h, lo, O1b) : O1b;
+    const float r = (a.model_cond && a.row_scale) ? a.row_scale[b] : 1.f;
+    chunk_math(co, n, X, C, U, r, M, O0, O1);
+    if (a.noise) chunk_axpy2(n, view<T>(a.noise, lo, n, B), z0, z1, O0, O1);
+    for (int j = 0; j < k; ++j) chunk_axpy2(n, view<T>(a.history[j], lo, n, B), w0[j], w1[j], O0, O1);
+    if (!std::is_same<T, float>::value) {
+      store<T>(a.out_x, lo, n, O0);
+      if (a.out_h) store<T>(a.out_h, lo, n, O1);
     }
-    for (int64_t i = 0; i < n; ++i) D[i] = px * X[i] + pm * M[i];
-    if (clip) {
-      const float cl = a.clip_lo, ch = a.clip_hi;
-      for (int64_t i = 0; i < n; ++i) D[i] = D[i] < cl ? cl : (D[i] > ch ? ch : D[i]);
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      const float e = ex * X[i] + em * M[i] + ed * D[i];
-      O0[i] = r0[0] * X[i] + r0[1] * M[i] + r0[2] * D[i] + r0[3] * e;
-      O1[i] = r1[0] * X[i] + r1[1] * M[i] + r1[2] * D[i] + r1[3] * e;
-    }
-    if (a.noise) {
-      load<T>(a.noise, lo, n, B);
-      for (int64_t i = 0; i < n; ++i) { O0[i] += r0[4] * B[i]; O1[i] += r1[4] * B[i]; }
-    }
-    for (int j = 0; j < k; ++j) {
-      load<T>(a.history[j], lo, n, B);
-      const float w0 = r0[kRowTerms + j], w1 = r1[kRowTerms + j];
-      for (int64_t i = 0; i < n; ++i) { O0[i] += w0 * B[i]; O1[i] += w1 * B[i]; }
-    }
-    store<T>(a.out_x, lo, n, O0);
-    if (a.out_h) store<T>(a.out_h, lo, n, O1);
   }
 }
 
