@@ -259,6 +259,11 @@ def test_mask_fill_and_reproducibility(backend):
     assert torch.equal(x1, x2)
     x3 = sample_categorical(logits, generator=g1, backend=backend)
     assert not torch.equal(x1, x3)
+    # seeds/offsets broadcast: a seed per sequence and an offset per position
+    bs = sample_categorical(logits, seeds=torch.tensor([[1], [2], [3], [4]]), offsets=torch.arange(6), backend=backend)
+    full_s = torch.tensor([[1], [2], [3], [4]]).expand(4, 6).contiguous()
+    assert torch.equal(bs, sample_categorical(logits, seeds=full_s, offsets=torch.arange(6).expand(4, 6).contiguous(),
+                                              backend=backend))
     # per-row seeds/offsets: a row's token depends only on its own (seed, offset)
     s, o = _seeds(24, seed=1)
     full = sample_categorical(logits.reshape(24, 40), seeds=s, offsets=o, backend=backend)
@@ -314,6 +319,8 @@ def test_torch_compile_fullgraph():
     (dict(min_p=-0.1), ValueError, "min_p"),
     (dict(mask=torch.ones(3, dtype=torch.bool)), ValueError, "mask: expected shape (4,)"),
     (dict(mask=torch.ones(4)), TypeError, "mask: expected dtype torch.bool"),
+    (dict(seeds=torch.zeros(3, dtype=torch.int64), offsets=torch.zeros(4, dtype=torch.int64)), ValueError,
+     "seeds: expected a shape that broadcasts to (4,)"),
     (dict(seeds=torch.zeros(4, dtype=torch.int64)), ValueError, "seeds, offsets: pass both"),
     (dict(on_invalid="ignore"), ValueError, "on_invalid"),
 ])

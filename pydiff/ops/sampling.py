@@ -79,7 +79,15 @@ def check_sample_args(logits, temperature, top_k, top_p, min_p, mask, fill, seed
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dtype != dt:
             raise TypeError(f"{name}: expected dtype {dt}, got {t.dtype}")
-        if t.shape != batch:
+        if name in ("seeds", "offsets"):
+            try:
+                ok = torch.broadcast_shapes(t.shape, batch) == batch
+            except RuntimeError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{name}: expected a shape that broadcasts to {tuple(batch)} (logits.shape[:-1]), "
+                                 f"got {tuple(t.shape)}")
+        elif t.shape != batch:
             raise ValueError(f"{name}: expected shape {tuple(batch)} (logits.shape[:-1]), got {tuple(t.shape)}")
         if t.device != logits.device:
             raise ValueError(f"{name}: expected device {logits.device}, got {t.device}")
@@ -140,8 +148,9 @@ def sample_categorical(
         fill: int64 ``[...]``: values for the rows that ``mask`` switches off.
         generator: a ``torch.Generator`` (one 64-bit draw per call, on the logits' device: no sync).
         seed: an int; with it, row ``r`` uses ``(seed, r)``.
-        seeds, offsets: int64 ``[...]`` per-row seed and offset (e.g. a per-sequence seed and the
-            step index): the same values give the same tokens on every run of a backend.
+        seeds, offsets: int64 per-row seed and offset, broadcastable to ``[...]`` (e.g. a seed per
+            sequence ``[B, 1]`` and the position ``[L]``, or the step index): the same values give
+            the same tokens on every run of a backend.
         return_probs: also return the chosen token's probability (float64).
         return_confidence: also return top-1 probability, top-1 minus top-2 margin, entropy.
         on_invalid: ``"raise"`` (a row of all ``-inf`` or with NaN / +inf raises ``ValueError``;
@@ -170,7 +179,7 @@ def sample_categorical(
         seeds_r = base.expand(R)
         offsets_r = torch.arange(R, dtype=torch.int64, device=dev)
     else:
-        seeds_r, offsets_r = seeds.reshape(R), offsets.reshape(R)
+        seeds_r, offsets_r = seeds.broadcast_to(batch).reshape(R), offsets.broadcast_to(batch).reshape(R)
     T = float(temperature)
     tau = None
     if top_k is not None and top_k < V:
