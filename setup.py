@@ -49,14 +49,15 @@ def _extensions():
         return [], {}
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))  # noqa
     # kernels: csrc/<family>/*_cpu.cpp and *_cuda.cu; registrations: csrc/bindings/*.cpp (*_cuda.cpp with CUDA)
-    sources = rel("csrc/*/*_cpu.cpp") + [p for p in rel("csrc/bindings/*.cpp") if not p.endswith("_cuda.cpp")]
+    kernels = lambda pat: [p for p in rel(pat) if not p.startswith(os.path.join("csrc", "tests"))]  # noqa: E731
+    sources = kernels("csrc/*/*_cpu.cpp") + [p for p in rel("csrc/bindings/*.cpp") if not p.endswith("_cuda.cpp")]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-Wno-psabi"]  # torch picks the C++ standard its headers need
     with_cuda = (os.environ.get("PYDIFF_NO_CUDA") != "1" and torch.version.cuda is not None
                  and ce.CUDA_HOME is not None and os.path.exists(os.path.join(ce.CUDA_HOME, "bin", "nvcc")))
     archs = os.environ.get("PYDIFF_CUDA_ARCHS", "8.0;9.0a")
     if with_cuda:
-        sources += rel("csrc/*/*_cuda.cu") + rel("csrc/bindings/*_cuda.cpp")
+        sources += kernels("csrc/*/*_cuda.cu") + rel("csrc/bindings/*_cuda.cpp")
         cxx += ["-DPYDIFF_WITH_CUDA", f'-DPYDIFF_CUDA_ARCHS="{archs}"']
         # ATen's CUDA headers want cusparse.h, which some toolkits lack: pip's nvidia headers have it
         for p in sys.path:

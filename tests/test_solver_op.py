@@ -340,3 +340,13 @@ def test_write_history_false_skips_the_second_output(backend):
 @pytest.mark.skipif(not pydiff.build_info()["cpu_kernels"], reason="compiled extension not built")
 def test_opcheck_solver_step_without_history_output():
     torch.library.opcheck(torch.ops.pydiff.solver_step.default, _op_args() + (False,))
+
+
+def test_float64_runs_on_the_torch_backend_in_float64():
+    x, c, u, hist, z, r, coeffs = _inputs((2, 3, 5), torch.float64, 1, rs=True, seed=21)
+    out = pydiff.solver_step(x, c, u, hist, z, coeffs=coeffs, row_scale=r)
+    ref = solver_step_ref(x, c, u, hist, z, r, coeffs)
+    assert out[0].dtype == torch.float64 and torch.allclose(out[0], ref[0], rtol=1e-14, atol=1e-14)
+    if "cpu" in BACKENDS:
+        with pytest.raises(TypeError, match="float64 runs on the 'torch' backend only"):
+            pydiff.solver_step(x, c, u, hist, z, coeffs=coeffs, backend="cpu")

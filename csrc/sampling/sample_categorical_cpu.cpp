@@ -134,7 +134,7 @@ void sample_rows(const SampleArgs& a) {
   const bool argmax = a.temperature == 0.0;
   const double t_stat = argmax ? 1.0 : a.temperature;
   const float inv_t = float(1.0 / t_stat);
-#pragma omp parallel
+#pragma omp parallel if (a.rows > 1 && a.rows * a.vocab >= (int64_t(1) << 15))
   {
     std::vector<float> lbuf(C);
     std::vector<double> ebuf(C);

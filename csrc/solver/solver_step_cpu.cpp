@@ -12,6 +12,7 @@ namespace pydiff {
 namespace {
 
 constexpr int64_t kChunk = 512;
+constexpr int64_t kParallelMin = int64_t(1) << 16;  // below this, a parallel region costs more than it saves
 
 template <typename T>
 inline void load(const void* p, int64_t off, int64_t n, float* __restrict__ dst) {
@@ -106,7 +107,7 @@ void run(const SolverStepArgs& a, const float* c) {
   const int64_t per_row = (inner + kChunk - 1) / kChunk;
   const int64_t total = batch * per_row;
 
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (a.numel >= kParallelMin)
   for (int64_t t = 0; t < total; ++t) {
     // fp32 tensors are read and written in place; fp16/bf16 go through fp32 buffers in L1
     alignas(64) float Xb[kChunk], Cb[kChunk], Ub[kChunk], M[kChunk], O0b[kChunk], O1b[kChunk], B[kChunk];
@@ -163,7 +164,7 @@ void rescale(int64_t batch, int64_t inner, const void* cond, const void* uncond,
   const T* u = static_cast<const T*>(uncond);
   for (int64_t b = 0; b < batch; ++b) {
     double sc = 0, sc2 = 0, sf = 0, sf2 = 0;
-#pragma omp parallel for reduction(+ : sc, sc2, sf, sf2) schedule(static)
+#pragma omp parallel for reduction(+ : sc, sc2, sf, sf2) schedule(static) if (inner >= kParallelMin)
     for (int64_t i = 0; i < inner; ++i) {
       const double cv = to_float(c[b * inner + i]);
       const double uv = to_float(u[b * inner + i]);

@@ -21,6 +21,9 @@ from pydiff.reference.solver import HEAD, ROW, cfg_rescale_ref, num_coeffs, solv
 #: Most history entries one step can read (PLMS reads 3 eps + 1 sample; UniPC-3 reads 3 + 1).
 MAX_HISTORY = 6
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: float64 tensors are accepted too and run on the torch backend, computing in float64 (exact
+#: inversion tests and references); the compiled kernels take the three dtypes above.
+ALL_DTYPES = FLOAT_DTYPES + (torch.float64,)
 
 
 class StepCoeffs:
@@ -90,8 +93,8 @@ def check_solver_step_args(x, model_cond, model_uncond, history, noise, row_scal
     """Raise a clear exception for bad input; shared by every backend."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x: expected dtype float32, float16 or bfloat16, got {x.dtype}")
+    if x.dtype not in ALL_DTYPES:
+        raise TypeError(f"x: expected dtype float32, float16, bfloat16 (or float64 on the torch backend), got {x.dtype}")
     if x.dim() < 1:
         raise ValueError("x: expected at least 1 dimension (batch first), got a 0-d tensor")
     _check_same("model_cond", model_cond, x)
@@ -146,8 +149,9 @@ def _torch_impl(x, model_cond, model_uncond, history, noise, row_scale, coeffs, 
     if coeff_table is not None:
         idx = step.reshape(1).clamp(0, coeff_table.shape[0] - 1)
         coeffs = coeff_table.index_select(0, idx)[0]
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     return solver_step_ref(x, model_cond, model_uncond, history, noise, row_scale, coeffs, clip_lo, clip_hi,
-                           compute_dtype=torch.float32, write_history=write_history)
+                           compute_dtype=cd, write_history=write_history)
 
 
 def _triton_impl(*args):
@@ -222,7 +226,12 @@ def solver_step(
     if check:
         check_solver_step_args(x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step,
                                clip_lo, clip_hi)
-    name = _backend.resolve(backend, x.device)
+    if x.dtype == torch.float64:
+        if (backend or _backend.get_backend()) not in ("auto", "torch"):
+            raise TypeError(f"x: float64 runs on the 'torch' backend only (computing in float64), not {backend!r}")
+        name = "torch"
+    else:
+        name = _backend.resolve(backend, x.device)
     if write_history is None:
         base = len(HEAD) + len(ROW) + len(history)
         write_history = coeff_table is not None or any(c != 0.0 for c in coeffs[base:])
