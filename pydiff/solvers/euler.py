@@ -142,20 +142,31 @@ class EulerSolver(_SigmaSolver):
     def set_timesteps(self, num_inference_steps: int = None, device=None, timesteps=None, sigmas=None) -> None:
         if timesteps is not None or sigmas is not None:
             raise NotImplementedError("EulerSolver.set_timesteps: custom timesteps / sigmas are not supported")
-        c = self.config
         sig, ts = _sigma_schedule(self, num_inference_steps)
-        if c.final_sigmas_type == "sigma_min":
+        self.set_schedule(np.concatenate([sig, [self.final_sigma()]]), ts, device=device,
+                          num_inference_steps=num_inference_steps)
+
+    def final_sigma(self) -> float:
+        """The sigma appended after the last step: 0, or the smallest training sigma (``sigma_min``)."""
+        if self.config.final_sigmas_type == "sigma_min":
             a0 = torch.tensor(self.alphas_cumprod[0], dtype=torch.float32)
-            last = float(((1 - a0) / a0) ** 0.5)
-        else:
-            last = 0.0
-        self._sigmas = np.concatenate([sig, [last]]).astype(np.float32).astype(np.float64)
+            return float(((1 - a0) / a0) ** 0.5)
+        return 0.0
+
+    def set_schedule(self, sigmas, timesteps, device=None, num_inference_steps=None) -> None:
+        """Use an explicit schedule: ``sigmas`` (every step's sigma followed by the final one, rounded
+        to float32 as diffusers stores them) and ``timesteps`` (one per step, the model's input).
+        ``set_timesteps`` builds these from the config; the diffusers drop-in scheduler also passes
+        custom ones (diffusers' ``set_timesteps(timesteps=...)`` / ``sigmas=...``)."""
+        c = self.config
+        self._sigmas = np.asarray(sigmas, dtype=np.float64).astype(np.float32).astype(np.float64)
+        n = len(timesteps)
         if c.timestep_type == "continuous" and c.prediction_type == "v_prediction":
-            self.timesteps = (0.25 * torch.from_numpy(self._sigmas[:-1].astype(np.float32)).log()).to(device)
+            self.timesteps = (0.25 * torch.from_numpy(self._sigmas[:n].astype(np.float32)).log()).to(device)
         else:
-            self.timesteps = torch.from_numpy(ts.astype(np.float32)).to(device)
+            self.timesteps = torch.from_numpy(np.asarray(timesteps).astype(np.float32)).to(device)
         self.sigmas = torch.from_numpy(self._sigmas.astype(np.float32))
-        self.num_inference_steps = num_inference_steps
+        self.num_inference_steps = n if num_inference_steps is None else num_inference_steps
         self._tables = {}
         self.step_index = 0
         self.pred_original_sample = None
@@ -211,6 +222,15 @@ class HeunSolver(_SigmaSolver):
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         sig, ts = _sigma_schedule(self, num_inference_steps)
+        self.set_schedule(sig, ts, device=device, num_inference_steps=num_inference_steps)
+
+    def set_schedule(self, sigmas, timesteps, device=None, num_inference_steps=None) -> None:
+        """Use an explicit schedule: one sigma and one timestep per step (the final sigma 0 is
+        appended here, and both are repeated for the second-order calls as diffusers does).
+        ``set_timesteps`` builds them from the config; the diffusers drop-in scheduler passes
+        custom ones (diffusers' ``set_timesteps(timesteps=...)``)."""
+        sig, ts = np.asarray(sigmas), timesteps
+        num_inference_steps = len(sig) if num_inference_steps is None else num_inference_steps
         s = np.concatenate([sig, [0.0]]).astype(np.float32)
         s = np.concatenate([s[:1], np.repeat(s[1:-1], 2), s[-1:]])
         ts = torch.from_numpy(np.asarray(ts))
@@ -218,8 +238,16 @@ class HeunSolver(_SigmaSolver):
         self._sigmas = s.astype(np.float64)
         self.sigmas = torch.from_numpy(s)
         self.num_inference_steps = num_inference_steps
+        rows = self._build_rows(s)
+        self._rows = rows if self.config.clip_sample else [fold(r) for r in rows]
+        self._hist = None
+        self.step_index = 0
+        self.pred_original_sample = None
+
+    def _build_rows(self, s) -> list:
+        """Coefficient rows of every call for the (repeated) float32 sigmas ``s``."""
         rows = []
-        for i in range(len(self.timesteps)):
+        for i in range(len(s) - 1):
             first = i % 2 == 0
             sigma, nxt = (float(s[i]), float(s[i + 1])) if first else (float(s[i - 1]), float(s[i]))
             dt = nxt - sigma
@@ -232,10 +260,7 @@ class HeunSolver(_SigmaSolver):
                 h = 0.5 * dt / nxt
                 rows.append(StepCoeffs(history=2).set(px=p, pm=q)
                             .out(0, x=h, d=-h, h=[1.0, 0.5 * dt]).out(1, d=1.0))
-        self._rows = rows if self.config.clip_sample else [fold(r) for r in rows]
-        self._hist = None
-        self.step_index = 0
-        self.pred_original_sample = None
+        return rows
 
     @property
     def state_in_first_order(self) -> bool:
@@ -248,6 +273,9 @@ class HeunSolver(_SigmaSolver):
         hist = () if self._hist is None else self._hist
         out, aux = run_step(self._rows[i], x, model_output, model_uncond, hist, guidance_scale=guidance_scale,
                             guidance_rescale=guidance_rescale, clip=clip, backend=backend)
-        self._hist = (x, aux) if self._hist is None else None
+        first = self._hist is None
+        self._hist = (x, aux) if first else None
+        # second-order calls write the x0 estimate as their history output; first-order ones write d1
+        self.pred_original_sample = None if first else aux
         self.step_index += 1
         return out

@@ -135,7 +135,7 @@ class FlowEulerSolver(ConfiguredSolver):
             else:  # x' = x + dt v, dt rounded to float32 as diffusers computes it
                 dt = float(np.float32(s_next) - np.float32(s))
                 sc = StepCoeffs().set(px=1.0, pm=-s).out(0, x=1.0, m=dt)
-            table.append(sc.out(1, d=1.0).tolist())
+            table.append(sc.tolist())  # no history output: the op then skips that write
         return table
 
     def step(self, model_output: torch.Tensor, x: torch.Tensor, *, model_uncond: Optional[torch.Tensor] = None,
@@ -144,8 +144,8 @@ class FlowEulerSolver(ConfiguredSolver):
         """One Euler step of the flow ODE (or the stochastic re-noising step).
 
         ``model_output``: the predicted velocity at ``x`` (the conditional branch under CFG; with
-        ``model_uncond`` the op forms ``u + g (c - u)``).  The history output of the op (the x0
-        estimate ``x - s v``) is not kept.
+        ``model_uncond`` the op forms ``u + g (c - u)``).  No history output is written (one read of
+        ``x`` and the model output(s), one write).
         """
         i = self._next_index()
         g, row_scale = guidance_args(model_output, model_uncond, guidance_scale, guidance_rescale, backend)
