@@ -3,6 +3,8 @@
     pydiff info                 what this install was built with, and the backends per device
     pydiff bench [args...]      run the benchmarks (bench/run.py of the source checkout in the
                                 current directory; same arguments, e.g. --quick)
+    pydiff demo [--out PNG]     sampler accuracy vs steps on an analytic Gaussian mixture (CPU,
+                                under a minute): prints the tables, writes a PNG plot
 """
 from __future__ import annotations
 
@@ -35,6 +37,10 @@ def main(argv=None) -> int:
         except SystemExit as e:
             return int(e.code or 0)
         return 0
+    if cmd == "demo":
+        from pydiff.demo import main as demo_main
+
+        return demo_main(argv)
     print(__doc__, file=sys.stderr)
     return 2
 
