@@ -21,6 +21,18 @@ SCHEMAS = {
         "sample_categorical(Tensor logits, Tensor? threshold, Tensor? row_mask, Tensor seeds, Tensor offsets, "
         "float temperature) -> (Tensor, Tensor, Tensor)"
     ),
+    # invertible blocks (pydiff/ops/invertible.py, pydiff/reference/invertible.py)
+    "coupling_update": "coupling_update(Tensor x, Tensor f, float a, float b, Tensor? coeffs=None) -> Tensor",
+    "coupling_update_": "coupling_update_(Tensor(a!) x, Tensor f, float a, float b, Tensor? coeffs=None) -> ()",
+    "coupling_update_fixed": "coupling_update_fixed(Tensor x, Tensor f, float scale, int frac_bits) -> Tensor",
+    "coupling_update_fixed_": "coupling_update_fixed_(Tensor(a!) x, Tensor f, float scale, int frac_bits) -> ()",
+    "groupnorm_silu": (
+        "groupnorm_silu(Tensor x, Tensor? weight, Tensor? bias, int groups, float eps) -> (Tensor, Tensor, Tensor)"
+    ),
+    "groupnorm_silu_backward": (
+        "groupnorm_silu_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, "
+        "int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)"
+    ),
 }
 for _name, _schema in SCHEMAS.items():
     lib.define(_schema)
