@@ -94,7 +94,7 @@ def _fmt_row(r):
     return q
 
 
-PARTS = ("solver", "loop", "sampling", "schedulers", "loops", "masked")
+PARTS = ("solver", "loop", "sampling", "schedulers", "loops", "masked", "invertible", "invertible_ops")
 
 
 def main(argv=None):
@@ -138,7 +138,9 @@ def main(argv=None):
                      ["shape", "dtype", "impl", "time_us", "gbps", "x_amax", "x_hbm_floor", "peak_extra_mib"]))
         rows += sr
     for part, title in (("schedulers", "Drop-in diffusers schedulers: scheduler.step per step"),
-                        ("loops", "Sampling loops (25 steps)"), ("masked", "Masked-diffusion generation")):
+                        ("loops", "Sampling loops (25 steps)"), ("masked", "Masked-diffusion generation"),
+                        ("invertible", "Invertible stack: fwd+bwd and memory"),
+                        ("invertible_ops", "Coupling and GroupNorm+SiLU kernels")):
         if part not in parts:
             continue
         try:

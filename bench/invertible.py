@@ -1,0 +1,227 @@
+"""Invertible blocks benchmark: training time and activation memory of a 16-block residual stack.
+
+    python bench/invertible.py                 # the device present (CUDA if available)
+    python bench/invertible.py --quick         # small sizes, few repetitions
+    python bench/invertible.py --out DIR       # also writes invertible_<cpu|gpu>.json and .png there
+
+The stack (../shared/ANCHORS.md, "Invertible stack"): 16 blocks of GroupNorm-SiLU-conv3x3 x2 on a
+``[B, C, H, W]`` fp32 activation (GPU: C=256, 64x64, batch 8; CPU: C=32, 16x16, batch 2), loss
+``sum(y * w)``, one forward + backward per timing.  Methods, same input shape:
+
+* ``plain``: ``x <- x + R(x)`` with plain autograd (R = the block at width C).
+* ``checkpoint``: the same, each block under ``torch.utils.checkpoint`` (non-reentrant).
+* ``coupling-plain``: 16 additive couplings ``y1 = x1 + F(x2), y2 = x2 + G(y1)`` on the two C/2
+  halves (F, G = the block at width C/2), plain autograd: the same network as ours without the
+  rebuild.  (A coupling block at state width C does half the conv FLOPs of a residual block at C.)
+* ``reversible`` / ``reversible-f64`` / ``reversible-fixed``: those couplings in
+  :class:`pydiff.nn.ReversibleSequential`, coupling state in fp32 / float64 / int64 fixed point.
+
+Memory: on CUDA the allocator's peak during forward + backward above what was allocated before
+(``peak_mib``); everywhere the bytes of distinct storages saved for backward, counted with
+saved-tensor hooks (``saved_mib``, what the forward keeps alive for the backward).  Part 2 sweeps
+the depth (4..32 blocks on the CPU, 4..64 on CUDA): ours stays flat.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
+
+from pydiff.nn import AdditiveCoupling, ReversibleSequential  # noqa: E402
+
+from _timing import bench, device_name, sync  # noqa: E402
+
+GPU_CFG = dict(C=256, H=64, B=8)
+CPU_CFG = dict(C=32, H=16, B=2)
+QUICK_CFG = dict(C=16, H=8, B=2)
+METHODS = ("plain", "checkpoint", "coupling-plain", "reversible", "reversible-f64", "reversible-fixed")
+
+
+def _block(c: int, groups: int = 32) -> nn.Module:
+    g = min(groups, c)
+    while c % g:
+        g -= 1
+    return nn.Sequential(nn.GroupNorm(g, c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1),
+                         nn.GroupNorm(g, c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1))
+
+
+class _Residual(nn.Module):
+    def __init__(self, c: int, depth: int, ckpt: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList([_block(c) for _ in range(depth)])
+        self.ckpt = ckpt
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + (checkpoint(b, x, use_reentrant=False) if self.ckpt else b(x))
+        return x
+
+
+def build(method: str, c: int, depth: int, device) -> nn.Module:
+    """The ``depth``-block network of ``method`` (see the module docstring), on ``device``."""
+    torch.manual_seed(0)
+    if method in ("plain", "checkpoint"):
+        return _Residual(c, depth, method == "checkpoint").to(device)
+    state = {"reversible-f64": torch.float64, "reversible-fixed": torch.int64}.get(method)
+    blocks = [AdditiveCoupling(_block(c // 2), _block(c // 2)) for _ in range(depth)]
+    return ReversibleSequential(blocks, state_dtype=state, reversible=method != "coupling-plain").to(device)
+
+
+def _saved_bytes(fn) -> int:
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        seen[(st.data_ptr(), st.nbytes())] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def _measure(net, x, w, device, time_it: bool, reps: int):
+    def step():
+        y = net(x)
+        (y * w).sum().backward()
+
+    net.zero_grad(set_to_none=True)
+    y, saved = _saved_bytes(lambda: net(x))
+    (y * w).sum().backward()
+    del y
+    peak = None
+    if device.type == "cuda":
+        net.zero_grad(set_to_none=False)  # grads allocated: the peak counts activations, not grads
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        sync(device)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    t = bench(step, device, warmup=1, reps=reps, min_time=0.1) if time_it else None
+    return t, saved / 2**20, peak
+
+
+def rows(device, cfg: dict | None = None, depths=None, reps: int = 10) -> list:
+    """Part 1 (``part="invertible"``): the 16-block stack, every method: ``time_ms``, ``x_plain``
+    (time / plain's), ``saved_mib``, ``peak_mib`` (CUDA) and ``mem_frac`` (memory / plain's, peak
+    on CUDA, saved bytes elsewhere).  Part 2 (``part="invertible_depth"``): saved (and peak) memory
+    against depth for plain, checkpoint and reversible-f64."""
+    device = torch.device(device)
+    cfg = cfg or (GPU_CFG if device.type == "cuda" else CPU_CFG)
+    depths = depths or ((4, 8, 16, 32, 64) if device.type == "cuda" else (4, 8, 16, 32))
+    C, H, B = cfg["C"], cfg["H"], cfg["B"]
+    shape = f"{B}x{C}x{H}x{H}"
+    torch.manual_seed(1)
+    x = torch.randn(B, C, H, H, device=device, requires_grad=True)
+    w = torch.randn(B, C, H, H, device=device)
+    out = []
+    for m in METHODS:
+        net = build(m, C, 16, device)
+        t, saved, peak = _measure(net, x, w, device, True, reps)
+        out.append(dict(part="invertible", shape=shape, depth=16, method=m, time_ms=t * 1e3, saved_mib=saved,
+                        peak_mib=peak))
+        del net
+    base = out[0]
+    for r in out:
+        r["x_plain"] = r["time_ms"] / base["time_ms"]
+        key = "peak_mib" if device.type == "cuda" else "saved_mib"
+        r["mem_frac"] = r[key] / base[key]
+    for d in depths:
+        for m in ("plain", "checkpoint", "reversible-f64"):
+            net = build(m, C, d, device)
+            _, saved, peak = _measure(net, x, w, device, False, 1)
+            out.append(dict(part="invertible_depth", shape=shape, depth=d, method=m, saved_mib=saved, peak_mib=peak))
+            del net
+    return out
+
+
+def plot(rows, path: str) -> None:
+    """Left: memory against depth (log-log); right: time and memory of the 16-block stack vs plain."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    dep = [r for r in rows if r["part"] == "invertible_depth"]
+    gpu = any(r.get("peak_mib") is not None for r in dep)
+    key = "peak_mib" if gpu else "saved_mib"
+    for m in dict.fromkeys(r["method"] for r in dep):
+        sub = sorted((r for r in dep if r["method"] == m), key=lambda r: r["depth"])
+        a1.plot([r["depth"] for r in sub], [r[key] for r in sub], "o-", label=m)
+    a1.set_xscale("log", base=2)
+    a1.set_yscale("log")
+    a1.set_xlabel("blocks")
+    a1.set_ylabel("peak extra MiB (CUDA allocator)" if gpu else "MiB saved for backward (saved-tensor hooks)")
+    a1.set_title(f"activation memory vs depth ({dep[0]['shape'] if dep else ''})")
+    a1.legend(fontsize=8)
+    main = [r for r in rows if r["part"] == "invertible"]
+    names = [r["method"] for r in main]
+    xs = range(len(names))
+    a2.bar([i - 0.2 for i in xs], [r["x_plain"] for r in main], 0.4, label="time / plain")
+    a2.bar([i + 0.2 for i in xs], [r["mem_frac"] for r in main], 0.4, label="memory / plain")
+    a2.axhline(1.0, color="k", lw=0.8, ls="--")
+    a2.set_xticks(list(xs), names, rotation=25, fontsize=8)
+    a2.set_title("16 blocks: fwd+bwd time and memory / plain autograd")
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+def _table(rows, cols) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+        return "-" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(wd) for c, wd in zip(cols, widths))]
+    lines += ["  ".join(v.rjust(wd) for v, wd in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
+    ap.add_argument("--out", default=None, help="folder for invertible_<cpu|gpu>.json and .png")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg = QUICK_CFG if args.quick else None
+    depths = (4, 8, 16) if args.quick else None
+    r = rows(device, cfg, depths, reps=3 if args.quick else 10)
+    print(f"# invertible blocks on {device_name(device)}, torch {torch.__version__}")
+    print(_table([x for x in r if x["part"] == "invertible"],
+                 ["shape", "method", "time_ms", "x_plain", "saved_mib", "peak_mib", "mem_frac"]))
+    print()
+    print(_table([x for x in r if x["part"] == "invertible_depth"],
+                 ["shape", "depth", "method", "saved_mib", "peak_mib"]))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        tag = "gpu" if device.type == "cuda" else "cpu"
+        with open(os.path.join(args.out, f"invertible_{tag}.json"), "w") as f:
+            json.dump(dict(device=device_name(device), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+                           rows=r), f, indent=1)
+        plot(r, os.path.join(args.out, f"invertible_{tag}.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
