@@ -96,8 +96,35 @@ PYDIFF_CLONES void chunk_exp(const float* __restrict__ l, int64_t n8, float mc, 
     p = p * r + 0.5f;
     p = p * r + 1.f;
     p = p * r + 1.f;
-    p = v >= vtau ? p : zero;
+    const v8i keep = v >= vtau;
+    p = keep ? p : zero;
     v8i k = __builtin_convertvector(kf, v8i);
+    // a lane whose e is below fp32's normal range (e < 2^-125) takes the float64 path below
+    const v8i deepv = k < -125;
+    int deep = 0;
+    for (int j = 0; j < 8; ++j) deep |= deepv[j];
+    if (!deep) {
+      // e = p * 2^k is a normal fp32 number: add k to p's exponent (exact), widen to float64 to sum
+      v8i pb;
+      std::memcpy(&pb, &p, sizeof pb);
+      pb += k << 23;
+      v8f ef;
+      std::memcpy(&ef, &pb, sizeof ef);
+      ef = keep ? ef : zero;
+      const v4d e0 = __builtin_convertvector(__builtin_shufflevector(ef, ef, 0, 1, 2, 3), v4d);
+      const v4d e1 = __builtin_convertvector(__builtin_shufflevector(ef, ef, 4, 5, 6, 7), v4d);
+      const v4d x0 = __builtin_convertvector(__builtin_shufflevector(x, x, 0, 1, 2, 3), v4d);
+      const v4d x1 = __builtin_convertvector(__builtin_shufflevector(x, x, 4, 5, 6, 7), v4d);
+      if (e) {
+        std::memcpy(e + i, &e0, sizeof e0);
+        std::memcpy(e + i + 4, &e1, sizeof e1);
+      }
+      s0 += e0;
+      s1 += e1;
+      t0 += e0 * x0;
+      t1 += e1 * x1;
+      continue;
+    }
     k = k < -1023 ? v8i{} - 1023 : k;  // biased exponent 0: scale 0
     for (int h = 0; h < 2; ++h) {
       const v4f ph = {p[4 * h], p[4 * h + 1], p[4 * h + 2], p[4 * h + 3]};
@@ -107,7 +134,7 @@ PYDIFF_CLONES void chunk_exp(const float* __restrict__ l, int64_t n8, float mc, 
       v4d scale;
       std::memcpy(&scale, &bits, sizeof scale);
       const v4d ev = __builtin_convertvector(ph, v4d) * scale;
-      std::memcpy(e + i + 4 * h, &ev, sizeof ev);
+      if (e) std::memcpy(e + i + 4 * h, &ev, sizeof ev);
       const v4d tx = ev * __builtin_convertvector(xh, v4d);
       if (h == 0) { s0 += ev; t0 += tx; } else { s1 += ev; t1 += tx; }
     }
@@ -172,7 +199,7 @@ void sample_rows(const SampleArgs& a) {
           cs[c] = ct[c] = 0.0;
           continue;
         }
-        chunk_exp(lbuf.data(), n8, mx.m1, inv_t, tau, ebuf.data(), &cs[c], &ct[c]);
+        chunk_exp(lbuf.data(), n8, mx.m1, inv_t, tau, nullptr, &cs[c], &ct[c]);  // sums only
       }
       if (bad || M == kNegInf) {
         a.tokens[r] = -2;
