@@ -17,6 +17,16 @@ def pytest_report_header(config):
     return f"pydiff build: {pydiff.build_info()}; cpu backends: {pydiff.available_backends(torch.device('cpu'))}"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny tensors: a thread pool only adds overhead there (and
+    stalls badly on a loaded 2-core machine). Modules opt in with an autouse fixture."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(autouse=True)
 def _reset_backend():
     old = pydiff.get_backend()

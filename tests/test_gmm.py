@@ -19,11 +19,8 @@ from pydiff.testing.gmm import GaussianMixture, Schedule
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(old)
 
 
 G2 = GaussianMixture.toy_2d()

@@ -35,12 +35,9 @@ SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     diffusers.utils.logging.set_verbosity_error()
     yield
-    torch.set_num_threads(n)
 
 
 def rel(a, b) -> float:

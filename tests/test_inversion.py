@@ -51,12 +51,8 @@ ALPHAS = torch.from_numpy(train_alphas_cumprod(_Config(num_train_timesteps=1000,
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead on a loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def _mix(x):

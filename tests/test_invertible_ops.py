@@ -29,11 +29,8 @@ GN_TOLS[torch.float32] = (1e-5, 1e-5)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(old)
 
 
 def _close(out, ref, dtype, what, tols=TOLS):

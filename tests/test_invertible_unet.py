@@ -13,11 +13,8 @@ from pydiff.solvers.edict import EDICTSolver
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(old)
 
 
 def tiny(layers=1, seed=0, **kw):

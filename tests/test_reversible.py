@@ -8,11 +8,8 @@ from pydiff.nn import AdditiveCoupling, ReversibleSequential, ScaledCoupling
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(old)
 
 
 def resblock(c, gain=None, groups=4, dropout=0.0, dtype=torch.float32):

@@ -38,12 +38,8 @@ LATENTS = torch.randn(SHAPE, generator=_g)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add (large, on a loaded 2-core box) overhead."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def _mix(W, x):

@@ -37,12 +37,8 @@ PAIRS = {"dpm": (DPMSolverMultistepScheduler, DPMSolverPPSolver), "unipc": (UniP
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread-pool stalls on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(old)
 
 
 def _model(seed: int):
