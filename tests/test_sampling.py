@@ -349,3 +349,22 @@ def test_raw_op_checks_its_arguments():
         torch.ops.pydiff.sample_categorical(x, torch.zeros(3, dtype=torch.float64), None, s, o, 1.0)
     with pytest.raises(ValueError, match="temperature"):
         torch.ops.pydiff.sample_categorical(x, None, None, s, o, -2.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wide_logit_range_keeps_float64_range(backend):
+    """Chunks spanning more than fp32's exponent range (here 300 nats) take the float64-range path;
+    probabilities down to 1e-130 relative to the best stay exact."""
+    g = torch.Generator().manual_seed(8)
+    logits = torch.rand(6, 3000, generator=g) * -300.0
+    logits[:, 7] = 0.0
+    seeds, offsets = _seeds(6, seed=2)
+    res = sample_categorical(logits, seeds=seeds, offsets=offsets, return_probs=True, return_confidence=True,
+                             backend=backend)
+    ref = _ref(logits, seeds, offsets)
+    assert torch.equal(res.tokens, ref[0])
+    assert torch.allclose(res.entropy, ref[2][:, 2], rtol=1e-6, atol=1e-12)
+    # a token 299 nats below the best keeps its float64 probability
+    one = torch.tensor([[0.0, -299.0]])
+    r1 = sample_categorical(one, temperature=1.0, seed=1, return_confidence=True, backend=backend)
+    assert math.isclose(r1.margin.item(), (1 - math.exp(-299)) / (1 + math.exp(-299)), rel_tol=1e-12)

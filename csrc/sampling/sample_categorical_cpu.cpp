@@ -26,6 +26,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct ChunkMax {
   float m1, m2;  // largest and second-largest kept value (with multiplicity)
+  float mn;      // smallest kept finite value
   bool bad;      // NaN or +inf seen
 };
 
@@ -43,18 +44,22 @@ __attribute__((always_inline)) inline float hmax(v8f v) { float m = v[0]; for (i
 // n8: n rounded up to 8, the tail padded with -inf by the caller.
 PYDIFF_CLONES ChunkMax chunk_max(const float* __restrict__ l, int64_t n8, float tau, float need_second_from) {
   const v8f ninf = v8f{} + kNegInf, pinf = v8f{} - kNegInf, vtau = v8f{} + tau;
-  v8f m = ninf;
+  v8f m = ninf, mn = pinf;
   v8i bad = v8i{};
   for (int64_t i = 0; i < n8; i += 8) {
     const v8f v = load8(l + i);
     bad |= (v != v) | (v == pinf);
     const v8f kv = v >= vtau ? v : ninf;
     m = kv > m ? kv : m;
+    const v8f fv = kv > ninf ? kv : pinf;
+    mn = fv < mn ? fv : mn;
   }
+  float vmin = mn[0];
+  for (int j = 1; j < 8; ++j) vmin = mn[j] < vmin ? mn[j] : vmin;
   int any_bad = 0;
   for (int j = 0; j < 8; ++j) any_bad |= bad[j];
   const float m1 = hmax(m);
-  if (m1 < need_second_from) return {m1, kNegInf, any_bad != 0};  // the caller needs only m1
+  if (m1 < need_second_from) return {m1, kNegInf, vmin, any_bad != 0};  // the caller needs only m1
   // second largest with multiplicity: count of m1, and max of the values below m1
   const v8f vm1 = v8f{} + m1;
   v8i cnt = v8i{};
@@ -68,14 +73,16 @@ PYDIFF_CLONES ChunkMax chunk_max(const float* __restrict__ l, int64_t n8, float 
   }
   int count = 0;
   for (int j = 0; j < 8; ++j) count += cnt[j];
-  return {m1, (count > 1 && m1 > kNegInf) ? m1 : hmax(below), any_bad != 0};
+  return {m1, (count > 1 && m1 > kNegInf) ? m1 : hmax(below), vmin, any_bad != 0};
 }
 
 // e[i] = exp(x[i]) with x[i] = (l[i] - mc) * inv_t for kept tokens (l[i] >= tau), else 0, and
 // the float64 sums s = sum e[i], t = sum e[i] x[i] in a fixed lane order (deterministic).
 // exp(x) = p * 2^k: p = e^r by an fp32 polynomial on r = x - k ln2 (|r| <= ln2/2, relative error
 // ~2e-7), 2^k applied in float64, so values down to 1e-308 survive (fp32 would flush at 1e-38).
-PYDIFF_CLONES void chunk_exp(const float* __restrict__ l, int64_t n8, float mc, float inv_t, float tau,
+// fast: every kept finite e of the chunk is a normal fp32 number (x >= -86), so e = p * 2^k is
+// formed exactly in fp32 and only widened to float64 for the sums.
+PYDIFF_CLONES void chunk_exp(const float* __restrict__ l, int64_t n8, float mc, float inv_t, float tau, bool fast,
                              double* __restrict__ e, double* s_out, double* t_out) {
   const v8f vmc = v8f{} + mc, vinv = v8f{} + inv_t, vtau = v8f{} + tau, lo = v8f{} - 1000.f;
   const v8f zero = v8f{};
@@ -99,18 +106,14 @@ PYDIFF_CLONES void chunk_exp(const float* __restrict__ l, int64_t n8, float mc, 
     const v8i keep = v >= vtau;
     p = keep ? p : zero;
     v8i k = __builtin_convertvector(kf, v8i);
-    // a lane whose e is below fp32's normal range (e < 2^-125) takes the float64 path below
-    const v8i deepv = k < -125;
-    int deep = 0;
-    for (int j = 0; j < 8; ++j) deep |= deepv[j];
-    if (!deep) {
+    if (fast) {
       // e = p * 2^k is a normal fp32 number: add k to p's exponent (exact), widen to float64 to sum
       v8i pb;
       std::memcpy(&pb, &p, sizeof pb);
       pb += k << 23;
       v8f ef;
       std::memcpy(&ef, &pb, sizeof ef);
-      ef = keep ? ef : zero;
+      ef = (keep & (v > v8f{} + kNegInf)) ? ef : zero;
       const v4d e0 = __builtin_convertvector(__builtin_shufflevector(ef, ef, 0, 1, 2, 3), v4d);
       const v4d e1 = __builtin_convertvector(__builtin_shufflevector(ef, ef, 4, 5, 6, 7), v4d);
       const v4d x0 = __builtin_convertvector(__builtin_shufflevector(x, x, 0, 1, 2, 3), v4d);
@@ -199,7 +202,7 @@ void sample_rows(const SampleArgs& a) {
           cs[c] = ct[c] = 0.0;
           continue;
         }
-        chunk_exp(lbuf.data(), n8, mx.m1, inv_t, tau, nullptr, &cs[c], &ct[c]);  // sums only
+        chunk_exp(lbuf.data(), n8, mx.m1, inv_t, tau, (mx.mn - mx.m1) * inv_t >= -86.f, nullptr, &cs[c], &ct[c]);
       }
       if (bad || M == kNegInf) {
         a.tokens[r] = -2;
@@ -246,7 +249,8 @@ void sample_rows(const SampleArgs& a) {
         const int64_t n8 = load_chunk<T>(row + lo, n, lbuf.data());
         const ChunkMax mx = chunk_max(lbuf.data(), n8, tau, std::numeric_limits<float>::infinity());
         double s_unused, t_unused;
-        chunk_exp(lbuf.data(), n8, mx.m1, inv_t, tau, ebuf.data(), &s_unused, &t_unused);
+        chunk_exp(lbuf.data(), n8, mx.m1, inv_t, tau, (mx.mn - mx.m1) * inv_t >= -86.f, ebuf.data(), &s_unused,
+                  &t_unused);
         const double w = cm[c_sel];
         const double rem = (target - acc) / w;
         double a2 = 0;
