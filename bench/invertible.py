@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint  # noqa: E402
 from pydiff.nn import AdditiveCoupling, ReversibleSequential  # noqa: E402
 
 from _timing import bench, device_name, sync  # noqa: E402
+from pydiff.testing.memory import saved_bytes as _saved_bytes
 
 GPU_CFG = dict(C=256, H=64, B=8)
 CPU_CFG = dict(C=32, H=16, B=2)
@@ -75,17 +76,6 @@ def build(method: str, c: int, depth: int, device) -> nn.Module:
     return ReversibleSequential(blocks, state_dtype=state, reversible=method != "coupling-plain").to(device)
 
 
-def _saved_bytes(fn) -> int:
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        seen[(st.data_ptr(), st.nbytes())] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(seen.values())
 
 
 def _measure(net, x, w, device, time_it: bool, reps: int):

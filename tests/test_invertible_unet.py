@@ -10,6 +10,7 @@ from pydiff.models import InvertibleUNet, timestep_embedding
 from pydiff.nn import ReversibleSequential
 from pydiff.solvers.ddim import DDIMSolver
 from pydiff.solvers.edict import EDICTSolver
+from pydiff.testing.memory import saved_bytes
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -28,18 +29,6 @@ def rel_norm(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
-def saved_bytes(fn):
-    """Bytes of distinct storages saved for backward while ``fn`` runs (saved-tensor hooks)."""
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        seen[(st.data_ptr(), st.nbytes())] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(seen.values())
 
 
 def weights_like(y):

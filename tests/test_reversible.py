@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from pydiff.nn import AdditiveCoupling, ReversibleSequential, ScaledCoupling
+from pydiff.testing.memory import saved_bytes
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -209,17 +210,6 @@ def test_additive_coupling_inverse_and_no_grad_path():
     assert rel(stack.inverse(y0), x) <= 1e-5
 
 
-def saved_bytes(fn):
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        seen[(st.data_ptr(), st.nbytes())] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(seen.values())
 
 
 @pytest.mark.parametrize("state_dtype", [None, torch.float64])

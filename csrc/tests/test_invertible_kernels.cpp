@@ -11,23 +11,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "check.h"
 #include "pydiff/cpu_types.h"
 #include "pydiff/invertible.h"
 
 using namespace pydiff;
 
 namespace {
-int failures = 0;
-
-#define CHECK(cond, ...)                                  \
-  do {                                                    \
-    if (!(cond)) {                                        \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__);    \
-      std::printf(__VA_ARGS__);                           \
-      std::printf("\n");                                  \
-      ++failures;                                         \
-    }                                                     \
-  } while (0)
 
 template <typename T> double tod(T v) { return double(to_float(v)); }
 template <> double tod<double>(double v) { return v; }
@@ -291,8 +281,8 @@ int main() {
   gn_all<bf16_t>(300);
   gn_all<double>(400);
   bad_args();
-  if (failures) {
-    std::printf("%d failure(s)\n", failures);
+  if (pydiff_test::failures) {
+    std::printf("%d failure(s)\n", pydiff_test::failures);
     return 1;
   }
   std::printf("all invertible CPU kernel tests passed\n");

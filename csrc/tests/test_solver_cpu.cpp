@@ -6,23 +6,13 @@
 #include <random>
 #include <vector>
 
+#include "check.h"
 #include "pydiff/cpu_types.h"
 #include "pydiff/solver.h"
 
 using namespace pydiff;
 
 namespace {
-int failures = 0;
-
-#define CHECK(cond, ...)                         \
-  do {                                           \
-    if (!(cond)) {                               \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::printf(__VA_ARGS__);                  \
-      std::printf("\n");                         \
-      ++failures;                                \
-    }                                            \
-  } while (0)
 
 template <typename T>
 struct Buf {
@@ -165,6 +155,6 @@ int main() {
         run_case<bf16_t>(s[0], s[1], k, true, uncond, noise, rs, clip, table, 1.6e-2, seed++);
       }
   run_case<float>(2, 100, 2, false, false, true, false, false, false, 2e-6, 999);
-  if (failures == 0) std::printf("test_solver_cpu: all checks passed\n");
-  return failures == 0 ? 0 : 1;
+  if (pydiff_test::failures == 0) std::printf("test_solver_cpu: all checks passed\n");
+  return pydiff_test::failures == 0 ? 0 : 1;
 }
