@@ -126,7 +126,8 @@ def loop_rows(device: torch.device, shapes, steps: int = 25):
                 sched.set_timesteps(steps, device=device)
                 x = x0
                 for t in sched.timesteps:
-                    sched.scale_model_input(x, t)  # a pipeline calls it (Euler needs it), result unused here
+                    if hasattr(sched, "scale_model_input"):  # a pipeline calls it (Euler needs it)
+                        sched.scale_model_input(x, t)
                     m = eps_u + 7.5 * (eps_c - eps_u)  # CFG as a diffusers pipeline does it
                     x = sched.step(m, t, x).prev_sample
                 return x
