@@ -26,7 +26,8 @@ from pydiff import inversion as inv_mod  # noqa: E402
 from pydiff.inversion import (EDICTLatents, ddim_invert, ddim_sample, ddpm_invert,  # noqa: E402
                               direct_inversion_edit, direct_inversion_offsets, edict_generate, edict_invert,
                               relative_error)
-from pydiff.solvers.ddim import _Config, train_alphas_cumprod  # noqa: E402
+from pydiff.solvers._common import SolverConfig  # noqa: E402
+from pydiff.solvers.ddim import train_alphas_cumprod  # noqa: E402
 from pydiff.solvers.edict import EDICTSolver  # noqa: E402
 
 BACKENDS = pydiff.available_backends(torch.device("cpu"))
@@ -47,7 +48,7 @@ MU_NULL = torch.zeros(2, 4)                                               # unco
 DATA_STD = 0.5
 X0 = MU_SRC[:, :, None, None] + DATA_STD * torch.randn(SHAPE, generator=_g)
 NOISE = torch.randn(SHAPE, generator=_g)
-ALPHAS = torch.from_numpy(train_alphas_cumprod(_Config(num_train_timesteps=1000, trained_betas=None, **SD)))
+ALPHAS = torch.from_numpy(train_alphas_cumprod(SolverConfig(num_train_timesteps=1000, trained_betas=None, **SD)))
 
 
 @pytest.fixture(autouse=True, scope="module")

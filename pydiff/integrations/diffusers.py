@@ -87,7 +87,8 @@ from pydiff.solvers import (DDIMSolver, DDPMSolver, DPMSolverPPSolver, EulerSolv
                             UniPCSolver)
 from pydiff.solvers.ddim import guidance as _guidance
 from pydiff.solvers.ddim import randn_like_diffusers, run_step, spaced_timesteps, train_alphas_cumprod
-from pydiff.solvers.dpmpp import SolverConfig, exponential_sigmas, karras_sigmas
+from pydiff.solvers._common import SolverConfig
+from pydiff.solvers.dpmpp import exponential_sigmas, karras_sigmas
 from pydiff.solvers.euler import _sigma_schedule, _sigma_to_t
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
@@ -761,6 +762,14 @@ class _MultistepVP(_Indexed, _FusedScheduler):
             self._solver._step_index = None
             self._solver._begin_index = self._step_index  # the multistep warm-up restarts there
 
+    def _finish(self, prev: torch.Tensor, out_dtype, return_dict: bool):
+        """Step bookkeeping as diffusers' multistep schedulers keep it, then the step's output."""
+        if self.lower_order_nums < self.config.solver_order:
+            self.lower_order_nums += 1
+        self._step_index += 1
+        prev = prev.to(out_dtype)
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
     def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return sample
 
@@ -831,11 +840,7 @@ class DPMSolverMultistepScheduler(_MultistepVP):
         m, u, out_dtype = self._inputs(model_output, sample, model_uncond)
         prev = self._solver.step(m, sample, model_uncond=u, guidance_scale=guidance_scale,
                                  guidance_rescale=guidance_rescale, noise=variance_noise, generator=generator)
-        if self.lower_order_nums < self.config.solver_order:
-            self.lower_order_nums += 1
-        self._step_index += 1
-        prev = prev.to(out_dtype)
-        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+        return self._finish(prev, out_dtype, return_dict)
 
 
 class UniPCMultistepScheduler(_MultistepVP):
@@ -884,11 +889,7 @@ class UniPCMultistepScheduler(_MultistepVP):
         m, u, out_dtype = self._inputs(model_output, sample, model_uncond)
         prev = self._solver.step(m, sample, model_uncond=u, guidance_scale=guidance_scale,
                                  guidance_rescale=guidance_rescale)
-        if self.lower_order_nums < self.config.solver_order:
-            self.lower_order_nums += 1
-        self._step_index += 1
-        prev = prev.to(out_dtype)
-        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+        return self._finish(prev, out_dtype, return_dict)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 
@@ -57,3 +58,34 @@ def eps_coeffs(prediction_type: str, alpha: float, sigma: float) -> tuple[float,
     if prediction_type == "flow_prediction":
         return 1.0, 1.0 - sigma
     raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+class SolverConfig(dict):
+    """A stepper's configuration: a dict whose keys read as attributes, like a diffusers config."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def randn_like_diffusers(shape, generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Noise drawn as diffusers' ``randn_tensor`` draws it (a CPU generator draws on the CPU; a list
+    of generators draws one sample each), so equal seeds give equal noise."""
+    device = torch.device(device)
+    rand_device = device
+    if generator is not None:
+        gdev = (generator[0] if isinstance(generator, (list, tuple)) else generator).device
+        if gdev.type != device.type:
+            if gdev.type != "cpu":
+                raise ValueError(f"generator: a {gdev.type} generator cannot draw {device.type} noise")
+            rand_device = torch.device("cpu")
+    if isinstance(generator, (list, tuple)) and len(generator) == 1:
+        generator = generator[0]
+    if isinstance(generator, (list, tuple)):
+        one = (1,) + tuple(shape[1:])
+        z = torch.cat([torch.randn(one, generator=g, device=rand_device, dtype=dtype) for g in generator])
+    else:
+        z = torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=dtype)
+    return z.to(device)

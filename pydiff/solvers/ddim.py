@@ -25,6 +25,7 @@ import torch
 
 from pydiff.ops.solver import StepCoeffs, cfg_rescale, solver_step
 from pydiff.solvers import _common
+from pydiff.solvers._common import SolverConfig, randn_like_diffusers
 
 __all__ = ["DDIMSolver", "DDIMInverseSolver"]
 
@@ -32,16 +33,6 @@ __all__ = ["DDIMSolver", "DDIMInverseSolver"]
 # ----------------------------------------------------------------------------------------------
 # Shared helpers (used by ddim, ddpm, plms, euler and edict).
 # ----------------------------------------------------------------------------------------------
-class _Config(dict):
-    """A dict whose keys read as attributes, like a diffusers ``FrozenDict`` config."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
 class _SolverBase:
     """Config handling shared by the steppers: diffusers keys, defaults, ``from_config``."""
 
@@ -54,7 +45,7 @@ class _SolverBase:
         if unknown:
             raise TypeError(f"{type(self).__name__}: unknown config key(s) {unknown}; "
                             f"expected some of {sorted(self._defaults)}")
-        self.config = _Config({**self._defaults, **config})
+        self.config = SolverConfig({**self._defaults, **config})
         self._check_config()
         self.num_inference_steps = None
         self.timesteps = None
@@ -155,27 +146,6 @@ def prediction_coeffs(prediction_type: str, alpha: float, sigma: float, where: s
     px, pm = _common.x0_coeffs(prediction_type, alpha, sigma)
     ex, em = _common.eps_coeffs(prediction_type, alpha, sigma)
     return px, pm, ex, em
-
-
-def randn_like_diffusers(shape, generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Noise drawn as diffusers' ``randn_tensor`` draws it (a CPU generator draws on the CPU; a list
-    of generators draws one sample each), so equal seeds give equal noise."""
-    device = torch.device(device)
-    rand_device = device
-    if generator is not None:
-        gdev = (generator[0] if isinstance(generator, (list, tuple)) else generator).device
-        if gdev.type != device.type:
-            if gdev.type != "cpu":
-                raise ValueError(f"generator: a {gdev.type} generator cannot draw {device.type} noise")
-            rand_device = torch.device("cpu")
-    if isinstance(generator, (list, tuple)) and len(generator) == 1:
-        generator = generator[0]
-    if isinstance(generator, (list, tuple)):
-        one = (1,) + tuple(shape[1:])
-        z = torch.cat([torch.randn(one, generator=g, device=rand_device, dtype=dtype) for g in generator])
-    else:
-        z = torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=dtype)
-    return z.to(device)
 
 
 def guidance(model_output, model_uncond, guidance_scale: float, guidance_rescale: float, backend):

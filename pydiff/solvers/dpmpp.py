@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from pydiff.ops.solver import StepCoeffs, cfg_rescale, solver_step
-from pydiff.solvers._common import eps_coeffs, x0_coeffs
+from pydiff.solvers._common import SolverConfig, eps_coeffs, randn_like_diffusers, x0_coeffs
 
 __all__ = ["DPMSolverPPSolver"]
 
@@ -32,16 +32,6 @@ __all__ = ["DPMSolverPPSolver"]
 # --------------------------------------------------------------------------------------------------
 # Configuration handling shared by the steppers of this family
 # --------------------------------------------------------------------------------------------------
-class SolverConfig(dict):
-    """The stepper's configuration: a dict with attribute access, like a diffusers ``config``."""
-
-    def __getattr__(self, key):
-        try:
-            return self[key]
-        except KeyError:
-            raise AttributeError(key) from None
-
-
 class ConfiguredSolver:
     """Base: ``__init__(**config)`` with the diffusers scheduler's keys and ``from_config``."""
 
@@ -122,20 +112,10 @@ def with_guidance(coeffs: Sequence[float], g: float) -> list:
     return v
 
 
-def randn_like_diffusers(x: torch.Tensor, generator=None, dtype=torch.float32) -> torch.Tensor:
-    """Noise drawn like ``diffusers.utils.torch_utils.randn_tensor(x.shape, generator, x.device,
-    dtype)`` (a CPU generator draws on the CPU; a list of generators draws one sample each), cast to
-    x's dtype for the fused op."""
-    shape, dev = tuple(x.shape), x.device
-    gens = generator if isinstance(generator, (list, tuple)) else [generator]
-    if len(gens) == 1:
-        g = gens[0]
-        rdev = "cpu" if g is not None and g.device.type == "cpu" and dev.type != "cpu" else dev
-        z = torch.randn(shape, generator=g, device=rdev, dtype=dtype)
-    else:
-        rdev = "cpu" if gens[0].device.type == "cpu" and dev.type != "cpu" else dev
-        z = torch.cat([torch.randn((1,) + shape[1:], generator=g, device=rdev, dtype=dtype) for g in gens])
-    return z.to(device=dev, dtype=x.dtype)
+def noise_like(x: torch.Tensor, generator=None) -> torch.Tensor:
+    """Noise drawn like diffusers' ``randn_tensor(x.shape, generator, x.device, float32)`` (what its
+    SDE solvers draw), cast to x's dtype for the fused op."""
+    return randn_like_diffusers(x.shape, generator, x.device, torch.float32).to(dtype=x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -478,7 +458,7 @@ class DPMSolverPPSolver(ConfiguredSolver):
         g, row_scale = guidance_args(model_output, model_uncond, guidance_scale, guidance_rescale, backend)
         z = None
         if self._sde:
-            z = randn_like_diffusers(x, generator) if noise is None else noise.to(device=x.device, dtype=x.dtype)
+            z = noise_like(x, generator) if noise is None else noise.to(device=x.device, dtype=x.dtype)
         hist = self._hist[len(self._hist) - k:] if k else []
         x_next, entry = solver_step(x, model_output, model_uncond, hist, z, coeffs=with_guidance(coeffs, g),
                                     row_scale=row_scale, backend=backend)

@@ -22,7 +22,7 @@ import torch
 
 from pydiff.ops.solver import StepCoeffs, solver_step
 from pydiff.solvers.dpmpp import (ConfiguredSolver, exponential_sigmas, guidance_args, karras_sigmas,
-                                  randn_like_diffusers, stretch_to_terminal, time_shift, with_guidance)
+                                  noise_like, stretch_to_terminal, time_shift, with_guidance)
 
 __all__ = ["FlowEulerSolver"]
 
@@ -151,7 +151,7 @@ class FlowEulerSolver(ConfiguredSolver):
         g, row_scale = guidance_args(model_output, model_uncond, guidance_scale, guidance_rescale, backend)
         z = None
         if self.config.stochastic_sampling:
-            z = randn_like_diffusers(x, generator) if noise is None else noise.to(device=x.device, dtype=x.dtype)
+            z = noise_like(x, generator) if noise is None else noise.to(device=x.device, dtype=x.dtype)
         x_next, _ = solver_step(x, model_output, model_uncond, [], z, coeffs=with_guidance(self._coeffs[i], g),
                                 row_scale=row_scale, backend=backend)
         self._step_index = i + 1

@@ -53,9 +53,10 @@ class Schedule:
         if kind == "vp":
             self._cfg.update(beta_start=beta_start, beta_end=beta_end, beta_schedule=beta_schedule)
         if kind == "vp":
-            from pydiff.solvers.ddim import _Config, train_alphas_cumprod
+            from pydiff.solvers._common import SolverConfig
+            from pydiff.solvers.ddim import train_alphas_cumprod
 
-            ac = train_alphas_cumprod(_Config(num_train_timesteps=self.T, beta_start=beta_start, beta_end=beta_end,
+            ac = train_alphas_cumprod(SolverConfig(num_train_timesteps=self.T, beta_start=beta_start, beta_end=beta_end,
                                               beta_schedule=beta_schedule))
             ac32 = torch.from_numpy(ac).float()
             self.alphas_cumprod = ac
