@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
-from pydiff.ops.solver import StepCoeffs, solver_step
+from pydiff.ops.solver import FLOAT_DTYPES, StepCoeffs, solver_step
 from pydiff.samplers.loop import progress_bar
 
 __all__ = ["append_zero", "get_ancestral_step", "get_sigmas_exponential", "get_sigmas_karras", "to_d",
@@ -75,7 +75,7 @@ class _Run:
     """Host copy of the sigmas, the device sigmas handed to the model, s_in, progress, noise."""
 
     def __init__(self, x, sigmas, extra_args, disable, generator=None, noise_sampler=None, name=""):
-        if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
             raise TypeError("x: expected a float32, float16 or bfloat16 tensor")
         sig = torch.as_tensor(sigmas)
         if sig.dim() != 1 or sig.numel() < 1:

@@ -18,9 +18,8 @@ import torch
 
 from pydiff import _ext, backend as _backend
 from pydiff.ops._library import lib
+from pydiff.ops.solver import FLOAT_DTYPES
 from pydiff.reference.sampling import sample_categorical_ref
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @torch.library.register_fake("pydiff::sample_categorical", lib=lib)
