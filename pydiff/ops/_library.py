@@ -33,6 +33,15 @@ SCHEMAS = {
         "groupnorm_silu_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, "
         "int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)"
     ),
+    # quantized matmuls (pydiff/ops/quant.py, pydiff/reference/quant.py)
+    "quantize": (
+        "quantize(Tensor x, Tensor? smooth, Tensor? lora_down, Tensor? shift, Tensor? scale, str fmt, "
+        "int group_size, str prologue, float eps) -> (Tensor, Tensor, Tensor)"
+    ),
+    "quant_gemm": (
+        "quant_gemm(Tensor qa, Tensor sa, Tensor qw, Tensor sw, Tensor? bias, Tensor? lora_act, Tensor? lora_up, "
+        "str fmt, int group_size, ScalarType out_dtype) -> Tensor"
+    ),
 }
 for _name, _schema in SCHEMAS.items():
     lib.define(_schema)

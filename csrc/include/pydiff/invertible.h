@@ -20,10 +20,11 @@
 #pragma once
 #include <cstdint>
 
+#include "pydiff/float_type.h"
+
 namespace pydiff {
 
-// Storage types of the invertible kernels (solver.h's DType plus float64).
-enum class FloatType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
+// Storage types of the invertible kernels: FloatType (float_type.h; solver.h's DType plus float64).
 
 struct CouplingArgs {
   FloatType x_dtype;    // dtype of x and y
