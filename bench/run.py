@@ -10,6 +10,7 @@ time as a multiple of it, next to the baselines a user would run instead, measur
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -94,7 +95,7 @@ def _fmt_row(r):
     return q
 
 
-PARTS = ("solver", "loop", "sampling", "schedulers", "loops", "masked", "invertible", "invertible_ops")
+PARTS = ("solver", "loop", "sampling", "schedulers", "loops", "masked", "invertible", "invertible_ops", "quant")
 
 
 def main(argv=None):
@@ -140,12 +141,14 @@ def main(argv=None):
     for part, title in (("schedulers", "Drop-in diffusers schedulers: scheduler.step per step"),
                         ("loops", "Sampling loops (25 steps)"), ("masked", "Masked-diffusion generation"),
                         ("invertible", "Invertible stack: fwd+bwd and memory"),
-                        ("invertible_ops", "Coupling and GroupNorm+SiLU kernels")):
+                        ("invertible_ops", "Coupling and GroupNorm+SiLU kernels"),
+                        ("quant", "W4A4 / W8A8: GEMM, activation quantization, whole linear")):
         if part not in parts:
             continue
         try:
             mod = __import__(part)
-            pr = mod.rows(device)
+            takes_quick = "quick" in inspect.signature(mod.rows).parameters
+            pr = mod.rows(device, quick=args.quick) if takes_quick else mod.rows(device)
         except (ImportError, AttributeError) as exc:
             print(f"\n## {title}: skipped ({exc})")
             continue

@@ -1,0 +1,223 @@
+"""Quantized-matmul benchmarks: activation quantization, the W4A4 / W8A8 GEMM, and the whole linear.
+
+GPU (the issue's shapes: M = 4096 tokens, (K, N) in (3072, 3072), (3072, 12288), (12288, 3072)),
+every row measured in the same run:
+
+* ``gemm``: the GEMM alone (quantized operands in, fused per-group epilogue, bf16 out) for each
+  pydiff backend (cuda, triton) and format, next to cuBLAS bf16 (``F.linear``), ``torch._int_mm``
+  (int8, int32 out, no scales) and ``torch._scaled_mm`` fp8 e4m3 (per-tensor scales).
+  ``tflops`` is 2 M N K / time (TFLOP/s-equivalent); ``x_bf16`` the bf16 time over this one.
+* ``quantize``: per-token, group-64 int4 quantization of ``[M, K]`` bf16, next to eager torch (the
+  reference formula) and ``torch.compile`` of it; the floor is the bytes (read bf16, write int4 and
+  fp32 scales) over the measured copy bandwidth.
+* ``linear``: quantize + GEMM (what a W4A4 layer runs) vs ``F.linear`` in bf16; and the DiT case
+  where the quantization is fused into the LayerNorm / adaLN modulation that produces the
+  activations (``prologue='layernorm'``) vs LayerNorm + modulation + bf16 linear.
+* ``weight_mib``: the bytes of the layer's weights (packed values + scales) vs bf16.
+
+CPU: the C++ reference kernels' speed only (the CPU is not a target for these kernels).
+
+    python bench/quant.py [--device cuda|cpu] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import pydiff  # noqa: E402
+from pydiff.ops import quant as Q  # noqa: E402
+
+from _timing import bench, copy_bandwidth, device_name  # noqa: E402
+
+GPU_SHAPES = [(4096, 3072, 3072), (4096, 3072, 12288), (4096, 12288, 3072)]  # (M, K, N)
+CPU_SHAPES = [(256, 1024, 1024)]
+QUICK_SHAPES = [(64, 256, 128)]
+GROUP = {"int4": 64, "int8": None, "fp8": None}  # None: per token / per output channel (group = K)
+
+
+def _backends(device):
+    return [b for b in pydiff.available_backends(device) if b in ("cuda", "triton", "cpu")
+            and not (b == "triton" and device.type == "cpu")]
+
+
+def _row(**kw):
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def _why(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _mib(*ts) -> float:
+    return sum(t.numel() * t.element_size() for t in ts) / 2**20
+
+
+def gemm_rows(device, shapes):
+    rows = []
+    for M, K, N in shapes:
+        flops = 2.0 * M * N * K
+        x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+        w = torch.randn(N, K, device=device, dtype=torch.bfloat16) / K**0.5
+        shape = f"{M}x{K}x{N}"
+        t_bf16 = None
+        if device.type == "cuda":
+            t_bf16 = bench(lambda: F.linear(x, w), device)
+            rows.append(_row(shape=shape, impl="cuBLAS bf16 (F.linear)", time_us=t_bf16 * 1e6,
+                             tflops=flops / t_bf16 / 1e12, x_bf16=1.0, weight_mib=_mib(w)))
+            xi = torch.randint(-128, 128, (M, K), device=device, dtype=torch.int8)
+            wi = torch.randint(-128, 128, (N, K), device=device, dtype=torch.int8)
+            try:
+                t = bench(lambda: torch._int_mm(xi, wi.t()), device)
+                rows.append(_row(shape=shape, impl="torch._int_mm int8", time_us=t * 1e6, tflops=flops / t / 1e12,
+                                 x_bf16=t_bf16 / t, weight_mib=_mib(wi)))
+            except RuntimeError as exc:
+                print(f"torch._int_mm: {_why(exc)}")
+            try:
+                x8 = x.to(torch.float8_e4m3fn)
+                w8 = w.to(torch.float8_e4m3fn)
+                one = torch.ones((), device=device)
+                t = bench(lambda: torch._scaled_mm(x8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
+                          device)
+                rows.append(_row(shape=shape, impl="torch._scaled_mm fp8", time_us=t * 1e6, tflops=flops / t / 1e12,
+                                 x_bf16=t_bf16 / t, weight_mib=_mib(w8)))
+            except (RuntimeError, TypeError) as exc:
+                print(f"torch._scaled_mm: {_why(exc)}")
+        for fmt in ("int4", "int8", "fp8"):
+            g = GROUP[fmt] or K
+            qa, sa, _ = Q.quantize(x, fmt, g, backend="torch" if device.type == "cpu" else None)
+            qw, sw, _ = Q.quantize(w, fmt, g, backend="torch" if device.type == "cpu" else None)
+            for b in _backends(device):
+                try:
+                    fn = lambda: Q.quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=g,  # noqa: E731
+                                              out_dtype=torch.bfloat16, backend=b, check=False)
+                    t = bench(fn, device)
+                except Exception as exc:  # noqa: BLE001  (report and go on: fp8 needs sm_89+)
+                    print(f"quant_gemm {fmt} {b}: {_why(exc)}")
+                    continue
+                rows.append(_row(shape=shape, impl=f"pydiff {fmt} g{g} ({b})", time_us=t * 1e6,
+                                 tflops=flops / t / 1e12, x_bf16=(t_bf16 / t) if t_bf16 else None,
+                                 weight_mib=_mib(qw, sw)))
+    return rows
+
+
+def _quantize_eager(x, g=64):
+    M, K = x.shape
+    y = x.float().reshape(M, K // g, g)
+    s = y.abs().amax(dim=2, keepdim=True) / 7.0
+    q = torch.round(y / s.clamp_min(1e-30)).clamp(-8, 7).to(torch.int8).reshape(M, K)
+    packed = ((q[:, 0::2] & 0xF) | ((q[:, 1::2] & 0xF) << 4)).to(torch.uint8)
+    return packed, s.reshape(M, K // g)
+
+
+def quantize_rows(device, shapes, bw, compile_baseline=True):
+    rows = []
+    for M, K, _ in shapes:
+        if (M, K) in {(r["M"], r["K"]) for r in rows}:
+            continue
+        x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+        nbytes = M * K * 2 + M * K // 2 + M * (K // 64) * 4
+        floor = nbytes / bw
+        base = dict(M=M, K=K, shape=f"{M}x{K} bf16 -> int4 g64", floor_us=floor * 1e6)
+        impls = [("eager torch", lambda: _quantize_eager(x))]
+        if compile_baseline:
+            comp = torch.compile(_quantize_eager)
+            impls.append(("torch.compile", lambda: comp(x)))
+        for b in _backends(device):
+            impls.append((f"pydiff ({b})", lambda b=b: Q.quantize(x, "int4", 64, backend=b, check=False)))
+        for name, fn in impls:
+            try:
+                t = bench(fn, device)
+            except Exception as exc:  # noqa: BLE001
+                print(f"quantize {name}: {_why(exc)}")
+                continue
+            rows.append(dict(base, impl=name, time_us=t * 1e6, gbps=nbytes / t / 1e9, x_floor=t / floor))
+    for r in rows:
+        r.pop("M"), r.pop("K")
+    return rows
+
+
+def linear_rows(device, shapes):
+    """quantize + GEMM (a W4A4 layer) vs bf16 F.linear; and with the LayerNorm/adaLN prologue fused."""
+    rows = []
+    for M, K, N in shapes:
+        B = 4
+        x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+        w = torch.randn(N, K, device=device, dtype=torch.bfloat16) / K**0.5
+        shift = 0.1 * torch.randn(B, K, device=device, dtype=torch.bfloat16)
+        scale = 0.1 * torch.randn(B, K, device=device, dtype=torch.bfloat16)
+        shape = f"{M}x{K}x{N}"
+        qw, sw, _ = Q.quantize(w, "int4", 64, backend="torch" if device.type == "cpu" else None)
+
+        def bf16_linear():
+            return F.linear(x, w)
+
+        def bf16_adaln():
+            h = F.layer_norm(x, (K,), eps=1e-6).view(B, M // B, K)
+            h = h * (1 + scale[:, None]) + shift[:, None]
+            return F.linear(h.view(M, K), w)
+
+        for b in _backends(device):
+            def w4a4(b=b):
+                qa, sa, _ = Q.quantize(x, "int4", 64, backend=b, check=False)
+                return Q.quant_gemm(qa, sa, qw, sw, fmt="int4", group_size=64, out_dtype=torch.bfloat16, backend=b,
+                                    check=False)
+
+            def w4a4_adaln(b=b):
+                qa, sa, _ = Q.quantize(x, "int4", 64, prologue="layernorm", shift=shift, scale=scale, backend=b,
+                                       check=False)
+                return Q.quant_gemm(qa, sa, qw, sw, fmt="int4", group_size=64, out_dtype=torch.bfloat16, backend=b,
+                                    check=False)
+
+            for case, ours, theirs, theirs_name in (("linear", w4a4, bf16_linear, "bf16 F.linear"),
+                                                    ("adaLN + linear", w4a4_adaln, bf16_adaln,
+                                                     "bf16 LayerNorm + modulate + F.linear")):
+                try:
+                    t_ours = bench(ours, device)
+                    t_base = bench(theirs, device)
+                except Exception as exc:  # noqa: BLE001
+                    print(f"{case} {b}: {_why(exc)}")
+                    continue
+                rows.append(dict(shape=shape, case=case, impl=f"pydiff W4A4 ({b})", time_us=t_ours * 1e6,
+                                 baseline=theirs_name, baseline_us=t_base * 1e6, speedup=t_base / t_ours))
+    return rows
+
+
+def rows(device: torch.device, quick: bool = False, bw=None):
+    shapes = QUICK_SHAPES if quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    bw = bw or copy_bandwidth(device, (64 << 20) if device.type == "cpu" else (512 << 20))
+    out = [dict(r, part="gemm") for r in gemm_rows(device, shapes)]
+    out += [dict(r, part="quantize") for r in quantize_rows(device, shapes, bw, compile_baseline=not quick)]
+    out += [dict(r, part="linear") for r in linear_rows(device, shapes)]
+    return out
+
+
+def _print(rs):
+    for part in dict.fromkeys(r["part"] for r in rs):
+        sub = [r for r in rs if r["part"] == part]
+        cols = list(dict.fromkeys(k for r in sub for k in r if k != "part"))
+        print(f"\n## quant: {part}")
+        print("  ".join(cols))
+        for r in sub:
+            print("  ".join(f"{r.get(c, '-'):.2f}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    print(f"# pydiff quant bench on {device_name(device)}, torch {torch.__version__}")
+    _print(rows(device, quick=args.quick))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
