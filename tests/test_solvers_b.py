@@ -325,6 +325,17 @@ def test_bad_set_timesteps_and_step_raise():
         solver.step(x, x, guidance_rescale=0.5)
 
 
+@pytest.mark.parametrize("cls", [DPMSolverPPSolver, UniPCSolver, FlowEulerSolver])
+def test_guidance_scale_without_uncond_raises(cls):
+    # one CFG rule for every stepper: a scale that would be silently ignored raises instead
+    x = torch.randn(SHAPE)
+    solver = cls()
+    solver.set_timesteps(4)
+    with pytest.raises(ValueError, match="model_uncond"):
+        solver.step(x, x, guidance_scale=7.5)
+    solver.step(x, x, guidance_scale=1.0)  # no guidance: fine
+
+
 def test_explicit_timesteps_dpm():
     ts = [999, 700, 500, 300, 100, 20]
     errs, _, _ = trajectory("dpm", {}, set_kw=dict(timesteps=ts), steps=None)

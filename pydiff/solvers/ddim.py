@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from pydiff.ops.solver import StepCoeffs, cfg_rescale, solver_step
+from pydiff.ops.solver import StepCoeffs, solver_step
 from pydiff.solvers import _common
 from pydiff.solvers._common import SolverConfig, randn_like_diffusers
 
@@ -148,15 +148,7 @@ def prediction_coeffs(prediction_type: str, alpha: float, sigma: float, where: s
     return px, pm, ex, em
 
 
-def guidance(model_output, model_uncond, guidance_scale: float, guidance_rescale: float, backend):
-    """``(g, row_scale)`` for the fused step: CFG ``m = u + g (c - u)``, optionally rescaled."""
-    g, phi = float(guidance_scale), float(guidance_rescale)
-    if model_uncond is None:
-        if g != 1.0 or phi != 0.0:
-            raise ValueError(f"guidance_scale={g}, guidance_rescale={phi}: classifier-free guidance needs "
-                             "model_uncond (the unconditional output); pass it, or leave both at 1.0 / 0.0")
-        return 1.0, None
-    return g, (cfg_rescale(model_output, model_uncond, g, phi, backend=backend) if phi != 0.0 else None)
+guidance = _common.guidance
 
 
 def fold(c: StepCoeffs) -> StepCoeffs:

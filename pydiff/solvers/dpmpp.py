@@ -23,8 +23,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from pydiff.ops.solver import StepCoeffs, cfg_rescale, solver_step
+from pydiff.ops.solver import StepCoeffs, solver_step
 from pydiff.solvers._common import SolverConfig, eps_coeffs, randn_like_diffusers, x0_coeffs
+from pydiff.solvers._common import guidance as _common_guidance
 
 __all__ = ["DPMSolverPPSolver"]
 
@@ -96,14 +97,7 @@ class ConfiguredSolver:
         return self._step_index
 
 
-def guidance_args(model_output, model_uncond, guidance_scale, guidance_rescale, backend):
-    """``(g, row_scale)`` for the fused op: CFG scale and the optional guidance-rescale factors."""
-    if guidance_rescale and guidance_rescale > 0.0:
-        if model_uncond is None:
-            raise ValueError("guidance_rescale: needs model_uncond (guidance rescale acts on the CFG output)")
-        return float(guidance_scale), cfg_rescale(model_output, model_uncond, float(guidance_scale),
-                                                  float(guidance_rescale), backend=backend)
-    return float(guidance_scale), None
+guidance_args = _common_guidance  # one CFG rule for every stepper (pydiff.solvers._common.guidance)
 
 
 def with_guidance(coeffs: Sequence[float], g: float) -> list:
