@@ -13,6 +13,8 @@ import math
 import pytest
 import torch
 
+import pydiff
+
 from pydiff import kdiffusion as K
 from pydiff.samplers import CudaGraphSampler, available_samplers, build_plan, pad_coeffs, sample
 from pydiff.samplers.plan import make_stepper
@@ -247,6 +249,55 @@ def test_x0_trajectory():
     a = math.sqrt(m.schedule.alphas_cumprod[999])
     x0 = gm.posterior_mean(noise.double(), a, math.sqrt(1 - a * a))
     assert (traj[0].double() - x0).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("name,opts", CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_hallucination_score_matches_stored_trajectory(name, opts, backend):
+    """The per-sample x0 variance accumulated inside the step kernels equals the variance of the
+    stored x0 trajectory over the same window, and tracking leaves the sample unchanged."""
+    if backend not in pydiff.available_backends(torch.device("cpu")):
+        pytest.skip(f"backend {backend} not available here")
+    model = LinModel()
+    cond, uncond = _cond()
+    steps, g = 7, 4.0
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    kw = dict(guidance_scale=g, cond=cond, uncond=uncond, progress=False, backend=backend, **opts)
+    x, traj = sample(model, noise, name, steps, generator=torch.Generator().manual_seed(2),
+                     return_x0_trajectory=True, **kw)
+    win = min(4, len(traj))
+    for use_table in (False, True):
+        x2, score = sample(model, noise, name, steps, generator=torch.Generator().manual_seed(2),
+                           hallucination_window=win, use_table=use_table, **kw)
+        assert torch.equal(x2, x), "tracking changed the sample"
+        last = torch.stack([t.double() for t in traj[-win:]])
+        clip = opts.get("clip_sample", False)
+        if clip:  # the tracked x0 is the step's clamped estimate
+            last = last.clamp(-1.0, 1.0)
+        want = last.var(dim=0, unbiased=False).flatten(1).mean(dim=1)
+        assert score.shape == (SHAPE[0],) and score.dtype == torch.float64
+        assert (want > 0).all()
+        torch.testing.assert_close(score, want, rtol=2e-4, atol=1e-9)
+
+
+def test_hallucination_score_separates_modes_and_checks_args():
+    # the sample stuck between two modes varies more over the last steps than one near a mode
+    gm = GaussianMixture.toy_2d()
+    m = gm.model("epsilon")
+    noise = torch.randn(256, 2, generator=torch.Generator().manual_seed(0))
+    x, score = sample(m, noise, "ddim", 20, progress=False, hallucination_window=20,
+                      scheduler_config=m.scheduler_config)
+    assert score.shape == (256,) and torch.isfinite(score).all() and (score >= 0).all()
+    with pytest.raises(ValueError, match="track_x0_last"):
+        sample(m, noise, "ddim", 5, progress=False, hallucination_window=6, scheduler_config=m.scheduler_config)
+    from pydiff.ops.solver import solver_step, x0_variance
+    xx = torch.randn(2, 3)
+    with pytest.raises(TypeError, match="x0_stats"):
+        solver_step(xx, xx, coeffs=[0.0] * 16, x0_stats=torch.zeros(2, 2, 3))
+    with pytest.raises(ValueError, match="x0_stats"):
+        solver_step(xx, xx, coeffs=[0.0] * 16, x0_stats=torch.zeros(2, 3, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="n:"):
+        x0_variance(torch.zeros(2, 2, 3, dtype=torch.float64), 0)
 
 
 def test_progress_bar(capsys, monkeypatch):

@@ -350,3 +350,56 @@ def test_float64_runs_on_the_torch_backend_in_float64():
     if "cpu" in BACKENDS:
         with pytest.raises(TypeError, match="float64 runs on the 'torch' backend only"):
             pydiff.solver_step(x, c, u, hist, z, coeffs=coeffs, backend="cpu")
+
+
+# ---------------------------------------------------------------- x0 statistics (solver_step_track)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1,), (3, 5, 13), (1, 1031), (2, 1543)], ids=str)
+@pytest.mark.parametrize("clip", [None, (-0.5, 0.25)], ids=["noclip", "clip"])
+def test_x0_stats_accumulate_in_the_step_kernel(backend, dtype, shape, clip):
+    """x0_stats[0] += d, x0_stats[1] += d^2 (float64) inside the same call, outputs unchanged."""
+    x, c, u, hist, z, r, coeffs = _inputs(shape, dtype, 2, rs=True, seed=11)
+    g = torch.Generator().manual_seed(5)
+    stats = torch.randn((2,) + shape, generator=g, dtype=torch.float64)  # accumulates onto existing sums
+    before = stats.clone()
+    out, h = pydiff.solver_step(x, c, u, hist, z, coeffs=coeffs, row_scale=r, clip=clip, backend=backend,
+                                x0_stats=stats)
+    plain = pydiff.solver_step(x, c, u, hist, z, coeffs=coeffs, row_scale=r, clip=clip, backend=backend)
+    assert torch.equal(out, plain[0]) and torch.equal(h, plain[1])
+    # d in float64 from the reference formula
+    ref = torch.zeros((2,) + shape, dtype=torch.float64)
+    lo, hi = clip if clip else (-math.inf, math.inf)
+    solver_step_ref(x, c, u, hist, z, r, coeffs, lo, hi, x0_stats=ref)
+    d = ref[0]
+    tol = 2e-6 * (1 + d.abs())
+    assert ((stats[0] - before[0] - d).abs() <= tol).all()
+    assert ((stats[1] - before[1] - d * d).abs() <= 2 * tol * (1 + d.abs())).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_x0_stats_with_device_table(backend):
+    x, c, u, hist, z, _, _ = _inputs((3, 7), torch.float32, 1, seed=4)
+    table = torch.rand((3, num_coeffs(1)), dtype=torch.float64)
+    stats = torch.zeros((2, 3, 7), dtype=torch.float64)
+    pydiff.solver_step(x, c, u, hist, z, coeff_table=table, step=torch.tensor([2]), backend=backend, x0_stats=stats)
+    ref = torch.zeros_like(stats)
+    solver_step_ref(x, c, u, hist, z, None, table[2], x0_stats=ref)
+    torch.testing.assert_close(stats, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not pydiff.build_info()["cpu_kernels"], reason="compiled extension not built")
+def test_opcheck_solver_step_track():
+    stats = torch.rand((2, 2, 3, 5), dtype=torch.float64)
+    torch.library.opcheck(torch.ops.pydiff.solver_step_track.default, _op_args() + (True, stats))
+
+
+@pytest.mark.skipif(not pydiff.build_info()["cpu_kernels"], reason="compiled extension not built")
+def test_raw_track_op_checks_x0_stats():
+    args = _op_args() + (True,)
+    with pytest.raises(TypeError, match="x0_stats"):
+        torch.ops.pydiff.solver_step_track(*args, torch.zeros((2, 2, 3, 5)))
+    with pytest.raises(ValueError, match="x0_stats"):
+        torch.ops.pydiff.solver_step_track(*args, torch.zeros((2, 2, 3, 4), dtype=torch.float64))
+    with pytest.raises(ValueError, match="contiguous"):
+        torch.ops.pydiff.solver_step_track(*args, torch.zeros((2, 2, 5, 3), dtype=torch.float64).transpose(2, 3))

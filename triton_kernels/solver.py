@@ -23,9 +23,9 @@ def _coef(cptr, i):
 @triton.jit
 def _solver_step_kernel(
     x_ptr, c_ptr, u_ptr, z_ptr, h0, h1, h2, h3, h4, h5, rs_ptr, out_x, out_h,
-    table_ptr, step_ptr, table_rows, numel, inner, clip_lo, clip_hi,
+    table_ptr, step_ptr, table_rows, numel, inner, clip_lo, clip_hi, stats_ptr,
     HAS_C: tl.constexpr, HAS_U: tl.constexpr, HAS_Z: tl.constexpr, HAS_RS: tl.constexpr, K: tl.constexpr,
-    CLIP: tl.constexpr, WRITE_H: tl.constexpr, BLOCK: tl.constexpr,
+    CLIP: tl.constexpr, WRITE_H: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
@@ -49,6 +49,12 @@ def _solver_step_kernel(
     d = _coef(cp, 1) * x + _coef(cp, 2) * m
     if CLIP:
         d = tl.where(d < clip_lo, clip_lo, tl.where(d > clip_hi, clip_hi, d))
+    if STATS:  # x0 statistics in float64, in place: stats[0] += d, stats[1] += d^2
+        dd = d.to(tl.float64)
+        s1 = tl.load(stats_ptr + offs, mask=mask, other=0.0)
+        tl.store(stats_ptr + offs, s1 + dd, mask=mask)
+        s2 = tl.load(stats_ptr + numel + offs, mask=mask, other=0.0)
+        tl.store(stats_ptr + numel + offs, s2 + dd * dd, mask=mask)
     e = _coef(cp, 3) * x + _coef(cp, 4) * m + _coef(cp, 5) * d
     o0 = _coef(cp, R0) * x + _coef(cp, R0 + 1) * m + _coef(cp, R0 + 2) * d + _coef(cp, R0 + 3) * e
     o1 = _coef(cp, R1) * x + _coef(cp, R1 + 1) * m + _coef(cp, R1 + 2) * d + _coef(cp, R1 + 3) * e
@@ -96,8 +102,10 @@ def _zero_step(device):
 
 
 def solver_step_triton(x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step,
-                       clip_lo, clip_hi, write_history: bool = True, block: int = 1024):
-    """Launch the Triton solver step; arguments as ``torch.ops.pydiff.solver_step``."""
+                       clip_lo, clip_hi, write_history: bool = True, block: int = 1024, x0_stats=None):
+    """Launch the Triton solver step; arguments as ``torch.ops.pydiff.solver_step`` (with
+    ``x0_stats``: ``torch.ops.pydiff.solver_step_track``, a contiguous float64 ``[2, *x.shape]``
+    updated in place)."""
     k = len(history)
     if k > MAX_HISTORY:
         raise ValueError(f"history: expected at most {MAX_HISTORY} entries, got {k}")
@@ -125,8 +133,9 @@ def solver_step_triton(x, model_cond, model_uncond, history, noise, row_scale, c
         row_scale if row_scale is not None else coeff_table, out_x, out_h if write_history else out_x,
         coeff_table, step.reshape(1), coeff_table.shape[0], n, inner,
         float(clip_lo) if clip else 0.0, float(clip_hi) if clip else 0.0,
+        x0_stats if x0_stats is not None else coeff_table,
         HAS_C=cc is not None, HAS_U=uu is not None, HAS_Z=zz is not None, HAS_RS=row_scale is not None, K=k,
-        CLIP=clip, WRITE_H=bool(write_history), BLOCK=block,
+        CLIP=clip, WRITE_H=bool(write_history), STATS=x0_stats is not None, BLOCK=block,
     )
     return out_x, out_h
 

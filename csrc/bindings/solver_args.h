@@ -51,7 +51,8 @@ inline SolverStepCall make_solver_step_call(const at::Tensor& x, const std::opti
                                             const std::optional<at::Tensor>& row_scale, const std::vector<double>& coeffs,
                                             const std::optional<at::Tensor>& coeff_table,
                                             const std::optional<at::Tensor>& step, double clip_lo, double clip_hi,
-                                            bool write_history) {
+                                            bool write_history,
+                                            const std::optional<at::Tensor>& x0_stats = std::nullopt) {
   SolverStepCall call;
   SolverStepArgs& a = call.args;
   a.dtype = to_dtype(x, "x");
@@ -112,6 +113,17 @@ inline SolverStepCall make_solver_step_call(const at::Tensor& x, const std::opti
                              : at::empty({0}, x.options());
   a.out_x = call.out_x.data_ptr();
   a.out_h = write_history ? call.out_h.data_ptr() : nullptr;
+  if (x0_stats.has_value()) {
+    const at::Tensor& t = *x0_stats;
+    std::vector<int64_t> want{2};
+    for (int64_t d : x.sizes()) want.push_back(d);
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kDouble, "x0_stats: expected dtype float64, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(want), "x0_stats: expected shape ", at::IntArrayRef(want),
+                      " ([2, *x.shape]: running sums of x0 and x0^2), got ", t.sizes());
+    TORCH_CHECK_VALUE(t.is_contiguous(), "x0_stats: expected a contiguous tensor (it is updated in place)");
+    TORCH_CHECK_VALUE(t.device() == x.device(), "x0_stats: expected device ", x.device(), ", got ", t.device());
+    a.x0_stats = t.data_ptr<double>();
+  }
   return call;
 }
 

@@ -25,6 +25,20 @@ std::tuple<at::Tensor, at::Tensor> solver_step_cuda_op(const at::Tensor& x, cons
   return {call.out_x, call.out_h};
 }
 
+std::tuple<at::Tensor, at::Tensor> solver_step_track_cuda_op(
+    const at::Tensor& x, const std::optional<at::Tensor>& model_cond, const std::optional<at::Tensor>& model_uncond,
+    at::TensorList history, const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& row_scale,
+    c10::ArrayRef<double> coeffs, const std::optional<at::Tensor>& coeff_table, const std::optional<at::Tensor>& step,
+    double clip_lo, double clip_hi, bool write_history, at::Tensor& x0_stats) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "x: expected a CUDA tensor, got ", x.device());
+  c10::cuda::CUDAGuard guard(x.device());
+  SolverStepCall call = make_solver_step_call(x, model_cond, model_uncond, history.vec(), noise, row_scale, coeffs.vec(),
+                                              coeff_table, step, clip_lo, clip_hi, write_history, x0_stats);
+  const int err = solver_step_cuda(call.args, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+  TORCH_CHECK(err == 0, "pydiff.solver_step_track: CUDA kernel launch failed with cudaError ", err);
+  return {call.out_x, call.out_h};
+}
+
 at::Tensor cfg_rescale_cuda_op(const at::Tensor& c, const at::Tensor& u, double guidance, double phi) {
   check_rescale_args(c, u, guidance, phi);
   TORCH_CHECK_VALUE(c.is_cuda(), "model_cond: expected a CUDA tensor, got ", c.device());
@@ -44,6 +58,7 @@ at::Tensor cfg_rescale_cuda_op(const at::Tensor& c, const at::Tensor& u, double 
 
 TORCH_LIBRARY_IMPL(pydiff, CUDA, m) {
   m.impl("solver_step", &solver_step_cuda_op);
+  m.impl("solver_step_track", &solver_step_track_cuda_op);
   m.impl("cfg_rescale", &cfg_rescale_cuda_op);
 }
 

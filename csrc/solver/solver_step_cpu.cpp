@@ -88,6 +88,17 @@ PYDIFF_CLONES void chunk_axpy2(int64_t n, const float* __restrict__ B, float w0,
   }
 }
 
+// x0 statistics: S1 += d, S2 += d^2 (float64), d recomputed from X and M exactly as chunk_math does.
+void chunk_x0_stats(const Coef& k, int64_t n, const float* __restrict__ X, const float* __restrict__ M,
+                    double* __restrict__ S1, double* __restrict__ S2) {
+  for (int64_t i = 0; i < n; ++i) {
+    float d = k.px * X[i] + k.pm * M[i];
+    if (k.clip) d = d < k.lo ? k.lo : (d > k.hi ? k.hi : d);
+    S1[i] += double(d);
+    S2[i] += double(d) * double(d);
+  }
+}
+
 template <typename T>
 void run(const SolverStepArgs& a, const float* c) {
   const int k = a.num_history;
@@ -121,6 +132,7 @@ void run(const SolverStepArgs& a, const float* c) {
     float* O1 = a.out_h ? out_view<T>(a.out_h, lo, O1b) : O1b;
     const float r = (a.model_cond && a.row_scale) ? a.row_scale[b] : 1.f;
     chunk_math(co, n, X, C, U, r, M, O0, O1);
+    if (a.x0_stats) chunk_x0_stats(co, n, X, M, a.x0_stats + lo, a.x0_stats + a.numel + lo);
     if (a.noise) chunk_axpy2(n, view<T>(a.noise, lo, n, B), z0, z1, O0, O1);
     for (int j = 0; j < k; ++j) chunk_axpy2(n, view<T>(a.history[j], lo, n, B), w0[j], w1[j], O0, O1);
     if (!std::is_same<T, float>::value) {

@@ -78,6 +78,11 @@ __device__ __forceinline__ void step_elems(const SolverStepArgs& a, const float*
     const float e = c[3] * X[j] + c[4] * M[j] + c[5] * d;
     O0[j] = r0[0] * X[j] + r0[1] * M[j] + r0[2] * d + r0[3] * e;
     O1[j] = r1[0] * X[j] + r1[1] * M[j] + r1[2] * d + r1[3] * e;
+    if (a.x0_stats && (FULL || j < n)) {  // x0 statistics in float64: S1 += d, S2 += d^2
+      const double dd = double(d);
+      a.x0_stats[i + j] += dd;
+      a.x0_stats[a.numel + i + j] += dd * dd;
+    }
   }
   if (a.noise) {
     ld(a.noise, B);

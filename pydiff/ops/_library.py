@@ -16,6 +16,12 @@ SCHEMAS = {
         "Tensor? noise, Tensor? row_scale, float[] coeffs, Tensor? coeff_table, Tensor? step, "
         "float clip_lo, float clip_hi, bool write_history=True) -> (Tensor, Tensor)"
     ),
+    # the same step, also accumulating x0 statistics in place (x0_stats [2, *x.shape] float64: += d, += d^2)
+    "solver_step_track": (
+        "solver_step_track(Tensor x, Tensor? model_cond, Tensor? model_uncond, Tensor[] history, "
+        "Tensor? noise, Tensor? row_scale, float[] coeffs, Tensor? coeff_table, Tensor? step, "
+        "float clip_lo, float clip_hi, bool write_history, Tensor(a!) x0_stats) -> (Tensor, Tensor)"
+    ),
     "cfg_rescale": "cfg_rescale(Tensor model_cond, Tensor model_uncond, float guidance, float phi) -> Tensor",
     "sample_categorical": (
         "sample_categorical(Tensor logits, Tensor? threshold, Tensor? row_mask, Tensor seeds, Tensor offsets, "

@@ -145,19 +145,27 @@ def check_solver_step_args(x, model_cond, model_uncond, history, noise, row_scal
 
 
 def _torch_impl(x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step, clip_lo, clip_hi,
-                write_history=True):
+                write_history=True, x0_stats=None):
     if coeff_table is not None:
         idx = step.reshape(1).clamp(0, coeff_table.shape[0] - 1)
         coeffs = coeff_table.index_select(0, idx)[0]
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     return solver_step_ref(x, model_cond, model_uncond, history, noise, row_scale, coeffs, clip_lo, clip_hi,
-                           compute_dtype=cd, write_history=write_history)
+                           compute_dtype=cd, write_history=write_history, x0_stats=x0_stats)
 
 
-def _triton_impl(*args):
+def _triton_impl(*args, x0_stats=None):
     from pydiff.triton_kernels.solver import solver_step_triton
 
-    return solver_step_triton(*args)
+    return solver_step_triton(*args, x0_stats=x0_stats)
+
+
+def _track_torch(*args):
+    return _torch_impl(*args[:-1], x0_stats=args[-1])
+
+
+def _track_triton(*args):
+    return _triton_impl(*args[:-1], x0_stats=args[-1])
 
 
 @torch.library.register_fake("pydiff::solver_step", lib=lib)
@@ -165,6 +173,13 @@ def _solver_step_fake(x, model_cond, model_uncond, history, noise, row_scale, co
                       clip_lo, clip_hi, write_history=True):
     h = torch.empty_like(x, memory_format=torch.contiguous_format) if write_history else x.new_empty((0,))
     return torch.empty_like(x, memory_format=torch.contiguous_format), h
+
+
+@torch.library.register_fake("pydiff::solver_step_track", lib=lib)
+def _solver_step_track_fake(x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step,
+                            clip_lo, clip_hi, write_history, x0_stats):
+    return _solver_step_fake(x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step,
+                             clip_lo, clip_hi, write_history)
 
 
 @torch.library.register_fake("pydiff::cfg_rescale", lib=lib)
@@ -176,6 +191,9 @@ if not _ext.has_cpu_kernels():
     # No compiled extension: the op still exists, backed by the reference (CPU) and Triton (CUDA).
     lib.impl("solver_step", _torch_impl, "CPU")
     lib.impl("solver_step", lambda *a: (_triton_impl if _backend.triton_available() else _torch_impl)(*a), "CUDA")
+    lib.impl("solver_step_track", _track_torch, "CPU")
+    lib.impl("solver_step_track", lambda *a: (_track_triton if _backend.triton_available() else _track_torch)(*a),
+             "CUDA")
     lib.impl("cfg_rescale", cfg_rescale_ref, "CPU")
     lib.impl("cfg_rescale", cfg_rescale_ref, "CUDA")
 
@@ -195,6 +213,7 @@ def solver_step(
     backend: Optional[str] = None,
     check: bool = True,
     write_history: Optional[bool] = None,
+    x0_stats: Optional[torch.Tensor] = None,
 ):
     """One fused solver step.  See :mod:`pydiff.reference.solver` for the formula.
 
@@ -214,6 +233,10 @@ def solver_step(
         check: validate the arguments in Python (the C++ op checks shapes and devices regardless).
         write_history: write the second output; by default only when its coefficient row is not all
             zero (or a coefficient table is used). When not written it is an empty tensor.
+        x0_stats: optional float64 ``[2, *x.shape]`` contiguous tensor, updated in place inside the
+            same kernel: ``x0_stats[0] += d``, ``x0_stats[1] += d**2`` with ``d`` the step's x0
+            estimate (``px x + pm m``, clamped); see :func:`x0_variance`.  Runs as
+            ``torch.ops.pydiff.solver_step_track``.
 
     Returns:
         ``(x_next, history_entry)``, both shaped like x, in x's dtype (history_entry empty when not
@@ -237,11 +260,50 @@ def solver_step(
         write_history = coeff_table is not None or any(c != 0.0 for c in coeffs[base:])
     args = (x, model_cond, model_uncond, history, noise, row_scale, list(coeffs), coeff_table, step, clip_lo, clip_hi,
             bool(write_history))
+    if x0_stats is not None:
+        if check:
+            check_x0_stats(x0_stats, x)
+        if name in ("cuda", "cpu"):
+            return torch.ops.pydiff.solver_step_track(*args, x0_stats)
+        return (_track_triton if name == "triton" else _track_torch)(*args, x0_stats)
     if name in ("cuda", "cpu"):
         return torch.ops.pydiff.solver_step(*args)
     if name == "triton":
         return _triton_impl(*args)
     return _torch_impl(*args)
+
+
+def check_x0_stats(x0_stats, x) -> None:
+    if not isinstance(x0_stats, torch.Tensor):
+        raise TypeError(f"x0_stats: expected a torch.Tensor, got {type(x0_stats).__name__}")
+    if x0_stats.dtype != torch.float64:
+        raise TypeError(f"x0_stats: expected dtype float64, got {x0_stats.dtype}")
+    if tuple(x0_stats.shape) != (2,) + tuple(x.shape):
+        raise ValueError(f"x0_stats: expected shape {(2,) + tuple(x.shape)} ([2, *x.shape]), got "
+                         f"{tuple(x0_stats.shape)}")
+    if not x0_stats.is_contiguous():
+        raise ValueError("x0_stats: expected a contiguous tensor (it is updated in place)")
+    if x0_stats.device != x.device:
+        raise ValueError(f"x0_stats: expected device {x.device}, got {x0_stats.device}")
+
+
+def x0_stats_like(x: torch.Tensor) -> torch.Tensor:
+    """A zeroed float64 ``[2, *x.shape]`` accumulator for ``solver_step(..., x0_stats=)``."""
+    return torch.zeros((2,) + tuple(x.shape), dtype=torch.float64, device=x.device)
+
+
+def x0_variance(x0_stats: torch.Tensor, n: int, per_sample: bool = True) -> torch.Tensor:
+    """Variance of the x0 estimate over the ``n`` tracked steps from the running sums.
+
+    ``var = S2 / n - (S1 / n)**2`` per element (float64, clamped at 0); with ``per_sample`` the mean
+    over all elements of each sample: the hallucination score of Aithal et al. 2024 ("Understanding
+    Hallucinations in Diffusion Models through Mode Interpolation"), float64 ``[B]``.
+    """
+    if n < 1:
+        raise ValueError(f"n: expected the number of tracked steps (>= 1), got {n}")
+    mean = x0_stats[0] / n
+    var = (x0_stats[1] / n - mean * mean).clamp_min(0.0)
+    return var.flatten(1).mean(dim=1) if per_sample else var
 
 
 def cfg_rescale(model_cond: torch.Tensor, model_uncond: torch.Tensor, guidance: float, phi: float,

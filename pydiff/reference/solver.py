@@ -47,12 +47,18 @@ def solver_step_ref(
     clip_hi: float = float("inf"),
     compute_dtype: torch.dtype = torch.float64,
     write_history: bool = True,
+    x0_stats: Optional[torch.Tensor] = None,
 ):
     """Evaluate the step in ``compute_dtype`` (float64 by default); outputs are cast to x's dtype.
 
     Shapes: x, model_cond, model_uncond, noise and every history entry share x's shape
     ``[B, ...]``; row_scale is ``[B]``.  Returns ``(x_next, history_entry)``; with
     ``write_history=False`` the second output is an empty tensor (the kernels skip that write).
+
+    ``x0_stats`` (float64 ``[2, *x.shape]``, optional) is updated in place with the running sums of
+    ``d`` and ``d**2`` (the x0 estimate of the step): the per-element variance of x0 over tracked
+    steps is ``S2 / n - (S1 / n)**2``, the hallucination score of Aithal et al. 2024 without storing
+    the trajectory.
     """
     k = len(history)
     c = torch.as_tensor(coeffs, dtype=torch.float64).tolist() if isinstance(coeffs, torch.Tensor) else list(coeffs)
@@ -74,6 +80,10 @@ def solver_step_ref(
     d = px * xx + pm * m
     if clip_lo < clip_hi:
         d = d.clamp(clip_lo, clip_hi)
+    if x0_stats is not None:
+        d64 = d.to(torch.float64)
+        x0_stats[0] += d64
+        x0_stats[1] += d64 * d64
     e = ex * xx + em * m + ed * d
     outs = []
     for r in (rows if write_history else rows[:1]):

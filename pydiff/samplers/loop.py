@@ -32,7 +32,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from pydiff.ops.solver import cfg_rescale, solver_step
+from pydiff.ops.solver import cfg_rescale, solver_step, x0_stats_like, x0_variance
+from pydiff.reference.solver import HEAD, ROW
 from pydiff.samplers.plan import ZERO, Plan, build_plan, x0_step_coeffs
 
 __all__ = ["SamplingLoop", "draw_noise", "norm_device", "sample", "to_device"]
@@ -148,12 +149,19 @@ class SamplingLoop:
             CUDA graph needs) instead of passing them as host floats.
         timestep_dtype: dtype of the ``t`` tensor handed to the model.
         return_x0: also compute the x0 estimate at every evaluation (one extra fused kernel each).
+        track_x0_last: accumulate the running sum of x0 and x0^2 over the last ``track_x0_last``
+            model evaluations inside the step kernels (``solver_step(..., x0_stats=)``) and return
+            the per-sample variance of x0 over them (the hallucination score of Aithal et al.
+            2024), without storing the trajectory.  Where a step's output does not use its x0
+            slot, the slot is set to the x0 conversion (free); where the step reads another
+            register than x (Heun's second stage) or its slot holds something else, one extra
+            history-free fused kernel computes and accumulates x0.
     """
 
     def __init__(self, plan: Plan, model: Callable, *, device, dtype=torch.float32, guidance_scale: float = 1.0,
                  guidance_rescale: float = 0.0, cond=None, uncond=None, cfg_batched: bool = True,
                  use_table: bool = False, timestep_dtype=torch.float32, backend: Optional[str] = None,
-                 return_x0: bool = False):
+                 return_x0: bool = False, track_x0_last: int = 0):
         self.plan, self.model = plan, model
         self.device, self.dtype = norm_device(device), dtype
         self.g, self.phi = float(guidance_scale), float(guidance_rescale)
@@ -167,11 +175,29 @@ class SamplingLoop:
         self.use_table, self.backend, self.return_x0 = bool(use_table), backend, bool(return_x0)
         self.t_table = to_device([e.t for e in plan.evals], timestep_dtype, self.device)
         self.K = plan.max_history
-        if self.use_table:
-            self.table = to_device(plan.table(self.g), torch.float64, self.device)
-            self.x0_table = to_device(plan.x0_table(self.g), torch.float64, self.device) if self.return_x0 else None
+        n = len(plan.evals)
+        if not isinstance(track_x0_last, int) or not 0 <= track_x0_last <= n:
+            raise ValueError(f"track_x0_last: expected an int in 0..{n} (the plan's model evaluations), got "
+                             f"{track_x0_last!r}")
+        self.track_last = track_x0_last
         self.host = [self._with_g(e.coeffs) for e in plan.evals]
         self.host_x0 = [x0_step_coeffs(e.x0, self.g) for e in plan.evals]
+        # how each tracked evaluation accumulates x0: "main" (its step's d is x0), "override" (the
+        # step's outputs ignore d and e, so its d slot can hold x0) or "extra" (one more kernel)
+        self.track_mode = [None] * n
+        for i in range(n - self.track_last, n):
+            self.track_mode[i] = _track_mode(plan.evals[i], self.host[i])
+            if self.track_mode[i] == "override":
+                p, q = plan.evals[i].x0
+                self.host[i][1], self.host[i][2] = float(p), float(q)
+        if self.use_table:
+            table = plan.table(self.g)
+            for i, mode in enumerate(self.track_mode):
+                if mode == "override":
+                    table[i, 1], table[i, 2] = plan.evals[i].x0
+            self.table = to_device(table, torch.float64, self.device)
+            need_x0 = self.return_x0 or "extra" in self.track_mode
+            self.x0_table = to_device(plan.x0_table(self.g), torch.float64, self.device) if need_x0 else None
 
     def _with_g(self, v):
         v = list(v)
@@ -226,6 +252,7 @@ class SamplingLoop:
         if self.use_table and self.K and any(e.k < self.K for e in plan.evals):
             regs[ZERO] = torch.zeros_like(x)
         x0s = [] if self.return_x0 else None
+        stats = x0_stats_like(x) if self.track_last else None
         bar = progress_bar(len(plan.evals), progress, desc=plan.sampler)
         try:
             for i, e in enumerate(plan.evals):
@@ -236,21 +263,26 @@ class SamplingLoop:
                 c, u = self._model(xin, i)
                 row_scale = cfg_rescale(c, u, self.g, self.phi, backend=self.backend) if self.phi != 0.0 else None
                 z = draw_noise(xcur, generator) if e.noise else None
+                mode = self.track_mode[i]
+                main_stats = stats if mode in ("main", "override") else None
+                x0_stats = stats if mode == "extra" else None
                 if self.use_table:
                     hist = [regs[r] for r in plan.padded_reads(i, self.K)]
                     out, h = solver_step(regs[e.src], c, u, hist, z, coeff_table=self.table, step=step,
-                                         row_scale=row_scale, clip=e.clip, backend=self.backend)
-                    if self.return_x0:
+                                         row_scale=row_scale, clip=e.clip, backend=self.backend, x0_stats=main_stats)
+                    if self.return_x0 or x0_stats is not None:
                         x0 = solver_step(xcur, c, u, coeff_table=self.x0_table, step=step, row_scale=row_scale,
-                                         backend=self.backend, write_history=False)[0]
+                                         clip=e.clip if x0_stats is not None else None, backend=self.backend,
+                                         write_history=False, x0_stats=x0_stats)[0]
                     step.add_(1)
                 else:
                     hist = [regs[r] for r in e.reads]
                     out, h = solver_step(regs[e.src], c, u, hist, z, coeffs=self.host[i], row_scale=row_scale,
-                                         clip=e.clip, backend=self.backend)
-                    if self.return_x0:
+                                         clip=e.clip, backend=self.backend, x0_stats=main_stats)
+                    if self.return_x0 or x0_stats is not None:
                         x0 = solver_step(xcur, c, u, coeffs=self.host_x0[i], row_scale=row_scale,
-                                         backend=self.backend)[0]
+                                         clip=e.clip if x0_stats is not None else None, backend=self.backend,
+                                         x0_stats=x0_stats)[0]
                 if self.return_x0:
                     x0s.append(x0)
                 regs["x"] = out
@@ -265,7 +297,23 @@ class SamplingLoop:
         finally:
             if bar is not None:
                 bar.close()
-        return (regs["x"], x0s) if self.return_x0 else regs["x"]
+        res = (regs["x"],) + ((x0s,) if self.return_x0 else ()) + \
+            ((x0_variance(stats, self.track_last),) if self.track_last else ())
+        return res if len(res) > 1 else res[0]
+
+
+def _track_mode(e, v) -> str:
+    """How evaluation ``e`` (host coefficients ``v``) accumulates its x0 estimate (see SamplingLoop)."""
+    if e.src != "x":
+        return "extra"
+    k = e.k
+    rows = (v[len(HEAD):len(HEAD) + len(ROW) + k], v[len(HEAD) + len(ROW) + k:])
+    d, ei = ROW.index("d"), ROW.index("e")
+    if all(r[d] == 0.0 and r[ei] == 0.0 for r in rows):
+        return "override"
+    p, q = e.x0
+    close = lambda a, b: abs(a - b) <= 1e-12 * max(1.0, abs(b))  # noqa: E731
+    return "main" if close(v[1], p) and close(v[2], q) else "extra"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -292,7 +340,7 @@ def sample(model: Callable, shape_or_x, sampler: str = "dpmpp_2m", steps: int = 
            sigmas: Optional[str] = None, generator=None, progress: Optional[bool] = None,
            return_x0_trajectory: bool = False, device=None, dtype=None, timestep_dtype=torch.float32,
            backend: Optional[str] = None, callback: Optional[Callable] = None, scheduler_config=None,
-           use_table: bool = False, **sampler_config):
+           use_table: bool = False, hallucination_window: int = 0, **sampler_config):
     """Sample with ``sampler`` for ``steps`` steps over ``model(x, t, cond) -> prediction``.
 
     Samplers: ``ddim``, ``ddpm``, ``dpmpp_2m``, ``dpmpp_3m``, ``dpmpp_2m_sde``, ``plms``, ``euler``,
@@ -328,6 +376,9 @@ def sample(model: Callable, shape_or_x, sampler: str = "dpmpp_2m", steps: int = 
             knows are used; explicit keyword options win).
         use_table: read the coefficients from a float64 device table (the CUDA-graph path) instead of
             kernel arguments.  Same results.
+        hallucination_window: track the x0 estimate over the last this many model evaluations inside
+            the step kernels and also return the per-sample hallucination score: the variance of x0
+            over them, averaged over the sample's elements (Aithal et al. 2024, float64 ``[B]``).
         **sampler_config: stepper config keys with diffusers' names (``beta_schedule``,
             ``solver_order``, ``steps_offset``, ``shift``, ...) and step options (DDIM ``eta``,
             ``use_clipped_model_output``; Euler ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``).
@@ -335,7 +386,9 @@ def sample(model: Callable, shape_or_x, sampler: str = "dpmpp_2m", steps: int = 
             clamps x0 to [-1, 1]: right for pixel models, wrong for latents).
 
     Returns:
-        the final sample; with ``return_x0_trajectory``, ``(sample, [x0 per model evaluation])``.
+        the final sample; with ``return_x0_trajectory``, ``(sample, [x0 per model evaluation])``;
+        with ``hallucination_window``, the score is appended: ``(sample, score)`` or ``(sample,
+        x0s, score)``.
     """
     if karras:
         if sigmas not in (None, "karras"):
@@ -347,7 +400,7 @@ def sample(model: Callable, shape_or_x, sampler: str = "dpmpp_2m", steps: int = 
     loop = SamplingLoop(plan, model, device=device, dtype=dtype, guidance_scale=guidance_scale,
                         guidance_rescale=guidance_rescale, cond=cond, uncond=uncond, cfg_batched=cfg_batched,
                         use_table=use_table, timestep_dtype=timestep_dtype, backend=backend,
-                        return_x0=return_x0_trajectory)
+                        return_x0=return_x0_trajectory, track_x0_last=hallucination_window)
     if plan.init_noise_sigma != 1.0:
         x = x * plan.init_noise_sigma
     return loop.run(x, generator=generator, progress=progress, callback=callback)

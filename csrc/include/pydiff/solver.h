@@ -6,6 +6,9 @@
 //   e   = ex x + em m + ed d
 //   out_j = a_j.x x + a_j.m m + a_j.d d + a_j.e e + a_j.z z + sum_k a_j.h[k] h_k     (j = 0, 1)
 // Coefficients are float64 on the host (or a float64 device table row), computed in fp32 per element.
+// Optional x0 statistics (hallucination score, Aithal et al. 2024), float64 [2, numel], in place:
+//   x0_stats[0][i] += d_i,   x0_stats[1][i] += d_i^2
+// so the variance of the x0 estimate d over the tracked steps needs no stored trajectory.
 #pragma once
 #include <cstdint>
 
@@ -39,6 +42,7 @@ struct SolverStepArgs {
   const int64_t* step;
   int64_t table_rows;
   float clip_lo, clip_hi;
+  double* x0_stats;          // may be null; else float64 [2, numel], accumulated in place
 };
 
 // CPU kernel (OpenMP-parallel, vectorised). Returns 0 on success, nonzero on bad arguments.
