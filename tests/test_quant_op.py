@@ -1,0 +1,514 @@
+"""Quantization ops (``quantize``, ``quant_gemm``; W4A4, W8A8 int8 / fp8) on the CPU backends: the C++
+kernels ('cpu'), the pure-torch reference ('torch') and, when its module imports, Triton in the
+interpreter ('triton', on a subset of the sizes), all against the float64 reference of
+pydiff/reference/quant.py.
+
+* quantize: q and scales bit-equal to the reference for prologue "none" (every format, input dtype,
+  odd sizes, smoothing and the low-rank down-projection); with gelu_tanh / layernorm (adaLN) at most
+  a handful of one-step differences (tanh and the float64 summation order move y by an ulp; the
+  C++ kernel showed 0 of 6.4M q values and 1-ulp scale differences in about 1 group in 3000 while
+  this file was written); fp8 e4m3 encoding bit-equal to torch's ``.to(torch.float8_e4m3fn)`` for
+  every fp16 and bf16 value in [-448, 448] and every rounding tie of fp32; NaN / inf / zero groups.
+* quant_gemm: against ``quant_gemm_ref(out_dtype=None)`` within the fp32 rounding of the epilogue;
+  the integer accumulators equal (unit scales, one group: out == the exact integer sum); adversarial
+  all +7 x +7, -8 x -8 (int4), +127 x +127, -128 x -128 (int8), 448 x 448 (fp8) at K up to 16384.
+* registration (opcheck, torch.compile fullgraph) and bad input naming the argument.
+"""
+import importlib
+import math
+
+import pytest
+import torch
+
+import pydiff
+from pydiff.ops.quant import quant_gemm, quantize
+from pydiff.reference.quant import (
+    FORMATS,
+    QMAX,
+    q_dtype,
+    q_values,
+    quant_gemm_ref,
+    quantize_ref,
+    unpack_int4,
+)
+
+from _util import CPU, poison_allocator
+
+HAS_EXT = pydiff.build_info()["cpu_kernels"]
+
+
+def _triton_ok() -> bool:
+    if "triton" not in pydiff.available_backends(CPU):
+        return False
+    try:
+        importlib.import_module("pydiff.triton_kernels.quant")
+    except Exception:
+        return False
+    return True
+
+
+BACKENDS = [b for b in ("cpu", "torch") if b in pydiff.available_backends(CPU)]
+ALL_BACKENDS = BACKENDS + (["triton"] if _triton_ok() else [])
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# (M, K, G): M = 1, primes; K not a power of two; one group per row (G = K) included
+Q_SIZES = [(1, 32, 32), (3, 64, 32), (37, 96, 32), (37, 320, 64), (3, 320, 320), (1, 96, 96), (37, 64, 64),
+           (3, 320, 32)]
+Q_SIZES_SMALL = [(3, 64, 32), (37, 320, 64), (1, 96, 96)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    yield
+
+
+def _rand(shape, dtype, seed, std=1.0, mean=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * std + mean).to(dtype)
+
+
+def _sizes(backend, full, small):
+    return small if backend == "triton" else full
+
+
+def _codes(q, fmt):
+    """Stored q as comparable integers: int values (int4/int8) or e4m3 bit patterns (fp8)."""
+    if fmt == "fp8":
+        return q.view(torch.uint8).to(torch.int64)
+    if fmt == "int4":
+        return unpack_int4(q).to(torch.int64)
+    return q.to(torch.int64)
+
+
+def _step_diff(qa, qb, fmt):
+    """Elementwise distance in quantization steps (for fp8: between codes of the same sign)."""
+    a, b = _codes(qa, fmt), _codes(qb, fmt)
+    if fmt == "fp8":
+        sa, sb = a >> 7, b >> 7
+        ma, mb = a & 0x7F, b & 0x7F
+        d = torch.where(sa == sb, (ma - mb).abs(), ma + mb)  # across zero: both magnitudes
+        return d
+    return (a - b).abs()
+
+
+# ---------------------------------------------------------------- quantize
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_quantize_matches_reference(backend, fmt, dtype):
+    for i, (M, K, G) in enumerate(_sizes(backend, Q_SIZES, Q_SIZES_SMALL)):
+        seed = 100 * i + FORMATS.index(fmt)
+        x = _rand((M, K), dtype, seed, std=1.5, mean=0.25)
+        smooth = _rand((K,), DTYPES[i % 3], seed + 1).abs().add(0.5) if i % 2 else None
+        lora_down = _rand((K, 3 + i), DTYPES[(i + 1) % 3], seed + 2, std=0.1) if i % 3 != 1 else None
+        poison_allocator(M * K, torch.float32)  # freed blocks of the outputs' sizes hold NaN bytes
+        q, s, la = quantize(x, fmt, G, smooth=smooth, lora_down=lora_down, backend=backend)
+        qr, sr, lar = quantize_ref(x, smooth, lora_down, fmt=fmt, group_size=G)
+        what = f"{backend} {fmt} {dtype} M={M} K={K} G={G} smooth={smooth is not None} lora={lora_down is not None}"
+        assert q.dtype == q_dtype(fmt) and q.shape == qr.shape, what
+        assert s.dtype == torch.float32 and s.shape == (M, K // G), what
+        R = 0 if lora_down is None else lora_down.shape[1]
+        assert la.dtype == torch.float32 and la.shape == (M, R), what
+        assert torch.equal(_codes(q, fmt), _codes(qr, fmt)), f"{what}: q differs from the reference"
+        assert torch.equal(s, sr), f"{what}: scales differ from the reference"
+        assert torch.isfinite(s).all() and (s > 0).all(), what
+        if R:
+            y = x.float() / smooth.float() if smooth is not None else x.float()
+            bound = 4 * K * 2.0**-24 * (y.double().abs() @ lora_down.double().abs()) + 1e-30
+            assert ((la.double() - lar.double()).abs() <= bound).all(), f"{what}: lora_act"
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantize_prologues_match_reference(backend, fmt):
+    """gelu_tanh and layernorm (+ adaLN): q within one step of the reference in a handful of places."""
+    M, K, G = 12, 320, 64
+    step_diffs, total = 0, 0
+    for j, dtype in enumerate(DTYPES):
+        x = _rand((M, K), dtype, 7 + j, std=2.0, mean=0.3)
+        sh = _rand((4, K), dtype, 8 + j, std=0.5)
+        sc = _rand((4, K), dtype, 9 + j, std=0.2)
+        cases = [("gelu_tanh", {}), ("layernorm", {}), ("layernorm", dict(shift=sh, scale=sc)),
+                 ("layernorm", dict(shift=sh[:1])), ("layernorm", dict(scale=sc[:2])),
+                 ("layernorm", dict(shift=_rand((M, K), dtype, 10), scale=_rand((M, K), dtype, 11, std=0.2)))]
+        for pro, kw in cases:
+            smooth = _rand((K,), torch.float32, 12).abs().add(0.5) if pro == "gelu_tanh" else None
+            q, s, _ = quantize(x, fmt, G, prologue=pro, smooth=smooth, backend=backend, **kw)
+            qr, sr, _ = quantize_ref(x, smooth, None, kw.get("shift"), kw.get("scale"), fmt, G, pro)
+            what = f"{backend} {fmt} {dtype} {pro} {sorted(kw)}"
+            assert torch.isfinite(s).all(), what
+            rel = ((s.double() - sr.double()).abs() / sr.double()).max().item()
+            assert rel <= (2.0**-22 if backend != "triton" else 2.0**-18), f"{what}: scales rel diff {rel:.3g}"
+            d = _step_diff(q, qr, fmt)
+            assert d.max().item() <= 1, f"{what}: q differs by {d.max().item()} steps"
+            step_diffs += int((d > 0).sum())
+            total += d.numel()
+    # the C++ kernel and the reference differ only by tanh's last bit and the float64 summation order
+    limit = 8 if backend != "triton" else total // 100
+    assert step_diffs <= limit, f"{backend} {fmt}: {step_diffs} of {total} q values one step off"
+
+
+def _fp8_sweep_values():
+    half = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    bf = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    e4 = torch.arange(0, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448
+    mid = (e4[:-1] + e4[1:]) / 2  # every tie (exact in fp32)
+    ties = torch.cat([mid, torch.nextafter(mid, torch.zeros_like(mid)),
+                      torch.nextafter(mid, torch.full_like(mid, 1e3))])
+    tiny = torch.tensor([0.0, 1e-45, 1.1754944e-38, 2.0**-10, 2.0**-9 * 0.5, 2.0**-9 * 1.5, 464.0 - 2.0**-5])
+    v = torch.cat([half, bf, ties, tiny])
+    v = v[torch.isfinite(v) & (v.abs() <= 448)]
+    return torch.cat([v, -v])
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_fp8_encoding_matches_torch_bit_for_bit(backend):
+    """Each group is [448, v0 .. v30]: amax 448, scale exactly 1, so q = e4m3(v) for every swept v."""
+    v = _fp8_sweep_values()
+    if backend == "triton":
+        v = v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(0))[:4000]]
+    per = 31
+    rows = (v.numel() + per - 1) // per
+    body = torch.zeros(rows * per)
+    body[: v.numel()] = v
+    x = torch.cat([torch.full((rows, 1), 448.0), body.reshape(rows, per)], dim=1)
+    q, s, _ = quantize(x, "fp8", 32, backend=backend)
+    assert torch.equal(s, torch.ones_like(s))
+    want = x.to(torch.float8_e4m3fn)
+    bad = (q.view(torch.uint8) != want.view(torch.uint8))
+    assert not bad.any(), f"{backend}: e4m3({x[bad][:5].tolist()}) = {q[bad][:5].view(torch.uint8).tolist()}, " \
+                          f"torch gives {want[bad][:5].view(torch.uint8).tolist()} ({int(bad.sum())} of {x.numel()})"
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantize_rounding_ties_and_special_groups(backend, fmt):
+    qmax = QMAX[fmt]
+    # group 0: amax = QMAX -> scale 1, so q = rint(v) (half to even) or e4m3(v)
+    ties = torch.tensor([0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, -0.5, -1.5, -2.5, -6.5, 2.5000002, 2.4999998, 0.25,
+                         -0.75, 1.0, -0.0, 6.4999995])
+    g0 = torch.zeros(32)
+    g0[0] = -qmax
+    g0[1:1 + ties.numel()] = ties
+    g1 = _rand((32,), torch.float32, 3)
+    g1[5] = float("nan")
+    g2 = _rand((32,), torch.float32, 4)
+    g2[7] = float("inf")
+    g3 = torch.zeros(32)
+    g3[::2] = -0.0
+    g4 = _rand((32,), torch.float32, 5)
+    g5 = _rand((32,), torch.float32, 6)
+    g5[31] = -float("inf")
+    x = torch.stack([torch.cat([g0, g1, g2]), torch.cat([g3, g4, g5])])
+    q, s, _ = quantize(x, fmt, 32, backend=backend)
+    qr, sr, _ = quantize_ref(x, fmt=fmt, group_size=32)
+    assert torch.equal(_codes(q, fmt), _codes(qr, fmt)), backend
+    assert s[0, 0].item() == 1.0 and s[1, 0].item() == 0.0 and s[1, 1].item() > 0
+    for m, g in ((0, 1), (0, 2), (1, 2)):
+        assert math.isnan(s[m, g].item()), f"{backend} {fmt}: scale of a NaN/inf group is {s[m, g].item()}"
+        assert (_codes(q, fmt)[m, 32 * g:32 * (g + 1)] == 0).all()
+    assert (_codes(q, fmt)[1, :32] == 0).all()
+    if fmt != "fp8":
+        want = torch.round(ties)  # half to even
+        assert torch.equal(_codes(q, fmt)[0, 1:1 + ties.numel()], want.to(torch.int64))
+    # int4 packing: channel 2j in the low nibble of byte j
+    if fmt == "int4":
+        assert q[0, 0].item() == ((-7) & 0xF) | ((0 & 0xF) << 4)  # -7 (amax), rint(0.5) = 0
+
+
+# ---------------------------------------------------------------- quant_gemm
+GEMM_M, GEMM_N = (1, 3, 37), (1, 5, 67)
+GEMM_KG = [(32, 32), (64, 32), (64, 64), (96, 32), (96, 96), (320, 32), (320, 64), (320, 320)]
+GEMM_SMALL = [(3, 5, 64, 32), (37, 67, 320, 64), (1, 1, 96, 96)]
+
+
+def _gemm_cases(backend):
+    if backend == "triton":
+        return GEMM_SMALL
+    return [(M, N, K, G) for M in GEMM_M for N in GEMM_N for K, G in GEMM_KG]
+
+
+def _operands(M, N, K, G, fmt, seed, dtype=torch.float32):
+    x = _rand((M, K), dtype, seed, std=1.2, mean=0.1)
+    w = _rand((N, K), dtype, seed + 1, std=0.05)
+    qa, sa, _ = quantize_ref(x, fmt=fmt, group_size=G)
+    qw, sw, _ = quantize_ref(w, fmt=fmt, group_size=G)
+    return qa, sa, qw, sw
+
+
+def _magnitude(qa, sa, qw, sw, bias, la, lu, fmt, G):
+    """sum of |terms| of out (float64): the scale of the fp32 rounding errors of the epilogue."""
+    a, w = q_values(qa, fmt).abs(), q_values(qw, fmt).abs()
+    M, K = a.shape
+    N = w.shape[0]
+    mag = torch.zeros(M, N, dtype=torch.float64)
+    for g in range(K // G):
+        sl = slice(g * G, (g + 1) * G)
+        mag += (a[:, sl] @ w[:, sl].T) * (sa[:, g:g + 1].double().abs() * sw[:, g].double().abs()[None, :])
+    if la is not None:
+        mag += la.double().abs() @ lu.double().abs()
+    if bias is not None:
+        mag += bias.double().abs()[None, :]
+    return mag
+
+
+def _check_gemm(out, ref, mag, n_terms, out_dtype, what):
+    assert out.dtype == out_dtype and out.shape == ref.shape, what
+    assert torch.isfinite(out).all(), f"{what}: non-finite output"
+    ulp_out = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[out_dtype]
+    bound = 2 * (n_terms + 2) * 2.0**-24 * mag + ulp_out * ref.abs() + 2.0**-24
+    err = (out.double() - ref).abs()
+    worst = (err - bound).max().item()
+    assert worst <= 0, f"{what}: max error {err.max().item():.3e} (bound exceeded by {worst:.3e})"
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_quant_gemm_matches_reference(backend, fmt, out_dtype):
+    for i, (M, N, K, G) in enumerate(_gemm_cases(backend)):
+        in_dtype = DTYPES[i % 3]
+        qa, sa, qw, sw = _operands(M, N, K, G, fmt, seed=10 * i + FORMATS.index(fmt), dtype=in_dtype)
+        bias = _rand((N,), DTYPES[(i + 1) % 3], i) if i % 2 else None
+        la = lu = None
+        if i % 4 >= 2:
+            R = 1 + i % 7
+            la = _rand((M, R), DTYPES[i % 3], i + 1)
+            lu = _rand((R, N), DTYPES[(i + 2) % 3], i + 2, std=0.1)
+        poison_allocator(M * N, out_dtype)
+        out = quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=G, bias=bias, lora_act=la, lora_up=lu,
+                         out_dtype=out_dtype, backend=backend)
+        ref = quant_gemm_ref(qa, sa, qw, sw, bias, la, lu, fmt, G, out_dtype=None)
+        mag = _magnitude(qa, sa, qw, sw, bias, la, lu, fmt, G)
+        n_terms = K // G + (0 if la is None else la.shape[1])
+        _check_gemm(out, ref, mag, n_terms, out_dtype,
+                    f"{backend} {fmt} M={M} N={N} K={K} G={G} bias={bias is not None} lora={la is not None}")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_quant_gemm_integer_accumulators_equal(backend, fmt):
+    """Unit scales and one group: out (fp32) is the exact integer dot product, rounded once to fp32."""
+    g = torch.Generator().manual_seed(1)
+    cases = [(3, 5, 64), (37, 67, 320), (2, 3, 4096)] if backend != "triton" else [(3, 5, 64), (2, 3, 1024)]
+    for M, N, K in cases:
+        if fmt == "int4":
+            qa = torch.randint(0, 256, (M, K // 2), generator=g, dtype=torch.int32).to(torch.uint8)
+            qw = torch.randint(0, 256, (N, K // 2), generator=g, dtype=torch.int32).to(torch.uint8)
+        else:
+            qa = torch.randint(-128, 128, (M, K), generator=g, dtype=torch.int32).to(torch.int8)
+            qw = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int32).to(torch.int8)
+        sa, sw = torch.ones(M, 1), torch.ones(N, 1)
+        out = quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=K, out_dtype=torch.float32, backend=backend)
+        exact = q_values(qa, fmt) @ q_values(qw, fmt).T  # float64, exact
+        assert torch.equal(out, exact.to(torch.float32)), f"{backend} {fmt} M={M} N={N} K={K}"
+
+
+ADVERSARIAL = [("int4", 7, 7), ("int4", -8, -8), ("int4", 7, -8), ("int8", 127, 127), ("int8", -128, -128),
+               ("int8", -128, 127), ("fp8", 448.0, 448.0), ("fp8", -448.0, 448.0), ("fp8", 2.0**-9, 448.0)]
+
+
+def _filled(fmt, v, rows, K):
+    if fmt == "fp8":
+        return torch.full((rows, K), v).to(torch.float8_e4m3fn)
+    if fmt == "int8":
+        return torch.full((rows, K), v, dtype=torch.int8)
+    nib = v & 0xF
+    return torch.full((rows, K // 2), nib | (nib << 4), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("case", ADVERSARIAL, ids=lambda c: f"{c[0]}:{c[1]}x{c[2]}")
+def test_quant_gemm_adversarial_extremes(backend, case):
+    """Every product at the extreme of the format, K up to 16384: exact (every partial sum here is
+    representable in fp32, and the scales are powers of two)."""
+    fmt, va, vw = case
+    Ks = (4096, 16384) if backend != "triton" else (4096,)
+    for K in Ks:
+        for G in (64, K):
+            M, N = 2, 3
+            qa, qw = _filled(fmt, va, M, K), _filled(fmt, vw, N, K)
+            sa = torch.full((M, K // G), 0.5)
+            sw = torch.full((N, K // G), 2.0**-3)
+            out = quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=G, out_dtype=torch.float32, backend=backend)
+            ref = quant_gemm_ref(qa, sa, qw, sw, fmt=fmt, group_size=G, out_dtype=None)
+            exact = float(q_values(qa[:1, :], fmt)[0, 0] * q_values(qw[:1, :], fmt)[0, 0]) * K * 0.5 * 2.0**-3
+            assert (ref == exact).all()
+            assert torch.equal(out.double(), ref), f"{backend} {case} K={K} G={G}: {out[0, 0].item()} != {exact}"
+
+
+def test_quant_gemm_layer_size_and_noncontiguous_inputs():
+    """A UNet-sized layer (M 2048, K 1152, N 128) end to end from float inputs, with a transposed
+    (non-contiguous) activation view, on every backend."""
+    M, K, N, G = 2048, 1152, 128, 64
+    x = _rand((K, M), torch.bfloat16, 1).T  # non-contiguous [M, K]
+    w = _rand((N, K), torch.float32, 2, std=0.03)
+    bias = _rand((N,), torch.bfloat16, 3)
+    outs = {}
+    for backend in BACKENDS:
+        qa, sa, _ = quantize(x, "int4", G, backend=backend)
+        qw, sw, _ = quantize(w, "int4", G, backend=backend)
+        outs[backend] = quant_gemm(qa, sa, qw, sw, fmt="int4", group_size=G, bias=bias, out_dtype=torch.float32,
+                                   backend=backend)
+    qa, sa, _ = quantize_ref(x, fmt="int4", group_size=G)
+    qw, sw, _ = quantize_ref(w, fmt="int4", group_size=G)
+    ref = quant_gemm_ref(qa, sa, qw, sw, bias, fmt="int4", group_size=G, out_dtype=None)
+    mag = _magnitude(qa, sa, qw, sw, bias, None, None, "int4", G)
+    for backend, out in outs.items():
+        _check_gemm(out, ref, mag, K // G, torch.float32, f"{backend} layer")
+    full = x.double() @ w.double().T + bias.double()
+    rel = ((ref - full).norm() / full.norm()).item()
+    assert rel < 0.2, f"W4A4 relative error {rel:.3f} of the layer"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_inputs(backend):
+    x = torch.randn(0, 64)
+    q, s, la = quantize(x, "int4", 32, lora_down=torch.randn(64, 4), backend=backend)
+    assert q.shape == (0, 32) and s.shape == (0, 2) and la.shape == (0, 4)
+    qw, sw, _ = quantize(torch.randn(5, 64), "int4", 32, backend=backend)
+    out = quant_gemm(q, s, qw, sw, fmt="int4", group_size=32, out_dtype=torch.float16, backend=backend)
+    assert out.shape == (0, 5) and out.dtype == torch.float16
+
+
+# ---------------------------------------------------------------- registration
+@pytest.mark.skipif(not HAS_EXT, reason="compiled extension not built")
+def test_opcheck_quant_ops():
+    x = _rand((5, 64), torch.float32, 1)
+    sm = _rand((64,), torch.float32, 2).abs() + 0.5
+    ld = _rand((64, 3), torch.bfloat16, 3)
+    sh, sc = _rand((1, 64), torch.float16, 4), _rand((1, 64), torch.float16, 5)
+    for fmt in FORMATS:
+        # test_schema compares tensors with arithmetic that float8_e4m3fn lacks on the CPU: skipped for fp8
+        utils = [u for u in ("test_schema", "test_autograd_registration", "test_faketensor",
+                             "test_aot_dispatch_dynamic") if fmt != "fp8" or u != "test_schema"]
+        check = lambda op, args: torch.library.opcheck(op, args, test_utils=utils)  # noqa: E731
+        check(torch.ops.pydiff.quantize.default, (x, sm, ld, None, None, fmt, 32, "none", 1e-6))
+        check(torch.ops.pydiff.quantize.default, (x.half(), None, None, sh, sc, fmt, 64, "layernorm", 1e-5))
+        qa, sa, la = quantize_ref(x, None, ld, fmt=fmt, group_size=32)
+        qw, sw, _ = quantize_ref(_rand((7, 64), torch.float32, 6), fmt=fmt, group_size=32)
+        bias, lu = _rand((7,), torch.bfloat16, 7), _rand((3, 7), torch.float32, 8)
+        check(torch.ops.pydiff.quant_gemm.default, (qa, sa, qw, sw, bias, la, lu, fmt, 32, torch.bfloat16))
+        check(torch.ops.pydiff.quant_gemm.default, (qa, sa, qw, sw, None, None, None, fmt, 32, torch.float32))
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="compiled extension not built")
+def test_torch_compile_fullgraph():
+    x = _rand((6, 128), torch.bfloat16, 1)
+    w = _rand((9, 128), torch.float32, 2, std=0.1)
+    ld, lu = _rand((128, 4), torch.float32, 3, std=0.1), _rand((4, 9), torch.bfloat16, 4)
+    bias = _rand((9,), torch.float32, 5)
+    qw, sw, _ = quantize(w, "int4", 64, backend="cpu")
+
+    def raw(x):
+        q, s, la = torch.ops.pydiff.quantize(x, None, ld, None, None, "int4", 64, "gelu_tanh", 1e-6)
+        return torch.ops.pydiff.quant_gemm(q, s, qw, sw, bias, la, lu, "int4", 64, torch.bfloat16)
+
+    def wrapped(x):
+        q, s, la = quantize(x, "int8", 64, lora_down=ld, prologue="layernorm", backend="cpu")
+        qw8, sw8, _ = quantize(w, "int8", 64, backend="cpu")
+        return quant_gemm(q, s, qw8, sw8, fmt="int8", group_size=64, bias=bias, lora_act=la, lora_up=lu,
+                          out_dtype=torch.float32, backend="cpu")
+
+    for fn in (raw, wrapped):
+        got = torch.compile(fn, fullgraph=True, backend="aot_eager")(x)
+        assert torch.equal(got, fn(x))
+
+
+# ---------------------------------------------------------------- bad input
+def _q_inputs():
+    return dict(x=torch.randn(4, 64), fmt="int4", group_size=32)
+
+
+QUANTIZE_BAD = [
+    ("x_dtype", TypeError, "x: expected dtype", lambda a: a.update(x=torch.ones(4, 64, dtype=torch.int32))),
+    ("x_rank", ValueError, "x: expected a 2-D tensor", lambda a: a.update(x=torch.randn(2, 4, 64))),
+    ("fmt", ValueError, "fmt: expected", lambda a: a.update(fmt="int3")),
+    ("group_mult", ValueError, "group_size: expected", lambda a: a.update(group_size=48)),
+    ("group_div", ValueError, "group_size: expected", lambda a: a.update(x=torch.randn(4, 96), group_size=64)),
+    ("prologue", ValueError, "prologue: expected", lambda a: a.update(prologue="relu")),
+    ("smooth_shape", ValueError, "smooth: expected shape", lambda a: a.update(smooth=torch.ones(63))),
+    ("smooth_dtype", TypeError, "smooth: expected dtype", lambda a: a.update(smooth=torch.ones(64, dtype=torch.int64))),
+    ("smooth_device", ValueError, "smooth: expected device", lambda a: a.update(smooth=torch.ones(64, device="meta"))),
+    ("lora_shape", ValueError, "lora_down: expected shape", lambda a: a.update(lora_down=torch.ones(65, 4))),
+    ("shift_prologue", ValueError, "shift: only used", lambda a: a.update(shift=torch.zeros(1, 64))),
+    ("scale_batch", ValueError, "scale: expected shape",
+     lambda a: a.update(prologue="layernorm", scale=torch.zeros(3, 64))),
+    ("eps", ValueError, "eps: expected", lambda a: a.update(prologue="layernorm", eps=-1.0)),
+]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("case,exc,msg,edit", QUANTIZE_BAD, ids=[c[0] for c in QUANTIZE_BAD])
+def test_quantize_bad_input(backend, case, exc, msg, edit):
+    a = _q_inputs()
+    edit(a)
+    x, fmt, G = a.pop("x"), a.pop("fmt"), a.pop("group_size")
+    with pytest.raises(exc) as ei:
+        quantize(x, fmt, G, backend=backend, **a)
+    assert msg in str(ei.value)
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="compiled extension not built")
+@pytest.mark.parametrize("case,exc,msg,edit", [c for c in QUANTIZE_BAD if c[0] != "smooth_device"],
+                         ids=[c[0] for c in QUANTIZE_BAD if c[0] != "smooth_device"])
+def test_raw_quantize_checks_its_arguments(case, exc, msg, edit):
+    """The C++ op validates on its own (never reads out of bounds), naming the argument."""
+    a = dict(_q_inputs(), smooth=None, lora_down=None, shift=None, scale=None, prologue="none", eps=1e-6)
+    edit(a)
+    with pytest.raises(exc) as ei:
+        torch.ops.pydiff.quantize(a["x"], a["smooth"], a["lora_down"], a["shift"], a["scale"], a["fmt"],
+                                  a["group_size"], a["prologue"], a["eps"])
+    assert msg in str(ei.value)
+
+
+def _g_inputs():
+    M, N, K, G = 3, 5, 64, 32
+    qa, sa, _ = quantize_ref(torch.randn(M, K), fmt="int4", group_size=G)
+    qw, sw, _ = quantize_ref(torch.randn(N, K), fmt="int4", group_size=G)
+    return dict(qa=qa, sa=sa, qw=qw, sw=sw, bias=None, lora_act=None, lora_up=None, fmt="int4", group_size=G,
+                out_dtype=torch.float32)
+
+
+GEMM_BAD = [
+    ("qa_dtype", TypeError, "qa: expected dtype", lambda a: a.update(qa=a["qa"].to(torch.int8))),
+    ("qa_fmt", TypeError, "qw: expected dtype", lambda a: a.update(qa=torch.zeros(3, 64, dtype=torch.int8),
+                                                                   fmt="int8")),
+    ("qa_rank", ValueError, "qa: expected a 2-D", lambda a: a.update(qa=a["qa"].reshape(-1))),
+    ("qw_cols", ValueError, "qw: expected", lambda a: a.update(qw=torch.zeros(5, 48, dtype=torch.uint8))),
+    ("qw_device", ValueError, "qw: expected device", lambda a: a.update(qw=a["qw"].to("meta"))),
+    ("sa_shape", ValueError, "sa: expected shape", lambda a: a.update(sa=torch.ones(3, 1))),
+    ("sw_dtype", TypeError, "sw: expected dtype", lambda a: a.update(sw=a["sw"].half())),
+    ("bias_shape", ValueError, "bias: expected shape", lambda a: a.update(bias=torch.ones(4))),
+    ("bias_dtype", TypeError, "bias: expected dtype", lambda a: a.update(bias=torch.ones(5, dtype=torch.int32))),
+    ("lora_pair", ValueError, "lora_act, lora_up", lambda a: a.update(lora_act=torch.ones(3, 2))),
+    ("lora_act_rows", ValueError, "lora_act: expected shape",
+     lambda a: a.update(lora_act=torch.ones(4, 2), lora_up=torch.ones(2, 5))),
+    ("lora_up_shape", ValueError, "lora_up: expected shape",
+     lambda a: a.update(lora_act=torch.ones(3, 2), lora_up=torch.ones(3, 5))),
+    ("group", ValueError, "group_size: expected", lambda a: a.update(group_size=48)),
+    ("fmt", ValueError, "fmt: expected", lambda a: a.update(fmt="nf4")),
+    ("out_dtype", TypeError, "out_dtype: expected", lambda a: a.update(out_dtype=torch.int32)),
+]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("case,exc,msg,edit", GEMM_BAD, ids=[c[0] for c in GEMM_BAD])
+def test_quant_gemm_bad_input(backend, case, exc, msg, edit):
+    a = _g_inputs()
+    edit(a)
+    qa, sa, qw, sw = a.pop("qa"), a.pop("sa"), a.pop("qw"), a.pop("sw")
+    with pytest.raises(exc) as ei:
+        quant_gemm(qa, sa, qw, sw, backend=backend, **a)
+    assert msg in str(ei.value)
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="compiled extension not built")
+@pytest.mark.parametrize("case,exc,msg,edit", [c for c in GEMM_BAD if c[0] != "qw_device"],
+                         ids=[c[0] for c in GEMM_BAD if c[0] != "qw_device"])
+def test_raw_quant_gemm_checks_its_arguments(case, exc, msg, edit):
+    a = _g_inputs()
+    edit(a)
+    with pytest.raises(exc) as ei:
+        torch.ops.pydiff.quant_gemm(a["qa"], a["sa"], a["qw"], a["sw"], a["bias"], a["lora_act"], a["lora_up"],
+                                    a["fmt"], a["group_size"], a["out_dtype"])
+    assert msg in str(ei.value)
