@@ -1,0 +1,643 @@
+"""Triton kernels of the quantization ops (definitions: :mod:`pydiff.reference.quant`).
+
+* ``quantize``: ``(q, scales, lora_act)`` of ``x [M, K]``.  Grid ``(row blocks, group-tile
+  splits)``; a program holds ``BM`` rows and walks their channels in tiles ``[BM, GPC, GB]`` (GPC
+  groups of GB >= G channels, masked where GB > G), all in registers::
+
+      y        = prologue(x) / smooth                    (gelu_tanh as y / (1 + exp(-2u)), the same
+                                                          function as 0.5 y (1 + tanh u); layernorm:
+                                                          row mean, then centred variance, two passes
+                                                          over the row in the same program, fp32)
+      lora_act += y_tile @ lora_down[tile channels, :]    (tl.dot, fp32 accuracy: tf32x3 on GPUs)
+      amax     = max |y| over the group (NaN propagates)
+      scale    = amax / QMAX (IEEE division), q = rint(y / scale) clamped (int4 / int8) or
+                 e4m3(clamp(y / scale, +-448)) (fp8, round to nearest even)
+
+  Divisions are IEEE (``div_rn``), so with prologue "none" q and scales are bit-equal to the
+  reference.  A group wider than the tile takes two passes over its channels (amax, then
+  quantize).  int4 pairs are split out of the tile in registers (``reshape [.., GB/2, 2]`` +
+  ``split``) and packed low nibble = even channel.  With ``lora_down`` or ``layernorm`` one program
+  covers whole rows (the lora sum and the statistics run over K); otherwise the group tiles of a
+  row block are also split over grid axis 1.  e4m3 is encoded with integer arithmetic on the fp32
+  bits on every target (Triton's sm_89 fp32->e4m3 cast goes through fp16: double rounding).
+
+* ``quant_gemm``: ``out = sum_g sa[:, g] sw[:, g]^T (qa_g qw_g^T) + lora_act @ lora_up + bias``.
+  Grid: one program per ``[BM, BN]`` output tile (grouped launch order for L2 reuse).  Per group g:
+  an int32 accumulator ``D`` sums ``tl.dot`` of int8 tiles over the group's ``G / BK`` k-steps
+  (int4 nibbles are sign-extended to int8 in registers by shifts and interleaved with
+  ``join``/``reshape``; fp8 runs ``tl.dot`` on float8e4nv (sm_89+) with an fp32 accumulator), then
+  ``acc += D.to(f32) * sa[:, None] * sw[None, :]`` (fp32).  Fused epilogue: ``acc += lora_act @
+  lora_up`` (fp32 accuracy), ``+ bias``, cast to ``out_dtype``; rows/columns masked at the M/N edges.
+
+Interpreter (CPU tensors, ``TRITON_INTERPRET=1``; constexpr ``INTERP``): int8 ``tl.dot`` with an
+int32 result, ``div_rn`` and bitcasts work there, but its float down-casts to bf16 and fp8
+truncate / round ties away instead of rounding to nearest even, ``tl.max`` skips NaN, custom
+reductions run element by element in Python, and there is no libdevice.  So there the kernels
+store bf16 through integer rounding of the fp32 bits, take the group max with ``tl.max`` plus a NaN
+flag, and write ``rint`` with ``floor``.  GPUs without fp8 dots (sm < 89) and the interpreter decode
+fp8 GEMM operands to fp16 with integer arithmetic (exact) for an fp16 ``tl.dot``.  On GPUs the fast
+forms are used: ``libdevice.rint``, a NaN-propagating max reduction, native bf16/fp16 stores, int8
+and fp8 tensor-core dots.  Index arithmetic is int64 wherever it scales with M or N.
+
+``compile_for_gpu`` compiles the GPU variants ahead of time (no GPU needed); the tests use it to
+check that they build for sm_80/89/90 without register spills.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+_FMT = {"int4": 0, "int8": 1, "fp8": 2}
+_PROLOGUE = {"none": 0, "gelu_tanh": 1, "layernorm": 2}
+_QMAX = {"int4": 7.0, "int8": 127.0, "fp8": 448.0}
+_empty = torch.empty  # output allocator (tests replace it with one that poisons the memory)
+
+
+def _np2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two dividing ``n``, at most ``cap``."""
+    return min(n & -n, cap)
+
+
+def _cap(device: torch.device):
+    """``None`` for the interpreter (CPU tensors), else the GPU's compute capability."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def _nv(cap, at_least) -> bool:
+    """An NVIDIA GPU of compute capability >= ``at_least`` (ROCm builds report other numbers)."""
+    return cap is not None and torch.version.hip is None and tuple(cap) >= at_least
+
+
+def _lora_prec(interp: bool, cap) -> str:
+    """fp32-accurate ``tl.dot`` for the low-rank terms: three tf32 products on NVIDIA sm_80+."""
+    return "tf32x3" if not interp and _nv(cap, (8, 0)) else "ieee"
+
+
+# ---------------------------------------------------------------- shared helpers
+@triton.jit
+def _nanmax(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _group_amax(y, INTERP: tl.constexpr):
+    """max |y| over the last axis, NaN if any element is NaN.  GPU: one NaN-propagating max
+    reduction; the interpreter runs custom reductions element by element in Python, and its
+    tl.max skips NaN (np.nanmax), so there: tl.max plus a NaN flag."""
+    if INTERP:
+        nan = tl.max((y != y).to(tl.int32), 2) > 0
+        a = tl.where(nan, float("nan"), tl.max(tl.abs(y), 2))
+    else:
+        a = tl.reduce(tl.abs(y), 2, _nanmax)
+    return a
+
+
+@triton.jit
+def _rint(v, INTERP: tl.constexpr):
+    """Round half to even (|v| < 2^22)."""
+    if INTERP:
+        f = tl.floor(v)
+        d = v - f  # exact
+        odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+        r = tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+    else:
+        r = libdevice.rint(v)
+    return r
+
+
+@triton.jit
+def _e4m3_code(v, INTERP: tl.constexpr):
+    """float8_e4m3fn bits (int32 in [0, 255]) of a finite fp32 ``v`` with |v| <= 448, rounded to
+    nearest even: normals by rounding the fp32 mantissa to 3 bits in integer arithmetic and
+    re-biasing the exponent (127 - 7 = 120, shifted left 3: 960); |v| < 2^-6 as the subnormal
+    ``rint(|v| 2^9)`` (8 carries into the smallest normal, whose code is also 8)."""
+    bits = v.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    ab = bits & 0x7FFFFFFF
+    normal = ((ab + 0x7FFFF + ((ab >> 20) & 1)) >> 20) - 960
+    sub = _rint(tl.abs(v) * 512.0, INTERP).to(tl.int32)
+    code = tl.where(ab >= 0x3C800000, normal, sub)  # 0x3C800000 = 2^-6
+    return code | sign
+
+
+@triton.jit
+def _e4m3_decode_f16(p):
+    """uint8 e4m3 bits -> fp16 value (exact; NaN codes are not decoded): place the 7 magnitude
+    bits at the top of fp16's exponent/mantissa (exponent bias 15 instead of 7, so the value is
+    2^-8 of the e4m3 value, e4m3 subnormals landing on fp16 subnormals), then multiply by 2^8."""
+    b = p.to(tl.int16)
+    h = ((b & 0x7F) << 7) | ((b & 0x80) << 8)
+    return h.to(tl.float16, bitcast=True) * 256.0
+
+
+@triton.jit
+def _bf16_bits(v):
+    """fp32 -> bf16 bits (int16) rounded to nearest even, NaN kept NaN (interpreter path)."""
+    u = v.to(tl.uint32, bitcast=True)
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    r = tl.where(v != v, 0x7FC0, r)
+    return r.to(tl.int16)
+
+
+@triton.jit
+def _unpack_int4(p, R: tl.constexpr, C: tl.constexpr):
+    """uint8 ``[R, C]`` (two's-complement nibbles, even channel low) -> int8 ``[R, 2C]``."""
+    s = p.to(tl.int8, bitcast=True)
+    lo = (s << 4) >> 4  # arithmetic shift sign-extends
+    hi = s >> 4
+    return tl.reshape(tl.join(lo, hi), [R, 2 * C])
+
+
+# ---------------------------------------------------------------- quantize
+@triton.jit
+def _load_y(x_ptr, xoff, mask, k, rows, smooth_ptr, shift_ptr, scale_ptr, K, rows_per_batch, mean, rstd,
+            PROLOGUE: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """``y = prologue(x) / smooth`` in fp32 at offsets ``xoff`` (0 where ``mask`` is false)."""
+    y = tl.load(x_ptr + xoff, mask=mask, other=0.0).to(tl.float32)
+    if PROLOGUE == 1:
+        u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        y = y / (1.0 + tl.exp(-2.0 * u))  # = 0.5 y (1 + tanh u)
+    elif PROLOGUE == 2:
+        y = (y - mean) * rstd
+        if HAS_SCALE or HAS_SHIFT:
+            boff = (rows // rows_per_batch) * K + k
+        if HAS_SCALE:
+            y = y * (1.0 + tl.load(scale_ptr + boff, mask=mask, other=0.0).to(tl.float32))
+        if HAS_SHIFT:
+            y = y + tl.load(shift_ptr + boff, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        y = tl.math.div_rn(y, tl.load(smooth_ptr + k, mask=mask, other=1.0).to(tl.float32))
+    return tl.where(mask, y, 0.0)
+
+
+@triton.jit
+def _group_scale(amax, QMAX: tl.constexpr):
+    """(divisor, ok, stored scale) of a group: scale = amax / QMAX; stored NaN unless finite; the
+    divisor is 1 where the group quantizes to zeros (scale 0 or not finite)."""
+    scale = tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
+    fin = scale <= 3.4028234663852886e38
+    ok = fin & (scale > 0.0)
+    stored = tl.where(fin, scale, float("nan"))
+    div = tl.where(ok, scale, 1.0)
+    return div, ok, stored
+
+
+@triton.jit
+def _quant_store(y, div, ok, q_ptr, rows, rmask, kq, kqmask, FMT: tl.constexpr, QMAX: tl.constexpr,
+                 BM: tl.constexpr, GPC: tl.constexpr, GB: tl.constexpr, INTERP: tl.constexpr, QC):
+    """Quantize ``y [BM, GPC, GB]`` with per-group ``div``/``ok [BM, GPC]`` and store it.
+
+    ``kq``/``kqmask``: storage columns of the tile, ``[GPC, GB]`` (int8/fp8) or ``[GPC, GB/2]``
+    (int4: column of each even channel's byte)."""
+    v = tl.math.div_rn(y, div[:, :, None])
+    ok3 = ok[:, :, None]
+    if FMT == 2:
+        v = tl.where(ok3, tl.minimum(tl.maximum(v, -448.0), 448.0), 0.0)
+        qv = _e4m3_code(v, INTERP).to(tl.uint8)
+    else:
+        r = tl.minimum(tl.maximum(_rint(v, INTERP), -QMAX - 1.0), QMAX)
+        qi = tl.where(ok3, r, 0.0).to(tl.int32)
+        if FMT == 1:
+            qv = qi.to(tl.int8)
+        else:
+            lo, hi = tl.split(tl.reshape(qi, [BM, GPC, GB // 2, 2]))
+            qv = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
+    tl.store(q_ptr + rows[:, None, None] * QC + kq[None, :, :], qv,
+             mask=rmask[:, None, None] & kqmask[None, :, :])
+
+
+@triton.jit
+def _lora_acc(acc, y, ld_ptr, k, kmask, R, BM: tl.constexpr, KC: tl.constexpr, BR: tl.constexpr,
+              LORA_PREC: tl.constexpr):
+    """``acc [BM, BR] += y [BM, KC] @ lora_down[k, :R]``."""
+    r = tl.arange(0, BR)
+    kf = tl.reshape(k, [KC])
+    km = tl.reshape(kmask, [KC])
+    ld = tl.load(ld_ptr + kf[:, None] * R + r[None, :], mask=km[:, None] & (r < R)[None, :], other=0.0)
+    return tl.dot(tl.reshape(y, [BM, KC]), ld.to(tl.float32), acc, input_precision=LORA_PREC)
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, smooth_ptr, ld_ptr, shift_ptr, scale_ptr, q_ptr, s_ptr, la_ptr,
+                     M, K, R, rows_per_batch, stride_xm, stride_xk, eps, n_tiles, tiles_per_prog,
+                     FMT: tl.constexpr, PROLOGUE: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr,
+                     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, G: tl.constexpr, GB: tl.constexpr,
+                     GPC: tl.constexpr, NSUB: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
+                     LNB: tl.constexpr, QMAX: tl.constexpr, INTERP: tl.constexpr, LORA_PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
+    rmask = rows < M
+    Gn = K // G
+    if FMT == 0:
+        QC = K // 2
+    else:
+        QC = K
+
+    # LayerNorm row statistics: mean, then the centred variance (second pass over the row)
+    mean = tl.zeros([BM], dtype=tl.float32)
+    rstd = tl.full([BM], 1.0, tl.float32)
+    if PROLOGUE == 2:
+        s1 = tl.zeros([BM], dtype=tl.float32)
+        for k0 in range(0, K, LNB):
+            kk = k0 + tl.arange(0, LNB)
+            m2 = rmask[:, None] & (kk < K)[None, :]
+            xv = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk, mask=m2, other=0.0)
+            s1 += tl.sum(xv.to(tl.float32), 1)
+        mean = s1 / K
+        s2 = tl.zeros([BM], dtype=tl.float32)
+        for k0 in range(0, K, LNB):
+            kk = k0 + tl.arange(0, LNB)
+            m2 = rmask[:, None] & (kk < K)[None, :]
+            xv = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk, mask=m2, other=0.0)
+            d = tl.where(m2, xv.to(tl.float32) - mean[:, None], 0.0)
+            s2 += tl.sum(d * d, 1)
+        rstd = 1.0 / tl.sqrt_rn(s2 / K + eps)
+    mean3 = mean[:, None, None]
+    rstd3 = rstd[:, None, None]
+    rows3 = rows[:, None, None]
+    rmask3 = rmask[:, None, None]
+
+    gi = tl.arange(0, GPC)
+    c = tl.arange(0, GB)
+    cp = tl.arange(0, GB // 2)
+    acc_l = tl.zeros([BM, BR], dtype=tl.float32)
+    t_lo = pid_t * tiles_per_prog
+    t_hi = tl.minimum(t_lo + tiles_per_prog, n_tiles)
+    for t in range(t_lo, t_hi):
+        g = t * GPC + gi  # [GPC] groups of this tile
+        gmask = g < Gn
+        g64 = g.to(tl.int64)
+        if NSUB == 1:
+            k = g64[:, None] * G + c[None, :]  # [GPC, GB]
+            kmask = gmask[:, None] & (c < G)[None, :]
+            mask3 = rmask3 & kmask[None, :, :]
+            y = _load_y(x_ptr, rows3 * stride_xm + k[None, :, :] * stride_xk, mask3, k[None, :, :], rows3,
+                        smooth_ptr, shift_ptr, scale_ptr, K, rows_per_batch, mean3, rstd3,
+                        PROLOGUE, HAS_SMOOTH, HAS_SHIFT, HAS_SCALE)
+            if HAS_LORA:
+                acc_l = _lora_acc(acc_l, y, ld_ptr, k, kmask, R, BM, GPC * GB, BR, LORA_PREC)
+            amax = _group_amax(y, INTERP)  # [BM, GPC]
+            div, ok, stored = _group_scale(amax, QMAX)
+            if FMT == 0:
+                kq = g64[:, None] * (G // 2) + cp[None, :]
+                kqm = gmask[:, None] & (cp < G // 2)[None, :]
+            else:
+                kq = k
+                kqm = kmask
+            _quant_store(y, div, ok, q_ptr, rows, rmask, kq, kqm, FMT, QMAX, BM, GPC, GB, INTERP, QC)
+        else:
+            # group wider than the tile: pass 1 amax (and the lora sum), pass 2 quantize
+            amax = tl.zeros([BM, GPC], dtype=tl.float32)
+            for s in range(NSUB):
+                k = g64[:, None] * G + s * GB + c[None, :]
+                kmask = gmask[:, None] & (c < GB)[None, :]
+                mask3 = rmask3 & kmask[None, :, :]
+                y = _load_y(x_ptr, rows3 * stride_xm + k[None, :, :] * stride_xk, mask3, k[None, :, :], rows3,
+                            smooth_ptr, shift_ptr, scale_ptr, K, rows_per_batch, mean3, rstd3,
+                            PROLOGUE, HAS_SMOOTH, HAS_SHIFT, HAS_SCALE)
+                if HAS_LORA:
+                    acc_l = _lora_acc(acc_l, y, ld_ptr, k, kmask, R, BM, GPC * GB, BR, LORA_PREC)
+                amax = _nanmax(amax, _group_amax(y, INTERP))
+            div, ok, stored = _group_scale(amax, QMAX)
+            for s in range(NSUB):
+                k = g64[:, None] * G + s * GB + c[None, :]
+                kmask = gmask[:, None] & (c < GB)[None, :]
+                mask3 = rmask3 & kmask[None, :, :]
+                y = _load_y(x_ptr, rows3 * stride_xm + k[None, :, :] * stride_xk, mask3, k[None, :, :], rows3,
+                            smooth_ptr, shift_ptr, scale_ptr, K, rows_per_batch, mean3, rstd3,
+                            PROLOGUE, HAS_SMOOTH, HAS_SHIFT, HAS_SCALE)
+                if FMT == 0:
+                    kq = g64[:, None] * (G // 2) + s * (GB // 2) + cp[None, :]
+                    kqm = gmask[:, None] & (cp < GB // 2)[None, :]
+                else:
+                    kq = k
+                    kqm = kmask
+                _quant_store(y, div, ok, q_ptr, rows, rmask, kq, kqm, FMT, QMAX, BM, GPC, GB, INTERP, QC)
+        tl.store(s_ptr + rows[:, None] * Gn + g64[None, :], stored, mask=rmask[:, None] & gmask[None, :])
+    if HAS_LORA:
+        r = tl.arange(0, BR)
+        tl.store(la_ptr + rows[:, None] * R + r[None, :], acc_l, mask=rmask[:, None] & (r < R)[None, :])
+
+
+def _quantize_config(M: int, K: int, R: int, G: int, prologue: str, has_lora: bool, cap):
+    """Block shapes chosen by size (no autotuning: it is slow in the interpreter).
+
+    GPU choices were checked by compiling for sm_80/89/90 (no spills, shared memory < 99 KB);
+    timings need a GPU.  On a GPU one would autotune BM in {2, 4, 8, 16}, the tile width GPC*GB in
+    {64, 128, 256, 512, 1024}, num_warps in {2, 4, 8} and the splits along K (grid axis 1)."""
+    interp = cap is None
+    BR = max(16, _np2(R)) if has_lora else 16
+    if interp:  # few, large programs: every tl op is a numpy call
+        chunk = 512 if has_lora else 1024
+        BM, num_warps = max(1, min(64, _np2(M))), 4
+    elif has_lora:  # lora_down tile [chunk, BR] and the tf32x3 dot's operands live in shared memory
+        chunk = 64 if BR <= 64 else 32
+        BM, num_warps = 16, 4
+    else:
+        chunk = 512
+        BM, num_warps = max(1, min(4, _np2(M))), 4
+    if _np2(G) <= max(chunk, 128):  # whole groups in the tile: one pass
+        GB, NSUB = _np2(G), 1
+        GPC = max(1, min(chunk // GB, _np2(K // G)))
+    else:  # wide groups: sub-chunks of GB channels, two passes (amax, quantize)
+        GB = _pow2_divisor(G, chunk)
+        NSUB, GPC = G // GB, 1
+    LNB = max(32, min(_np2(K), (4096 if interp else 2048) // BM))
+    return dict(GB=GB, GPC=GPC, NSUB=NSUB, BM=BM, BR=BR, LNB=LNB, num_warps=num_warps)
+
+
+def _quantize_launch(x, smooth, lora_down, shift, scale, fmt, group_size, prologue, eps, *, cap=None,
+                     config=None, interp=None):
+    """Allocate the outputs and return ``(outputs, kernel args, constexprs, grid, options)``."""
+    M, K = x.shape
+    G = int(group_size)
+    Gn = K // G
+    R = 0 if lora_down is None else lora_down.shape[1]
+    has_lora = R > 0
+    interp = cap is None if interp is None else interp
+    q = _empty((M, K // 2 if fmt == "int4" else K), device=x.device,
+                    dtype={"int4": torch.uint8, "int8": torch.int8, "fp8": torch.float8_e4m3fn}[fmt])
+    s = _empty((M, Gn), device=x.device, dtype=torch.float32)
+    la = _empty((M, R), device=x.device, dtype=torch.float32)
+    cfg = _quantize_config(M, K, R, G, prologue, has_lora, None if interp else cap)
+    if config:
+        cfg.update(config)
+    if cfg["NSUB"] == 1:
+        assert cfg["GB"] >= G, "config: a one-pass tile needs GB >= group_size"
+    else:
+        assert cfg["GB"] * cfg["NSUB"] == G and cfg["GPC"] == 1, "config: two passes need GB * NSUB == group_size"
+    qk = q.view(torch.uint8) if fmt == "fp8" else q
+    n_tiles = -(-Gn // cfg["GPC"])
+    n_rb = -(-M // cfg["BM"])
+    if has_lora or prologue == "layernorm":
+        splits = 1
+    else:
+        splits = max(1, min(n_tiles, -(-(1024 if not interp else 1) // n_rb)))
+    if "SPLITS" in cfg:
+        splits = max(1, min(n_tiles, cfg["SPLITS"]))
+    tpp = -(-n_tiles // splits) if n_tiles else 1
+    splits = -(-n_tiles // tpp) if n_tiles else 1
+    contig = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    smooth, lora_down, shift, scale = map(contig, (smooth, lora_down, shift, scale))
+    rpb = M // shift.shape[0] if shift is not None else (M // scale.shape[0] if scale is not None else 1)
+    dummy = x
+    args = [x, smooth if smooth is not None else dummy, lora_down if has_lora else dummy,
+            shift if shift is not None else dummy, scale if scale is not None else dummy, qk, s, la,
+            M, K, R, max(rpb, 1), x.stride(0), x.stride(1), float(eps), n_tiles, tpp]
+    const = dict(FMT=_FMT[fmt], PROLOGUE=_PROLOGUE[prologue], HAS_SMOOTH=smooth is not None, HAS_LORA=has_lora,
+                 HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, G=G, GB=cfg["GB"], GPC=cfg["GPC"],
+                 NSUB=cfg["NSUB"], BM=cfg["BM"], BR=cfg["BR"], LNB=cfg["LNB"], QMAX=_QMAX[fmt], INTERP=interp,
+                 LORA_PREC=_lora_prec(interp, cap))
+    grid = (n_rb, splits)
+    opts = dict(num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2))
+    return (q, s, la), args, const, grid, opts
+
+
+def quantize_triton(x, smooth, lora_down, shift, scale, fmt, group_size, prologue, eps, *, _config=None):
+    """``(q, scales, lora_act)`` of ``torch.ops.pydiff.quantize`` (arguments already checked).
+
+    ``x [M, K]`` fp32/fp16/bf16 (any strides); ``q`` uint8 ``[M, K/2]`` (int4) / int8 / float8_e4m3fn
+    ``[M, K]``, ``scales`` fp32 ``[M, K/G]``, ``lora_act`` fp32 ``[M, R]``.  ``_config`` overrides
+    the block shapes (tests)."""
+    M, K = x.shape
+    outs, args, const, grid, opts = _quantize_launch(x, smooth, lora_down, shift, scale, fmt, group_size, prologue,
+                                                     eps, cap=_cap(x.device), config=_config)
+    if M == 0:
+        return outs
+    if K == 0:
+        outs[2].zero_()
+        return outs
+    _quantize_kernel[grid](*args, **const, **opts)
+    return outs
+
+
+# ---------------------------------------------------------------- quant_gemm
+@triton.jit
+def _i32_to_f32(d, MAGIC: tl.constexpr):
+    """int32 -> fp32; with MAGIC (|d| < 2^22) by the bit pattern of 1.5 * 2^23 + d minus 1.5 * 2^23,
+    two full-rate ops instead of one I2F (exact either way)."""
+    if MAGIC:
+        f = (d + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    else:
+        f = d.to(tl.float32)
+    return f
+
+
+@triton.jit
+def _kstep(d, a_ptrs, w_ptrs, rmask, cmask, FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+           KB: tl.constexpr, DOT_FP8: tl.constexpr):
+    """One k-step of ``KB`` stored columns: ``d [BM, BN] += a_tile @ w_tile^T`` (int32, fp32 for fp8)."""
+    a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0 if DOT_FP8 else 0)
+    w = tl.load(w_ptrs, mask=cmask[:, None], other=0.0 if DOT_FP8 else 0)
+    if FMT == 0:
+        a = _unpack_int4(a, BM, KB)
+        w = _unpack_int4(w, BN, KB)
+    elif FMT == 2:
+        if not DOT_FP8:
+            a = _e4m3_decode_f16(a)
+            w = _e4m3_decode_f16(w)
+    return tl.dot(a, tl.trans(w), d, out_dtype=d.dtype)
+
+
+@triton.jit
+def _qgemm_kernel(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr, out_ptr,
+                  M, N, Gn, R, stride_am, stride_wn, stride_om,
+                  FMT: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                  KB: tl.constexpr, STEPS: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+                  DOT_FP8: tl.constexpr, MAGIC: tl.constexpr, OUT_BF16_BITS: tl.constexpr,
+                  LORA_PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    gsz = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsz
+    pid_n = (pid % width) // gsz
+    rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
+    cols = pid_n.to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
+    rmask = rows < M
+    cmask = cols < N
+    kb = tl.arange(0, KB)
+    a_ptrs = qa_ptr + rows[:, None] * stride_am + kb[None, :]
+    w_ptrs = qw_ptr + cols[:, None] * stride_wn + kb[None, :]
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    if FMT == 2:
+        DT: tl.constexpr = tl.float32
+    else:
+        DT: tl.constexpr = tl.int32
+    for g in range(Gn):
+        d = tl.zeros([BM, BN], dtype=DT)
+        if STEPS == 1:
+            d = _kstep(d, a_ptrs, w_ptrs, rmask, cmask, FMT, BM, BN, KB, DOT_FP8)
+            a_ptrs += KB
+            w_ptrs += KB
+        else:
+            for _s in range(STEPS):
+                d = _kstep(d, a_ptrs, w_ptrs, rmask, cmask, FMT, BM, BN, KB, DOT_FP8)
+                a_ptrs += KB
+                w_ptrs += KB
+        sa_g = tl.load(sa_ptr + rows * Gn + g, mask=rmask, other=0.0)
+        sw_g = tl.load(sw_ptr + cols * Gn + g, mask=cmask, other=0.0)
+        if FMT == 2:
+            df = d
+        else:
+            df = _i32_to_f32(d, MAGIC)
+        acc += df * sa_g[:, None] * sw_g[None, :]
+    if HAS_LORA:
+        for r0 in range(0, R, BR):
+            r = r0 + tl.arange(0, BR)
+            rm = r < R
+            la = tl.load(la_ptr + rows[:, None] * R + r[None, :], mask=rmask[:, None] & rm[None, :], other=0.0)
+            lu = tl.load(lu_ptr + r[:, None].to(tl.int64) * N + cols[None, :], mask=rm[:, None] & cmask[None, :],
+                         other=0.0)
+            acc = tl.dot(la.to(tl.float32), lu.to(tl.float32), acc, input_precision=LORA_PREC)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    optrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
+    omask = rmask[:, None] & cmask[None, :]
+    if OUT_BF16_BITS:
+        tl.store(optrs, _bf16_bits(acc), mask=omask)
+    else:
+        tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+def _gemm_config(M: int, N: int, K: int, G: int, R: int, fmt: str, cap):
+    """Tile shapes chosen by size (no autotuning).
+
+    BK = the largest power of two dividing G, at most 128 (one int32 accumulator per group).  The
+    GPU shapes were checked by compiling for sm_80/89/90: no register spills, shared memory < 99 KB
+    (Ada's limit) with the lora epilogue in chunks of BR = 16.  On a GPU one would autotune BM in
+    {64, 128}, BN in {64, 128, 256}, BK in {64, 128} (<= G), num_warps in {4, 8}, num_stages in
+    {2, 3, 4, 5} and GROUP_M in {4, 8, 16}."""
+    BK = _pow2_divisor(G, 128)
+    if cap is None:  # interpreter: few, large programs
+        return dict(BM=max(16, min(64, _np2(M))), BN=max(16, min(64, _np2(N))), BK=BK, BR=min(64, max(16, _np2(R))),
+                    GROUP_M=8, num_warps=4, num_stages=1)
+    if M <= 16:
+        BM, BN, warps = 16, 64, 4
+    elif M <= 32:
+        BM, BN, warps = 32, 64, 4
+    elif M <= 64:
+        BM, BN, warps = 64, 128, 4
+    elif fmt == "int4" and _nv(cap, (9, 0)) and N > 128:
+        BM, BN, warps = 64, 256, 8  # 128x128 spills on sm_90 with the int4 unpacking in registers
+    else:
+        BM, BN, warps = 128, 128, 8
+    return dict(BM=BM, BN=BN, BK=BK, BR=16, GROUP_M=8, num_warps=warps, num_stages=3)
+
+
+def _gemm_launch(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_dtype, *, cap=None, config=None,
+                 interp=None):
+    M, N = qa.shape[0], qw.shape[0]
+    K = qa.shape[1] * (2 if fmt == "int4" else 1)
+    G = int(group_size)
+    Gn = K // G if G else 0
+    interp = cap is None if interp is None else interp
+    R = 0 if lora_act is None else lora_act.shape[1]
+    has_lora = lora_act is not None and lora_up is not None and R > 0
+    out = _empty((M, N), device=qa.device, dtype=out_dtype)
+    cfg = _gemm_config(M, N, K, G, R, fmt, None if interp else cap)
+    if config:
+        cfg.update(config)
+    dot_fp8 = fmt == "fp8" and not interp and _nv(cap, (8, 9))
+    if fmt == "fp8" and not dot_fp8:
+        qa, qw = qa.view(torch.uint8), qw.view(torch.uint8)
+    if qa.stride(1) != 1:
+        qa = qa.contiguous()
+    if qw.stride(1) != 1:
+        qw = qw.contiguous()
+    sa, sw = sa.contiguous(), sw.contiguous()
+    bf16_bits = interp and out_dtype == torch.bfloat16
+    ok = out.view(torch.int16) if bf16_bits else out
+    la = lora_act.contiguous() if has_lora else sa
+    lu = lora_up.contiguous() if has_lora else sa
+    b = bias.contiguous() if bias is not None else sa
+    qmax = {"int4": 8, "int8": 128, "fp8": 0}[fmt]
+    magic = fmt != "fp8" and G * qmax * qmax < (1 << 22)
+    BR = cfg["BR"]
+    args = [qa, sa, qw, sw, b, la, lu, ok, M, N, Gn, R, qa.stride(0), qw.stride(0), out.stride(0)]
+    const = dict(FMT=_FMT[fmt], G=G, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
+                 KB=cfg["BK"] // 2 if fmt == "int4" else cfg["BK"], STEPS=G // cfg["BK"], BR=BR, GROUP_M=cfg["GROUP_M"],
+                 HAS_BIAS=bias is not None, HAS_LORA=has_lora, DOT_FP8=dot_fp8, MAGIC=magic,
+                 OUT_BF16_BITS=bf16_bits, LORA_PREC=_lora_prec(interp, cap))
+    grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
+    opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out, args, const, grid, opts
+
+
+def quant_gemm_triton(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_dtype, *, _config=None):
+    """``out [M, N]`` of ``torch.ops.pydiff.quant_gemm`` (arguments already checked)."""
+    out, args, const, grid, opts = _gemm_launch(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size,
+                                                out_dtype, cap=_cap(qa.device), config=_config)
+    if out.numel() == 0:
+        return out
+    while True:
+        try:
+            _qgemm_kernel[grid](*args, **const, **opts)
+            return out
+        except triton.runtime.errors.OutOfResources:  # a GPU with less shared memory than planned
+            if opts["num_stages"] <= 1:
+                raise
+            opts["num_stages"] -= 1
+
+
+# ---------------------------------------------------------------- ahead-of-time compile check
+_TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8", torch.uint8: "u8",
+       torch.int16: "i16", torch.int32: "i32", torch.float8_e4m3fn: "fp8e4nv"}
+
+
+def compile_for_gpu(op: str, cap=(9, 0), *inputs, **kw):
+    """Compile (without running: no GPU needed, Triton's bundled ptxas is; not under the
+    interpreter, whose language functions are not compilable) the kernel that
+    ``quantize_triton`` (op="quantize") or ``quant_gemm_triton`` (op="quant_gemm") would launch on
+    a GPU of compute capability ``cap`` for these (CPU) inputs; returns the compiled kernel
+    (``.asm["ptx"]``, ``.metadata``).  Used by the tests to check the GPU-only code paths."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if op == "quantize":
+        _, args, const, _, opts = _quantize_launch(*inputs, cap=cap, interp=False, **kw)
+    else:
+        _, args, const, _, opts = _gemm_launch(*inputs, cap=cap, interp=False, **kw)
+    fn = _quantize_kernel if op == "quantize" else _qgemm_kernel
+    if not isinstance(fn, triton.runtime.jit.JITFunction):
+        raise RuntimeError("compile_for_gpu: Triton's interpreter is on (TRITON_INTERPRET=1); its language "
+                           "functions cannot be compiled in this process: run it in one without it")
+    return _compile(fn, args, const, opts, cap, ASTSource, GPUTarget)
+
+
+def _compile(fn, args, const, opts, cap, ASTSource, GPUTarget):
+    names = [p.name for p in fn.params if not p.is_constexpr]
+    sig, attrs, const = {}, {}, dict(const)
+    for name, a in zip(names, args):
+        idx = (fn.arg_names.index(name),)
+        if isinstance(a, torch.Tensor):  # as the JIT specializes: pointers 16-byte aligned, ints % 16, ints == 1
+            sig[name] = "*" + _TT[a.dtype]
+            if a.data_ptr() % 16 == 0:
+                attrs[idx] = [["tt.divisibility", 16]]
+        elif isinstance(a, float):
+            sig[name] = "fp32"
+        elif int(a) == 1:
+            sig[name] = "constexpr"
+            const[name] = 1
+        else:
+            sig[name] = "i64" if abs(int(a)) >= 2 ** 31 else "i32"
+            if int(a) % 16 == 0:
+                attrs[idx] = [["tt.divisibility", 16]]
+    for name in const:
+        sig[name] = "constexpr"
+    src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", cap[0] * 10 + cap[1], 32),
+                          options=dict(num_warps=opts["num_warps"], num_stages=opts["num_stages"]))
+
+
+__all__ = ["quantize_triton", "quant_gemm_triton", "compile_for_gpu"]
