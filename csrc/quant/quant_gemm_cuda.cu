@@ -1,0 +1,520 @@
+// W4A4 / W8A8 quantized GEMM with a fused epilogue, CUDA kernel (sm_80+; fp8 needs sm_89+). Includes
+// only CUDA headers. Definition: pydiff/reference/quant.py (quant_gemm_ref); declarations: quant.h.
+//
+//   out[m, n] = sum_g sa[m, g] sw[n, g] D[m, n, g] + sum_r lora_act[m, r] lora_up[r, n] + bias[n]
+//   D[m, n, g] = sum_{k in group g} qa[m, k] qw[n, k]      (int32, exact, for int4 / int8; fp32 for fp8)
+//
+// Hardware path. Hopper (sm_90) has no 4-bit tensor-core MMA (mma .s4 is emulated there, ~23x slower
+// than .s8), so int4 data stays packed in memory and in shared memory, is sign-extended to int8 in
+// registers, and runs on the INT8 tensor cores: mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32
+// (every int4 x int4 product is exact in it). int8 uses the same instruction; fp8 e4m3 uses
+// mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 (sm_89+; the host side refuses fp8 with
+// cudaErrorNotSupported when the kernel image was not compiled for sm_89+). SASS for sm_90a (nvcc
+// 13.0): int4 and int8 -> IMMA.16832.S8.S8; fp8 -> F2FP.F16.E4M3.UNPACK_B + HMMA.16816.F32 (Hopper's
+// mma.sync has no native e4m3 path, only wgmma does; e4m3 -> f16 is exact, so the result is too).
+//
+// Tiling (one configuration): CTA tile 128 (M) x 128 (N), 256 threads = 8 warps as 2 (M) x 4 (N),
+// warp tile 64 x 32 = 4 m16 tiles x 4 n8 tiles. The K loop walks k-tiles of 64 *bytes* per row
+// (int8/fp8: 64 channels = 2 MMA k-steps; int4: 128 channels = 4 k-steps), 4-stage cp.async
+// pipeline (16-byte cp.async.cg with zero-fill for rows past M / N and bytes past the row end),
+// shared-memory rows padded to 80 bytes. Group scaling: the int32 (fp32 for fp8) MMA accumulators
+// hold one group's partial sums; after the k-step that ends a group (K % G == 0, G % 32 == 0, so
+// every group is a whole number of 32-channel k-steps) each thread folds them into fp32:
+//   acc += float(D) * (sa[m, g] * sw[n, g]), D := 0.
+// Epilogue: the low-rank branch (lora_act / lora_up staged through shared memory, 32 ranks at a
+// time), the bias, conversion to out_dtype, bounds-checked stores. All global offsets are int64.
+//
+// Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k32", 8-bit types; lane = 4 * gid + tig,
+// gid = lane >> 2, tig = lane & 3):
+//   A (16 x 32, row-major), 4 x .b32: reg0 = A[gid][4 tig .. 4 tig + 3], reg1 = A[gid + 8][same],
+//       reg2 = A[gid][16 + 4 tig .. +3], reg3 = A[gid + 8][16 + 4 tig .. +3]  (byte i = element i)
+//   B (32 x 8, "col": element (k, n) at qw[n][k]), 2 x .b32: reg0 = B[4 tig .. 4 tig + 3][gid],
+//       reg1 = B[16 + 4 tig .. +3][gid]
+//   C/D (16 x 8), 4 x 32-bit: c0 = (gid, 2 tig), c1 = (gid, 2 tig + 1), c2 = (gid + 8, 2 tig),
+//       c3 = (gid + 8, 2 tig + 1)
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lanes 8j .. 8j + 7 give the 8 row addresses (16 bytes
+// each) of matrix j; lane L receives in register j the bytes 4 (L & 3) .. 4 (L & 3) + 3 of row L >> 2
+// of matrix j. So with row addresses chosen as below, the registers are exactly the fragments above
+// (8-bit data), see a_ldm_row / b_ldm_row.
+// int4: a 16-byte row segment of packed data holds 32 channels (one k-step); ldmatrix gives lane
+// (gid, tig) the packed bytes 4 tig .. 4 tig + 3 = channels 8 tig .. 8 tig + 7 of its row. The low
+// nibbles (channels 8 tig + 2i) become the register for MMA k = 4 tig + i and the high nibbles
+// (channels 8 tig + 2i + 1) the register for MMA k = 16 + 4 tig + i. This permutes the 32 channels
+// of a k-step identically for A and B (it depends only on tig and i), so the dot product over the
+// k-step, and hence over each group, is unchanged.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+#include <type_traits>
+
+#include "pydiff/quant.h"
+
+namespace pydiff {
+namespace {
+
+constexpr int kBM = 128;                        // CTA rows (M)
+constexpr int kBN = 128;                        // CTA cols (N)
+constexpr int kBKB = 64;                        // k-tile width in bytes of a q row
+constexpr int kSRow = kBKB + 16;                // smem row pitch: 80 bytes = 5 x 16 (odd), so the 8
+                                                // rows of each ldmatrix 8x8 phase and each cp.async
+                                                // quarter-warp hit distinct 16-byte bank groups
+constexpr int kStages = 4;
+constexpr int kThreads = 256;
+constexpr int kStageBytes = (kBM + kBN) * kSRow;  // 20480
+constexpr int kLoraR = 32;                        // ranks staged per epilogue round
+constexpr int kLaPitch = kLoraR + 1;              // floats; odd pitch: 8 distinct rows -> 8 banks
+constexpr int kMaxFlushSteps = 2048;             // 65536 channels: |D| <= 2^30 for int8 (power of 2)
+constexpr int kSmemBytes = kStages * kStageBytes;  // 81920 (>= the epilogue's (128*33 + 32*128) * 4)
+static_assert((kBM * kLaPitch + kLoraR * kBN) * 4 <= kSmemBytes, "epilogue staging must fit");
+
+// ---------------------------------------------------------------- layout helpers (host + device,
+// so tools can simulate the fragment mapping on the CPU)
+// ldmatrix.x4 row address for the A operand of one m16 x (32-byte) slice: lanes 0-7 -> rows 0-7,
+// bytes 0-15 (matrix 0 = reg0), lanes 8-15 -> rows 8-15, bytes 0-15 (reg1), lanes 16-23 -> rows
+// 0-7, bytes 16-31 (reg2), lanes 24-31 -> rows 8-15, bytes 16-31 (reg3).
+__host__ __device__ constexpr int a_ldm_row(int lane) { return lane & 15; }
+__host__ __device__ constexpr int a_ldm_byte(int lane) { return (lane >> 4) * 16; }
+// ldmatrix.x4 row address for the B operand of two n8 tiles x (32-byte) slice: lanes 0-7 -> n 0-7,
+// bytes 0-15 (r0 = reg0 of n-tile 0), 8-15 -> n 0-7, bytes 16-31 (r1 = reg1 of n-tile 0), 16-23 ->
+// n 8-15, bytes 0-15 (r2 = reg0 of n-tile 1), 24-31 -> n 8-15, bytes 16-31 (r3 = reg1 of n-tile 1).
+__host__ __device__ constexpr int b_ldm_row(int lane) { return (lane & 7) + ((lane >> 4) << 3); }
+__host__ __device__ constexpr int b_ldm_byte(int lane) { return ((lane >> 3) & 1) * 16; }
+// accumulator element i of lane -> (row, col) within the m16 x n8 tile
+__host__ __device__ constexpr int acc_row(int lane, int i) { return (lane >> 2) + 8 * (i >> 1); }
+__host__ __device__ constexpr int acc_col(int lane, int i) { return 2 * (lane & 3) + (i & 1); }
+
+// Four 4-bit fields in the low nibble of each byte (values 0..15) -> four sign-extended int8 bytes:
+// a byte with bit 3 set gets 0xF0 or'ed in ((b & 8) * 30 = 0xF0 per byte; no carries between bytes).
+__host__ __device__ inline uint32_t sext_nibbles(uint32_t v) { return v | ((v & 0x08080808u) * 30u); }
+// Packed word (bytes p0..p3, two's complement nibbles, even channel low) -> int8 x4 of the low
+// nibbles (channels 0, 2, 4, 6 of the 8 in the word) / of the high nibbles (channels 1, 3, 5, 7).
+__host__ __device__ inline uint32_t unpack_lo(uint32_t w) { return sext_nibbles(w & 0x0F0F0F0Fu); }
+__host__ __device__ inline uint32_t unpack_hi(uint32_t w) { return sext_nibbles((w >> 4) & 0x0F0F0F0Fu); }
+
+// 8-bit data: B fragment of n-tile nt (0..3) from the two ldmatrix.x4 results br[p] (p = nt >> 1).
+__host__ __device__ inline void frag8_b(const uint32_t (&br)[2][4], int nt, uint32_t (&b)[2]) {
+  b[0] = br[nt >> 1][(nt & 1) * 2 + 0];
+  b[1] = br[nt >> 1][(nt & 1) * 2 + 1];
+}
+// int4 data: one ldmatrix.x4 over a 32-byte slice = 64 channels = k-steps j = 0, 1. ar4: reg0 =
+// (row gid, step 0), reg1 = (row gid + 8, step 0), reg2 = (row gid, step 1), reg3 = (row gid + 8, step 1).
+__host__ __device__ inline void frag4_a(const uint32_t (&ar4)[4], int j, uint32_t (&a)[4]) {
+  a[0] = unpack_lo(ar4[2 * j]);      // row gid,     MMA k = 4 tig + i      <- channels 8 tig + 2i
+  a[1] = unpack_lo(ar4[2 * j + 1]);  // row gid + 8, MMA k = 4 tig + i
+  a[2] = unpack_hi(ar4[2 * j]);      // row gid,     MMA k = 16 + 4 tig + i <- channels 8 tig + 2i + 1
+  a[3] = unpack_hi(ar4[2 * j + 1]);  // row gid + 8, MMA k = 16 + 4 tig + i
+}
+// int4 B: br[p] = {n-tile 2p step 0, n-tile 2p step 1, n-tile 2p+1 step 0, n-tile 2p+1 step 1}.
+__host__ __device__ inline void frag4_b(const uint32_t (&br)[2][4], int nt, int j, uint32_t (&b)[2]) {
+  const uint32_t w = br[nt >> 1][(nt & 1) * 2 + j];
+  b[0] = unpack_lo(w);  // MMA k = 4 tig + i      <- channel 8 tig + 2i (same map as A)
+  b[1] = unpack_hi(w);  // MMA k = 16 + 4 tig + i <- channel 8 tig + 2i + 1
+}
+
+// ---------------------------------------------------------------- device primitives
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+
+// 16 bytes global -> shared; src_bytes 0 writes zeros (the source is not read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  // Not compiled for sm_89+: the host launcher refuses fp8 for such an image (never executed).
+  (void)d; (void)a; (void)b;
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ float load_f(const void* p, int64_t i, FloatType t) {
+  switch (t) {
+    case FloatType::kF16: return __half2float(static_cast<const __half*>(p)[i]);
+    case FloatType::kBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    case FloatType::kF64: return float(static_cast<const double*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T> struct Pair;
+template <> struct Pair<float> { using type = float2; };
+template <> struct Pair<__half> { using type = __half2; };
+template <> struct Pair<__nv_bfloat16> { using type = __nv_bfloat162; };
+
+// int32 group sum -> fp32. Exact via the 1.5 * 2^23 bias trick when |D| <= 2^22 is guaranteed
+// (magic); else cvt.rn (exact below 2^24, correctly rounded above).
+__device__ __forceinline__ float d_to_f(int d, bool magic) {
+  return magic ? __fsub_rn(__int_as_float(d + 0x4B400000), 12582912.0f) : __int2float_rn(d);
+}
+__device__ __forceinline__ float d_to_f(float d, bool) { return d; }
+
+struct GemmLaunch {
+  QuantGemmArgs a;
+  int64_t row_bytes;  // bytes of one q row: K / 2 (int4) or K
+  int64_t Gn;         // groups per row
+  int aligned16;      // qa and qw base pointers 16-byte aligned: cp.async; else synchronous byte loads
+  int magic;          // |D| <= 2^22 for every group (see d_to_f)
+  int out_pair_ok;    // N even and out 2-element aligned: paired stores
+};
+
+// One k-tile (kBKB bytes of BM rows of qa and BN rows of qw) -> shared stage. 2 x 16 bytes of A and
+// 2 x 16 bytes of B per thread; chunks of rows past M/N or bytes past the row end are zero-filled.
+__device__ __forceinline__ void load_tile(unsigned char* stage, const GemmLaunch& L, int64_t m0, int64_t n0,
+                                          int64_t kt, int tid) {
+  const unsigned char* qa = static_cast<const unsigned char*>(L.a.qa);
+  const unsigned char* qw = static_cast<const unsigned char*>(L.a.qw);
+#pragma unroll
+  for (int op = 0; op < 2; ++op) {
+    const unsigned char* base = op == 0 ? qa : qw;
+    const int64_t r0 = op == 0 ? m0 : n0;
+    const int64_t rows = op == 0 ? L.a.M : L.a.N;
+    unsigned char* s = stage + (op == 0 ? 0 : kBM * kSRow);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int c = tid + i * kThreads;  // 0..511: row c / 4, 16-byte column c % 4
+      const int r = c >> 2, cc = c & 3;
+      const int64_t grow = r0 + r;
+      const int64_t kb = kt * kBKB + cc * 16;
+      const bool valid = grow < rows && kb < L.row_bytes;  // row_bytes % 16 == 0: a chunk is all in or all out
+      unsigned char* dst = s + r * kSRow + cc * 16;
+      const unsigned char* src = valid ? base + grow * L.row_bytes + kb : base;
+      if (L.aligned16) {
+        cp_async16(dst, src, valid ? 16 : 0);
+      } else {
+        uint32_t w[4] = {0u, 0u, 0u, 0u};
+        if (valid) {
+#pragma unroll
+          for (int b = 0; b < 16; ++b) w[b >> 2] |= uint32_t(src[b]) << (8 * (b & 3));
+        }
+        *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+      }
+    }
+  }
+}
+
+template <QuantFormat FMT, typename TOut>
+__global__ void __launch_bounds__(kThreads, 1) quant_gemm_kernel(const GemmLaunch L) {
+  using DAcc = typename std::conditional<FMT == QuantFormat::kFp8E4M3, float, int>::type;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp >> 2, wn = warp & 3;  // warp tile rows wm*64 .. +63, cols wn*32 .. +31
+  const int64_t M = L.a.M, N = L.a.N, K = L.a.K, G = L.a.group_size, Gn = L.Gn;
+  const int64_t m0 = int64_t(blockIdx.x) * kBM, n0 = int64_t(blockIdx.y) * kBN;
+  const int64_t KT = (L.row_bytes + kBKB - 1) / kBKB;
+  const bool magic = L.magic != 0;
+
+  float acc[4][4][4];  // [m-tile][n-tile][c-index]: fp32 result
+  DAcc dacc[4][4][4];  // current group's partial sums
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        acc[mt][nt][i] = 0.f;
+        dacc[mt][nt][i] = DAcc(0);
+      }
+
+  // Rows / cols of this thread's accumulators (acc_row / acc_col): row = m0 + rb + 16 mt + 8 h,
+  // col = n0 + cb + 8 nt + j; valid while below mlim / nlim.
+  const int rb = wm * 64 + acc_row(lane, 0), cb = wn * 32 + acc_col(lane, 0);
+  const int mlim = int(M - m0 < kBM ? M - m0 : kBM), nlim = int(N - n0 < kBN ? N - n0 : kBN);
+  const float* sa_base = L.a.sa + (m0 + rb) * Gn;  // + (16 mt + 8 h) Gn + g (only dereferenced when valid)
+  const float* sw_base = L.a.sw + (n0 + cb) * Gn;  // + (8 nt + j) Gn + g
+
+  // K-steps are visited in order (k-tile, half, j); a group is G / 32 consecutive k-steps.
+  const int steps_per_group = int(G / 32);  // the host checks K / 32 < 2^31
+  int step_in_group = 0;                    // k-steps of group g done so far
+  int64_t g = 0;                            // current group
+
+  // One MMA k-step (32 channels) on fragments a[mt], b[nt]; flush after the last k-step of a group,
+  // and every kMaxFlushSteps k-steps inside huge groups (keeps |D| < 2^31 for int8: the partial
+  // sums of one group are then scaled and added separately, the same sum).
+  auto kstep = [&](const uint32_t (&af)[4][4], const uint32_t (&bf)[4][2]) {
+    const bool last = ++step_in_group == steps_per_group;
+    const bool flush = last || (step_in_group & (kMaxFlushSteps - 1)) == 0;
+    float sa_r[4][2], sw_c[4][2];
+    if (flush) {  // issued before the MMAs so the loads overlap them
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = mt * 16 + h * 8;
+          sa_r[mt][h] = rb + r < mlim ? __ldg(sa_base + r * Gn + g) : 0.f;
+        }
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int c = nt * 8 + j;
+          sw_c[nt][j] = cb + c < nlim ? __ldg(sw_base + c * Gn + g) : 0.f;
+        }
+    }
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        if constexpr (FMT == QuantFormat::kFp8E4M3)
+          mma_e4m3(dacc[mt][nt], af[mt], bf[nt]);
+        else
+          mma_s8(dacc[mt][nt], af[mt], bf[nt]);
+      }
+    if (flush) {
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const float sc = __fmul_rn(sa_r[mt][i >> 1], sw_c[nt][i & 1]);
+            acc[mt][nt][i] = __fmaf_rn(d_to_f(dacc[mt][nt][i], magic), sc, acc[mt][nt][i]);
+            dacc[mt][nt][i] = DAcc(0);
+          }
+      if (last) {
+        step_in_group = 0;
+        ++g;
+      }
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < KT) load_tile(smem + s * kStageBytes, L, m0, n0, s, tid);
+    cp_async_commit();
+  }
+
+  for (int64_t kt = 0; kt < KT; ++kt) {
+    cp_async_wait<kStages - 2>();  // tile kt has landed (this thread's copies)
+    __syncthreads();               // ... everyone's; and everyone is done with stage (kt - 1) % kStages
+    {
+      const int64_t nk = kt + kStages - 1;
+      if (nk < KT) load_tile(smem + (nk % kStages) * kStageBytes, L, m0, n0, nk, tid);
+      cp_async_commit();  // (possibly empty group: keeps the wait count uniform)
+    }
+    const unsigned char* sA = smem + (kt % kStages) * kStageBytes;
+    const unsigned char* sB = sA + kBM * kSRow;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {  // 32-byte slices of the 64-byte k-tile
+      const int64_t chan0 = (FMT == QuantFormat::kInt4 ? 2 : 1) * (kt * kBKB + half * 32);  // first channel
+      if (chan0 >= K) break;  // past the row end (uniform): zero-filled, skip
+      uint32_t ar[4][4], br[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt)
+        ldsm_x4(ar[mt], sA + (wm * 64 + mt * 16 + a_ldm_row(lane)) * kSRow + half * 32 + a_ldm_byte(lane));
+#pragma unroll
+      for (int p = 0; p < 2; ++p)
+        ldsm_x4(br[p], sB + (wn * 32 + p * 16 + b_ldm_row(lane)) * kSRow + half * 32 + b_ldm_byte(lane));
+      if constexpr (FMT == QuantFormat::kInt4) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {  // two k-steps of 32 channels
+          const int64_t s = chan0 / 32 + j;
+          if (s * 32 >= K) break;
+          uint32_t af[4][4], bf[4][2];
+#pragma unroll
+          for (int mt = 0; mt < 4; ++mt) frag4_a(ar[mt], j, af[mt]);
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt) frag4_b(br, nt, j, bf[nt]);
+          kstep(af, bf);
+        }
+      } else {
+        uint32_t bf[4][2];
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) frag8_b(br, nt, bf[nt]);
+        kstep(ar, bf);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the pipeline's shared memory is free for the epilogue
+
+  // ---- low-rank branch: acc += sum_r lora_act[m, r] lora_up[r, n], kLoraR ranks per round
+  const int64_t R = L.a.rank;
+  if (R > 0) {
+    float* la_s = reinterpret_cast<float*>(smem);  // [kBM][kLaPitch]
+    float* lu_s = la_s + kBM * kLaPitch;           // [kLoraR][kBN]
+    for (int64_t r0 = 0; r0 < R; r0 += kLoraR) {
+      __syncthreads();  // previous round's readers are done
+      for (int idx = tid; idx < kBM * kLoraR; idx += kThreads) {
+        const int row = idx / kLoraR, rr = idx % kLoraR;
+        const int64_t m = m0 + row, r = r0 + rr;
+        la_s[row * kLaPitch + rr] = (m < M && r < R) ? load_f(L.a.lora_act, m * R + r, L.a.lora_act_dtype) : 0.f;
+      }
+      for (int idx = tid; idx < kLoraR * kBN; idx += kThreads) {
+        const int rr = idx / kBN, c = idx % kBN;
+        const int64_t n = n0 + c, r = r0 + rr;
+        lu_s[rr * kBN + c] = (n < N && r < R) ? load_f(L.a.lora_up, r * N + n, L.a.lora_up_dtype) : 0.f;
+      }
+      __syncthreads();
+      const int rn = int(R - r0 < kLoraR ? R - r0 : kLoraR);
+      for (int rr = 0; rr < rn; ++rr) {
+        float av[4][2], uv[4][2];
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) av[mt][h] = la_s[(wm * 64 + mt * 16 + acc_row(lane, 2 * h)) * kLaPitch + rr];
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) uv[nt][j] = lu_s[rr * kBN + wn * 32 + nt * 8 + acc_col(lane, j)];
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+              acc[mt][nt][i] = __fmaf_rn(av[mt][i >> 1], uv[nt][i & 1], acc[mt][nt][i]);
+      }
+    }
+  }
+
+  // ---- bias, conversion, stores
+  float bv[4][2];
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int c = cb + nt * 8 + j;
+      bv[nt][j] = (L.a.bias != nullptr && c < nlim) ? load_f(L.a.bias, n0 + c, L.a.bias_dtype) : 0.f;
+    }
+  TOut* out = static_cast<TOut*>(L.a.out);
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (rb + mt * 16 + h * 8 >= mlim) continue;
+      const int64_t m = m0 + rb + mt * 16 + h * 8;
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        if (cb + nt * 8 >= nlim) continue;
+        const int64_t n = n0 + cb + nt * 8;  // even; the pair's second column is n + 1
+        const float v0 = __fadd_rn(acc[mt][nt][2 * h], bv[nt][0]);
+        const float v1 = __fadd_rn(acc[mt][nt][2 * h + 1], bv[nt][1]);
+        TOut* o = out + m * N + n;
+        if (L.out_pair_ok && n + 1 < N) {
+          typename Pair<TOut>::type pv;
+          pv.x = from_f<TOut>(v0);
+          pv.y = from_f<TOut>(v1);
+          *reinterpret_cast<typename Pair<TOut>::type*>(o) = pv;
+        } else {
+          o[0] = from_f<TOut>(v0);
+          if (n + 1 < N) o[1] = from_f<TOut>(v1);
+        }
+      }
+    }
+}
+
+// Per-device, once per kernel instantiation (so that no attribute call happens during CUDA-graph
+// capture after a warm-up): the dynamic shared-memory opt-in, and for fp8 whether the kernel image
+// has the e4m3 MMA. state: 0 unknown, 1 ready, 2 fp8 not supported by the image.
+template <QuantFormat FMT, typename TOut>
+cudaError_t configure() {
+  constexpr int kMaxDev = 64;
+  static std::atomic<int> state[kMaxDev];
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  const int st = dev >= 0 && dev < kMaxDev ? state[dev].load(std::memory_order_relaxed) : 0;
+  if (st == 1) return cudaSuccess;
+  if (st == 2) return cudaErrorNotSupported;
+  auto kernel = quant_gemm_kernel<FMT, TOut>;
+  if (FMT == QuantFormat::kFp8E4M3) {
+    // The e4m3 MMA exists only in code compiled for sm_89+ (see mma_e4m3). ptxVersion: the virtual
+    // architecture the image was compiled from (a PTX JIT from compute_80 reports 80).
+    cudaFuncAttributes attr;
+    e = cudaFuncGetAttributes(&attr, kernel);
+    if (e != cudaSuccess) return e;
+    const int v = attr.ptxVersion > 0 ? attr.ptxVersion : attr.binaryVersion;
+    if (v < 89 || attr.binaryVersion < 89) {
+      if (dev >= 0 && dev < kMaxDev) state[dev].store(2, std::memory_order_relaxed);
+      return cudaErrorNotSupported;
+    }
+  }
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  if (e != cudaSuccess) return e;
+  if (dev >= 0 && dev < kMaxDev) state[dev].store(1, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
+template <QuantFormat FMT, typename TOut>
+cudaError_t launch(const GemmLaunch& L, cudaStream_t stream) {
+  cudaError_t e = configure<FMT, TOut>();
+  if (e != cudaSuccess) return e;
+  const dim3 grid(unsigned((L.a.M + kBM - 1) / kBM), unsigned((L.a.N + kBN - 1) / kBN));
+  quant_gemm_kernel<FMT, TOut><<<grid, kThreads, kSmemBytes, stream>>>(L);
+  return cudaGetLastError();
+}
+
+template <QuantFormat FMT>
+cudaError_t dispatch_out(const GemmLaunch& L, cudaStream_t s) {
+  switch (L.a.out_dtype) {
+    case FloatType::kF32: return launch<FMT, float>(L, s);
+    case FloatType::kF16: return launch<FMT, __half>(L, s);
+    case FloatType::kBF16: return launch<FMT, __nv_bfloat16>(L, s);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+int quant_gemm_cuda(const QuantGemmArgs& a, void* stream) {
+  if (a.M < 0 || a.N < 0 || a.K < 0 || a.rank < 0) return int(cudaErrorInvalidValue);
+  if (a.group_size <= 0 || a.group_size % 32 != 0 || a.K % a.group_size != 0) return int(cudaErrorInvalidValue);
+  if (a.K / 32 > 0x7FFFFFFF) return int(cudaErrorInvalidValue);
+  if (a.M == 0 || a.N == 0) return 0;
+  if (!a.out || (a.K > 0 && (!a.qa || !a.qw || !a.sa || !a.sw))) return int(cudaErrorInvalidValue);
+  if (a.rank > 0 && (!a.lora_act || !a.lora_up)) return int(cudaErrorInvalidValue);
+  const int64_t grid_x = (a.M + kBM - 1) / kBM, grid_y = (a.N + kBN - 1) / kBN;
+  if (grid_x > 0x7FFFFFFF || grid_y > 65535) return int(cudaErrorInvalidConfiguration);
+  GemmLaunch L;
+  L.a = a;
+  L.row_bytes = a.fmt == QuantFormat::kInt4 ? a.K / 2 : a.K;
+  L.Gn = a.K / a.group_size;
+  L.aligned16 = (reinterpret_cast<uintptr_t>(a.qa) % 16 == 0) && (reinterpret_cast<uintptr_t>(a.qw) % 16 == 0);
+  const double qprod = a.fmt == QuantFormat::kInt4 ? 64.0 : 16384.0;  // max |qa * qw|
+  const double flush_chans = double(a.group_size < 32 * kMaxFlushSteps ? a.group_size : 32 * kMaxFlushSteps);
+  L.magic = flush_chans * qprod <= 4194304.0;  // |D| <= 2^22 at every flush
+  const int osz = a.out_dtype == FloatType::kF32 ? 4 : 2;
+  L.out_pair_ok = (a.N % 2 == 0) && (reinterpret_cast<uintptr_t>(a.out) % (2 * osz) == 0);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (a.fmt) {
+    case QuantFormat::kInt4: return int(dispatch_out<QuantFormat::kInt4>(L, s));
+    case QuantFormat::kInt8: return int(dispatch_out<QuantFormat::kInt8>(L, s));
+    case QuantFormat::kFp8E4M3: return int(dispatch_out<QuantFormat::kFp8E4M3>(L, s));
+  }
+  return int(cudaErrorInvalidValue);
+}
+
+}  // namespace pydiff

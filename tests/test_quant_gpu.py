@@ -1,0 +1,513 @@
+"""GPU tests of the quantization ops (``quantize``, ``quant_gemm``; W4A4, W8A8 int8 / fp8) on the
+'cuda' backend (csrc/quant/*_cuda.cu) and, when its module imports, the 'triton' backend: skipped
+without a CUDA GPU.  References: the float64 definitions of pydiff/reference/quant.py and the C++
+CPU backend.
+
+* quantize: q and scales bit-equal to the reference for prologue "none" (every format and input
+  dtype, M = 1 / primes, K up to 12288, G from 32 to K, smoothing, lora ranks up to 300,
+  misaligned x); gelu_tanh / layernorm (adaLN) within one step at a handful of elements; the e4m3
+  encoding bit-equal to torch's for every fp16 / bf16 value and every fp32 tie; NaN / inf / zero
+  groups; the same bits as the CPU backend.
+* quant_gemm: the int32 group sums equal (unit scales, out fp32 == the exact integer sum);
+  adversarial all +7 x +7, -8 x -8 (int4), +127 / -128 (int8), +-448 (fp8) at K in {3072, 12288,
+  16384} exact; random operands at M in {1, 7, 129, 4096}, N in {1, 67, 3072}, K in {32, 96, 1024,
+  3072}, G in {32, 64, 96, 128, K}, bias / lora on and off, every out dtype, within the fp32 rounding
+  of the epilogue (fp8: plus the tensor cores' fp32 accumulation inside a group); misaligned and
+  non-contiguous operands; int64 indexing (M K and M N above 2^31).
+* Outputs are freshly allocated by the ops: the caching allocator is filled with NaN first, so an
+  element a kernel forgets to write shows up.  Bad device mixes raise, naming the argument; no host
+  synchronisation; CUDA-graph capture.
+"""
+import importlib
+import math
+
+import pytest
+import torch
+
+import pydiff
+from pydiff.ops.quant import quant_gemm, quantize
+from pydiff.reference.quant import FORMATS, QMAX, q_dtype, q_values, quant_gemm_ref, quantize_ref, unpack_int4
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none present)")
+GPU = torch.device("cuda")
+CPU = torch.device("cpu")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_ok() -> bool:
+    if not torch.cuda.is_available() or "triton" not in pydiff.available_backends(GPU):
+        return False
+    try:
+        importlib.import_module("pydiff.triton_kernels.quant")
+    except Exception:
+        return False
+    return True
+
+
+# 'cuda' is always tested on a GPU machine (test_gpu_build_has_cuda_kernels fails if it was not built)
+BACKENDS = (["cuda"] + (["triton"] if _triton_ok() else [])) if torch.cuda.is_available() else []
+HAS_CPU = pydiff.build_info()["cpu_kernels"]
+
+
+def _fp8_mma(backend: str) -> bool:
+    """The CUDA kernel runs fp8 on the e4m3 tensor-core MMA (sm_89+); Triton decodes elsewhere."""
+    return backend != "cuda" or torch.cuda.get_device_capability() >= (8, 9)
+
+
+def _rand(shape, dtype, seed, std=1.0, mean=0.0, device=GPU):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return (torch.randn(shape, generator=g, device=device, dtype=torch.float32) * std + mean).to(dtype)
+
+
+def _poison(numel, dtype=torch.float32, count=4):
+    """Fill freed GPU memory of the next outputs' size with NaN (0xFF bytes for integer outputs)."""
+    bufs = [torch.full((max(int(numel), 1),), float("nan"), device=GPU, dtype=dtype) for _ in range(count)]
+    del bufs
+
+
+def _codes(q, fmt):
+    """Stored q as comparable integers: int values (int4/int8) or e4m3 bit patterns (fp8)."""
+    if fmt == "fp8":
+        return q.view(torch.uint8).to(torch.int64)
+    if fmt == "int4":
+        return unpack_int4(q).to(torch.int64)
+    return q.to(torch.int64)
+
+
+def _step_diff(qa, qb, fmt):
+    a, b = _codes(qa, fmt), _codes(qb, fmt)
+    if fmt == "fp8":
+        sa, sb = a >> 7, b >> 7
+        ma, mb = a & 0x7F, b & 0x7F
+        return torch.where(sa == sb, (ma - mb).abs(), ma + mb)
+    return (a - b).abs()
+
+
+def _cases(backend, full, small):
+    return small if backend == "triton" else full
+
+
+def test_gpu_build_has_cuda_kernels():
+    info = pydiff.build_info()
+    assert info["cuda_kernels"], f"pydiff was built without its CUDA kernels on a GPU machine: {info}"
+    assert "cuda" in pydiff.available_backends(GPU)
+
+
+# ---------------------------------------------------------------- quantize
+# (M, K, G, R, smooth): M = 1 / primes, K not a power of two, one group per row (G = K), G not a
+# power of two (96), lora ranks 1 .. 300 (> 256: several rank passes), K up to 12288
+Q_CASES = [(1, 32, 32, 0, False), (7, 96, 32, 1, True), (129, 1024, 64, 17, False), (33, 3072, 128, 64, True),
+           (5, 192, 96, 0, True), (3, 4096, 4096, 300, False), (17, 12288, 64, 32, True), (130, 320, 320, 5, False)]
+Q_CASES_SMALL = [(7, 96, 32, 1, True), (129, 1024, 64, 17, False)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_gpu_quantize_matches_reference_and_cpu(backend, fmt, dtype):
+    cases = _cases(backend, Q_CASES, Q_CASES_SMALL if dtype == torch.bfloat16 else [])
+    for i, (M, K, G, R, sm) in enumerate(cases):
+        seed = 100 * i + FORMATS.index(fmt)
+        x = _rand((M, K), dtype, seed, std=1.5, mean=0.25)
+        smooth = _rand((K,), DTYPES[i % 3], seed + 1).abs().add(0.5) if sm else None
+        lora_down = _rand((K, R), DTYPES[(i + 1) % 3], seed + 2, std=0.1) if R else None
+        _poison(M * K)
+        q, s, la = quantize(x, fmt, G, smooth=smooth, lora_down=lora_down, backend=backend)
+        cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+        qr, sr, lar = quantize_ref(cpu(x), cpu(smooth), cpu(lora_down), fmt=fmt, group_size=G)
+        what = f"{backend} {fmt} {dtype} M={M} K={K} G={G} R={R} smooth={sm}"
+        assert q.dtype == q_dtype(fmt) and q.shape == qr.shape and q.device == x.device, what
+        assert s.dtype == torch.float32 and s.shape == (M, K // G), what
+        assert la.dtype == torch.float32 and la.shape == (M, R), what
+        assert torch.equal(_codes(q.cpu(), fmt), _codes(qr, fmt)), f"{what}: q differs from the reference"
+        assert torch.equal(s.cpu(), sr), f"{what}: scales differ from the reference"
+        if R:
+            y = x.cpu().float() / smooth.cpu().float() if sm else x.cpu().float()
+            bound = 4 * K * 2.0**-24 * (y.double().abs() @ lora_down.cpu().double().abs()) + 1e-30
+            assert ((la.cpu().double() - lar.double()).abs() <= bound).all(), f"{what}: lora_act"
+        if HAS_CPU and i % 2 == 0:
+            qc, sc, _ = quantize(cpu(x), fmt, G, smooth=cpu(smooth), lora_down=cpu(lora_down), backend="cpu")
+            assert torch.equal(_codes(q.cpu(), fmt), _codes(qc, fmt)) and torch.equal(s.cpu(), sc), \
+                f"{what}: differs from the cpu backend"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_quantize_misaligned_and_noncontiguous_x(backend, fmt):
+    M, K, G = 37, 320, 64
+    base = _rand((M * K + 1,), torch.bfloat16, 3, std=2.0)
+    x = base[1:].view(M, K)  # 2-byte offset: the kernels' scalar-load path
+    xt = _rand((K, M), torch.float16, 4).T  # non-contiguous
+    for xx in (x, xt):
+        q, s, _ = quantize(xx, fmt, G, backend=backend)
+        qr, sr, _ = quantize_ref(xx.cpu(), fmt=fmt, group_size=G)
+        assert torch.equal(_codes(q.cpu(), fmt), _codes(qr, fmt)) and torch.equal(s.cpu(), sr), backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_quantize_prologues_within_one_step(backend, fmt):
+    """gelu_tanh (tanhf vs torch's tanh: an ulp of y) and layernorm (+ adaLN; float64 statistics in
+    another summation order): q within one step of the reference, at a handful of elements."""
+    M, K, G = 64, 3072, 64
+    step_diffs, total = 0, 0
+    for j, dtype in enumerate(DTYPES if backend == "cuda" else DTYPES[2:]):
+        x = _rand((M, K), dtype, 7 + j, std=2.0, mean=0.3)
+        sh = _rand((4, K), dtype, 8 + j, std=0.5)
+        sc = _rand((4, K), dtype, 9 + j, std=0.2)
+        cases = [("gelu_tanh", {}), ("layernorm", {}), ("layernorm", dict(shift=sh, scale=sc)),
+                 ("layernorm", dict(shift=sh[:1])), ("layernorm", dict(scale=sc[:2]))]
+        for pro, kw in cases:
+            smooth = _rand((K,), torch.float32, 12).abs().add(0.5) if pro == "gelu_tanh" else None
+            ld = _rand((K, 8), torch.bfloat16, 13, std=0.05) if pro == "layernorm" and not kw else None
+            q, s, la = quantize(x, fmt, G, prologue=pro, smooth=smooth, lora_down=ld, backend=backend, **kw)
+            kc = {k: v.cpu() for k, v in kw.items()}
+            qr, sr, lar = quantize_ref(x.cpu(), None if smooth is None else smooth.cpu(),
+                                       None if ld is None else ld.cpu(), kc.get("shift"), kc.get("scale"), fmt, G,
+                                       pro)
+            what = f"{backend} {fmt} {dtype} {pro} {sorted(kw)}"
+            assert torch.isfinite(s).all(), what
+            rel = ((s.cpu().double() - sr.double()).abs() / sr.double()).max().item()
+            assert rel <= (2.0**-21 if backend == "cuda" else 2.0**-18), f"{what}: scales rel diff {rel:.3g}"
+            d = _step_diff(q.cpu(), qr, fmt)
+            assert d.max().item() <= 1, f"{what}: q differs by {d.max().item()} steps"
+            step_diffs += int((d > 0).sum())
+            total += d.numel()
+            if ld is not None:
+                err = (la.cpu().double() - lar.double()).abs().max().item()
+                assert err <= 1e-3 * max(1.0, lar.abs().max().item()), f"{what}: lora_act error {err:.3g}"
+    limit = max(8, total // 20000) if backend == "cuda" else total // 100
+    assert step_diffs <= limit, f"{backend} {fmt}: {step_diffs} of {total} q values one step off"
+
+
+def _fp8_sweep_values():
+    half = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    bf = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    e4 = torch.arange(0, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448
+    mid = (e4[:-1] + e4[1:]) / 2  # every tie (exact in fp32)
+    ties = torch.cat([mid, torch.nextafter(mid, torch.zeros_like(mid)),
+                      torch.nextafter(mid, torch.full_like(mid, 1e3))])
+    v = torch.cat([half, bf, ties])
+    v = v[torch.isfinite(v) & (v.abs() <= 448)]
+    return torch.cat([v, -v])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_fp8_encoding_matches_torch_bit_for_bit(backend):
+    """Each group is [448, v0 .. v30]: scale exactly 1, so q = e4m3(v) for every swept v."""
+    v = _fp8_sweep_values()
+    per = 31
+    rows = (v.numel() + per - 1) // per
+    body = torch.zeros(rows * per)
+    body[: v.numel()] = v
+    x = torch.cat([torch.full((rows, 1), 448.0), body.reshape(rows, per)], dim=1)
+    q, s, _ = quantize(x.to(GPU), "fp8", 32, backend=backend)
+    assert torch.equal(s.cpu(), torch.ones(rows, 1))
+    want = x.to(torch.float8_e4m3fn).view(torch.uint8)
+    bad = q.cpu().view(torch.uint8) != want
+    assert not bad.any(), f"{backend}: e4m3({x[bad][:5].tolist()}) = {q.cpu()[bad][:5].view(torch.uint8).tolist()}, " \
+                          f"torch gives {want[bad][:5].tolist()} ({int(bad.sum())} of {x.numel()})"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_quantize_rounding_ties_and_special_groups(backend, fmt):
+    qmax = QMAX[fmt]
+    ties = torch.tensor([0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, -0.5, -1.5, -2.5, -6.5, 2.5000002, 2.4999998, 0.25,
+                         -0.75, 1.0, -0.0, 6.4999995])
+    g0 = torch.zeros(32)
+    g0[0] = -qmax
+    g0[1:1 + ties.numel()] = ties
+    g1 = _rand((32,), torch.float32, 3, device=CPU)
+    g1[5] = float("nan")
+    g2 = _rand((32,), torch.float32, 4, device=CPU)
+    g2[7] = float("inf")
+    g3 = torch.zeros(32)
+    g3[::2] = -0.0
+    g4 = _rand((32,), torch.float32, 5, device=CPU)
+    g5 = _rand((32,), torch.float32, 6, device=CPU)
+    g5[31] = -float("inf")
+    x = torch.stack([torch.cat([g0, g1, g2]), torch.cat([g3, g4, g5])])
+    q, s, _ = quantize(x.to(GPU), fmt, 32, backend=backend)
+    q, s = q.cpu(), s.cpu()
+    qr, sr, _ = quantize_ref(x, fmt=fmt, group_size=32)
+    assert torch.equal(_codes(q, fmt), _codes(qr, fmt)), backend
+    assert s[0, 0].item() == 1.0 and s[1, 0].item() == 0.0 and s[1, 1].item() > 0
+    for m, g in ((0, 1), (0, 2), (1, 2)):
+        assert math.isnan(s[m, g].item()), f"{backend} {fmt}: scale of a NaN/inf group is {s[m, g].item()}"
+        assert (_codes(q, fmt)[m, 32 * g:32 * (g + 1)] == 0).all()
+    if fmt != "fp8":
+        assert torch.equal(_codes(q, fmt)[0, 1:1 + ties.numel()], torch.round(ties).to(torch.int64))
+    if fmt == "int4":
+        assert q[0, 0].item() == ((-7) & 0xF) | ((0 & 0xF) << 4)
+
+
+# ---------------------------------------------------------------- quant_gemm
+def _operands(M, N, K, G, fmt, seed, dtype=torch.float32):
+    x = _rand((M, K), dtype, seed, std=1.2, mean=0.1)
+    w = _rand((N, K), dtype, seed + 1, std=0.05)
+    qa, sa, _ = quantize_ref(x, fmt=fmt, group_size=G)  # on the GPU (torch ops; the same definition)
+    qw, sw, _ = quantize_ref(w, fmt=fmt, group_size=G)
+    return qa, sa, qw, sw
+
+
+def _magnitude(qa, sa, qw, sw, bias, la, lu, fmt, G):
+    """sum of |terms| of out (float64): the scale of the fp32 rounding errors of the epilogue."""
+    a, w = q_values(qa, fmt).abs(), q_values(qw, fmt).abs()
+    M, K = a.shape
+    mag = torch.zeros(M, w.shape[0], dtype=torch.float64, device=a.device)
+    for g in range(K // G):
+        sl = slice(g * G, (g + 1) * G)
+        mag += (a[:, sl] @ w[:, sl].T) * (sa[:, g:g + 1].double().abs() * sw[:, g].double().abs()[None, :])
+    if la is not None:
+        mag += la.double().abs() @ lu.double().abs()
+    if bias is not None:
+        mag += bias.double().abs()[None, :]
+    return mag
+
+
+def _check_gemm(out, ref, mag, n_terms, out_dtype, what):
+    assert out.dtype == out_dtype and out.shape == ref.shape, what
+    assert torch.isfinite(out).all(), f"{what}: non-finite output (an element was not written?)"
+    ulp_out = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[out_dtype]
+    bound = 2 * (n_terms + 2) * 2.0**-24 * mag + ulp_out * ref.abs() + 2.0**-24
+    err = (out.double() - ref).abs()
+    worst = (err - bound).max().item()
+    assert worst <= 0, f"{what}: max error {err.max().item():.3e} (bound exceeded by {worst:.3e})"
+
+
+# (M, N, K, G, R, bias, out_dtype); rows_checked: the reference runs on these rows only (None: all)
+GEMM_CASES = [
+    (1, 1, 32, 32, 0, False, torch.float32),
+    (7, 67, 96, 32, 3, True, torch.bfloat16),
+    (129, 67, 1024, 64, 0, True, torch.float16),
+    (129, 3072, 1024, 128, 17, False, torch.float32),
+    (7, 3072, 3072, 3072, 0, True, torch.bfloat16),
+    (129, 1, 96, 96, 64, True, torch.float32),
+    (130, 131, 192, 96, 300, False, torch.float16),
+    (4096, 67, 3072, 32, 0, False, torch.float32),
+    (4096, 3072, 3072, 64, 32, True, torch.bfloat16),
+]
+GEMM_CASES_SMALL = [GEMM_CASES[1], GEMM_CASES[3], GEMM_CASES[6]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_quant_gemm_matches_reference(backend, fmt):
+    if fmt == "fp8" and not _fp8_mma(backend):
+        pytest.skip("fp8 GEMM needs compute capability 8.9+ on the CUDA backend")
+    for i, (M, N, K, G, R, has_bias, out_dtype) in enumerate(_cases(backend, GEMM_CASES, GEMM_CASES_SMALL)):
+        qa, sa, qw, sw = _operands(M, N, K, G, fmt, seed=10 * i + FORMATS.index(fmt), dtype=DTYPES[i % 3])
+        bias = _rand((N,), DTYPES[(i + 1) % 3], i) if has_bias else None
+        la = _rand((M, R), DTYPES[i % 3], i + 1) if R else None
+        lu = _rand((R, N), DTYPES[(i + 2) % 3], i + 2, std=0.1) if R else None
+        _poison(M * N, torch.float32)
+        out = quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=G, bias=bias, lora_act=la, lora_up=lu,
+                         out_dtype=out_dtype, backend=backend)
+        rows = torch.arange(M, device=GPU)
+        if M > 512:  # the float64 reference on 256 rows (first, last and spread)
+            rows = torch.unique(torch.cat([rows[:64], rows[-64:], rows[torch.randperm(M, device=GPU)[:128]]]))
+        sub = lambda t: None if t is None else t[rows]  # noqa: E731
+        qa_r = qa.view(torch.uint8)[rows].view(qa.dtype)  # (byte view: fp8 has no CUDA gather everywhere)
+        ref = quant_gemm_ref(qa_r, sa[rows], qw, sw, bias, sub(la), lu, fmt, G, out_dtype=None)
+        mag = _magnitude(qa_r, sa[rows], qw, sw, bias, sub(la), lu, fmt, G)
+        n_terms = K // G + R + (G if fmt == "fp8" else 0)  # fp8: the MMA sums a group in fp32
+        assert torch.isfinite(out).all(), f"{backend} {fmt} case {i}: non-finite output"
+        _check_gemm(out[rows], ref, mag, n_terms, out_dtype,
+                    f"{backend} {fmt} M={M} N={N} K={K} G={G} R={R} bias={has_bias} {out_dtype}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_gpu_quant_gemm_integer_accumulators_equal(backend, fmt):
+    """Unit scales: out (fp32) is the exact integer dot product (every partial sum here is an integer
+    below 2^24, so fp32 holds it exactly), per group and over groups."""
+    g = torch.Generator(device=GPU).manual_seed(1)
+    cases = [(1, 1, 32, 32), (7, 67, 96, 96), (129, 67, 1024, 1024), (129, 3072, 3072, 3072), (33, 131, 16384, 16384),
+             (65, 130, 3072, 32), (65, 130, 3072, 64), (65, 130, 3072, 128), (65, 130, 3072, 96)]
+    if backend == "triton":
+        cases = [cases[2], cases[6]]
+    for M, N, K, G in cases:
+        if fmt == "int4":
+            qa = torch.randint(0, 256, (M, K // 2), generator=g, device=GPU, dtype=torch.int32).to(torch.uint8)
+            qw = torch.randint(0, 256, (N, K // 2), generator=g, device=GPU, dtype=torch.int32).to(torch.uint8)
+        else:
+            qa = torch.randint(-128, 128, (M, K), generator=g, device=GPU, dtype=torch.int32).to(torch.int8)
+            qw = torch.randint(-128, 128, (N, K), generator=g, device=GPU, dtype=torch.int32).to(torch.int8)
+        sa, sw = torch.ones(M, K // G, device=GPU), torch.ones(N, K // G, device=GPU)
+        _poison(M * N)
+        out = quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=G, out_dtype=torch.float32, backend=backend)
+        exact = q_values(qa, fmt) @ q_values(qw, fmt).T  # float64, exact
+        if G == K or exact.abs().max().item() < 2**23:
+            assert torch.equal(out, exact.to(torch.float32)), f"{backend} {fmt} M={M} N={N} K={K} G={G}: " \
+                f"max diff {(out.double() - exact).abs().max().item()}"
+
+
+ADVERSARIAL = [("int4", 7, 7), ("int4", -8, -8), ("int4", 7, -8), ("int8", 127, 127), ("int8", -128, -128),
+               ("int8", -128, 127), ("fp8", 448.0, 448.0), ("fp8", -448.0, 448.0), ("fp8", 2.0**-9, 448.0),
+               ("fp8", -8.0, -8.0)]
+
+
+def _filled(fmt, v, rows, K):
+    if fmt == "fp8":
+        return torch.full((rows, K), v, device=GPU).to(torch.float8_e4m3fn)
+    if fmt == "int8":
+        return torch.full((rows, K), v, dtype=torch.int8, device=GPU)
+    nib = v & 0xF
+    return torch.full((rows, K // 2), nib | (nib << 4), dtype=torch.uint8, device=GPU)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ADVERSARIAL, ids=lambda c: f"{c[0]}:{c[1]}x{c[2]}")
+def test_gpu_quant_gemm_adversarial_extremes(backend, case):
+    """Every product at the extreme of the format, K up to 16384: exact (every partial sum is
+    representable in fp32 and the scales are powers of two), per group of 64 and as one group."""
+    fmt, va, vw = case
+    if fmt == "fp8" and not _fp8_mma(backend):
+        pytest.skip("fp8 GEMM needs compute capability 8.9+ on the CUDA backend")
+    Ks = (3072, 12288, 16384) if backend == "cuda" else (12288,)
+    for K in Ks:
+        for G in (64, K):
+            M, N = 129, 67
+            qa, qw = _filled(fmt, va, M, K), _filled(fmt, vw, N, K)
+            sa = torch.full((M, K // G), 0.5, device=GPU)
+            sw = torch.full((N, K // G), 2.0**-3, device=GPU)
+            _poison(M * N)
+            out = quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=G, out_dtype=torch.float32, backend=backend)
+            exact = float(q_values(qa[:1, :2], fmt)[0, 0] * q_values(qw[:1, :2], fmt)[0, 0]) * K * 0.5 * 2.0**-3
+            assert (out == exact).all(), f"{backend} {case} K={K} G={G}: " \
+                f"{out.flatten()[(out != exact).flatten()][:4].tolist()} != {exact}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_quant_gemm_misaligned_and_noncontiguous(backend, fmt):
+    """qa at an odd byte offset (the CUDA kernel's synchronous-load path), qw non-contiguous, lora_up
+    transposed: the ops take contiguous copies or handle the offsets."""
+    if fmt == "fp8" and not _fp8_mma(backend):
+        pytest.skip("fp8 GEMM needs compute capability 8.9+ on the CUDA backend")
+    M, N, K, G = 37, 67, 320, 64
+    qa, sa, qw, sw = _operands(M, N, K, G, fmt, seed=5)
+    buf = torch.empty(qa.numel() + 1, dtype=qa.dtype, device=GPU)
+    qa_odd = buf[1:].view(qa.shape)
+    qa_odd.copy_(qa)
+    qw_nc = qw.T.contiguous().T  # same values, column-major
+    la = _rand((M, 5), torch.float32, 6)
+    lu_t = _rand((N, 5), torch.bfloat16, 7, std=0.1).T  # [5, N], non-contiguous
+    bias = _rand((N,), torch.float16, 8)
+    out = quant_gemm(qa_odd, sa, qw_nc, sw, fmt=fmt, group_size=G, bias=bias, lora_act=la, lora_up=lu_t,
+                     out_dtype=torch.float32, backend=backend)
+    ref = quant_gemm_ref(qa, sa, qw, sw, bias, la, lu_t, fmt, G, out_dtype=None)
+    mag = _magnitude(qa, sa, qw, sw, bias, la, lu_t, fmt, G)
+    _check_gemm(out, ref, mag, K // G + 5 + (G if fmt == "fp8" else 0), torch.float32, f"{backend} {fmt}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_quantize_then_gemm_end_to_end(backend):
+    """A DiT-sized linear from float inputs: quantize (x and the weight) on the backend, then the GEMM
+    with the low-rank branch; equal to the reference pipeline, and a good approximation of x W^T."""
+    M, K, N, G, R = 512, 1152, 384, 64, 16
+    x = _rand((M, K), torch.bfloat16, 1)
+    w = _rand((N, K), torch.float32, 2, std=0.03)
+    ld = _rand((K, R), torch.float32, 3, std=0.03)
+    lu = _rand((R, N), torch.bfloat16, 4, std=0.1)
+    for fmt in ("int4", "int8") + (("fp8",) if _fp8_mma(backend) else ()):
+        qa, sa, la = quantize(x, fmt, G, lora_down=ld, backend=backend)
+        qw, sw, _ = quantize(w, fmt, G, backend=backend)
+        out = quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=G, lora_act=la, lora_up=lu, out_dtype=torch.float32,
+                         backend=backend)
+        ref = quant_gemm_ref(qa, sa, qw, sw, None, la, lu, fmt, G, out_dtype=None)
+        mag = _magnitude(qa, sa, qw, sw, None, la, lu, fmt, G)
+        _check_gemm(out, ref, mag, K // G + R + (G if fmt == "fp8" else 0), torch.float32, f"{backend} {fmt}")
+        full = x.double() @ w.double().T + (x.double() @ ld.double()) @ lu.double()
+        rel = ((out.double() - full).norm() / full.norm()).item()
+        assert rel < {"int4": 0.2, "int8": 0.02, "fp8": 0.1}[fmt], f"{backend} {fmt}: relative error {rel:.3f}"
+
+
+def test_gpu_int64_indexing():
+    """M K > 2^31 (quantize and the GEMM's operand offsets) and M N > 2^31 (the GEMM's output): the
+    last rows are right. CUDA backend only (the largest tensors are about 4 GiB)."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 14 * 2**30:
+        pytest.skip("needs about 14 GiB of free GPU memory")
+    M, K = 65600, 32768  # M K = 2.15e9
+    x = torch.randn((M, K), device=GPU, dtype=torch.bfloat16, generator=torch.Generator(device=GPU).manual_seed(1))
+    q, s, _ = quantize(x, "int8", 64, backend="cuda")
+    tail = slice(M - 3, M)
+    qr, sr, _ = quantize_ref(x[tail].cpu(), fmt="int8", group_size=64)
+    assert torch.equal(q[tail].cpu(), qr) and torch.equal(s[tail].cpu(), sr)
+    del x
+    qw, sw, _ = quantize_ref(_rand((16, K), torch.float32, 2), fmt="int8", group_size=64)
+    out = quant_gemm(q, s, qw, sw, fmt="int8", group_size=64, out_dtype=torch.float32, backend="cuda")
+    ref = quant_gemm_ref(q[tail], s[tail], qw, sw, fmt="int8", group_size=64, out_dtype=None)
+    mag = _magnitude(q[tail], s[tail], qw, sw, None, None, None, "int8", 64)
+    _check_gemm(out[tail], ref, mag, K // 64, torch.float32, "M K > 2^31")
+    del q, s, out
+    M2, N2, K2 = 70000, 32768, 32  # M N = 2.29e9
+    qa, sa, _ = quantize_ref(_rand((M2, K2), torch.float32, 3), fmt="int4", group_size=32)
+    qw, sw, _ = quantize_ref(_rand((N2, K2), torch.float32, 4), fmt="int4", group_size=32)
+    out = quant_gemm(qa, sa, qw, sw, fmt="int4", group_size=32, out_dtype=torch.float16, backend="cuda")
+    ref = quant_gemm_ref(qa[-2:], sa[-2:], qw, sw, fmt="int4", group_size=32, out_dtype=None)
+    mag = _magnitude(qa[-2:], sa[-2:], qw, sw, None, None, None, "int4", 32)
+    _check_gemm(out[-2:], ref, mag, 1, torch.float16, "M N > 2^31")
+    del out
+
+
+# ---------------------------------------------------------------- errors, sync, graphs
+def test_gpu_bad_device_mixes_raise():
+    x = _rand((4, 64), torch.float32, 1)
+    with pytest.raises(ValueError, match="smooth"):
+        quantize(x, "int4", 32, smooth=torch.ones(64), backend="cuda")
+    with pytest.raises((ValueError, RuntimeError), match="smooth"):
+        torch.ops.pydiff.quantize(x, torch.ones(64), None, None, None, "int4", 32, "none", 1e-6)
+    with pytest.raises((ValueError, RuntimeError), match="lora_down"):
+        torch.ops.pydiff.quantize(x, None, torch.ones(64, 2), None, None, "int4", 32, "none", 1e-6)
+    with pytest.raises((ValueError, RuntimeError), match="x"):
+        torch.ops.pydiff.quantize(x.cpu(), torch.ones(64, device=GPU), None, None, None, "int4", 32, "none", 1e-6)
+    qa, sa, qw, sw = _operands(3, 5, 64, 32, "int4", 2)
+    with pytest.raises(ValueError, match="sa"):
+        quant_gemm(qa, sa.cpu(), qw, sw, fmt="int4", group_size=32, backend="cuda")
+    with pytest.raises((ValueError, RuntimeError), match="sw"):
+        torch.ops.pydiff.quant_gemm(qa, sa, qw, sw.cpu(), None, None, None, "int4", 32, torch.float32)
+    with pytest.raises((ValueError, RuntimeError), match="bias"):
+        torch.ops.pydiff.quant_gemm(qa, sa, qw, sw, torch.ones(5), None, None, "int4", 32, torch.float32)
+    with pytest.raises((ValueError, RuntimeError), match="qw"):
+        torch.ops.pydiff.quant_gemm(qa, sa, qw.cpu(), sw, None, None, None, "int4", 32, torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() >= (8, 9),
+                    reason="the fp8 refusal is for GPUs below compute capability 8.9")
+def test_gpu_fp8_gemm_refused_below_sm89():
+    qa, sa, qw, sw = _operands(3, 5, 64, 32, "fp8", 2)
+    with pytest.raises(RuntimeError, match="fp8"):
+        quant_gemm(qa, sa, qw, sw, fmt="fp8", group_size=32, backend="cuda")
+
+
+def test_gpu_no_host_sync_and_cuda_graph():
+    x = _rand((96, 320), torch.bfloat16, 1)
+    ld = _rand((320, 8), torch.float32, 2, std=0.1)
+    lu = _rand((8, 48), torch.float32, 3, std=0.1)
+    qw, sw, _ = quantize_ref(_rand((48, 320), torch.float32, 4, std=0.05), fmt="int4", group_size=64)
+    args_q = (x, None, ld, None, None, "int4", 64, "gelu_tanh", 1e-6)
+
+    def step():
+        q, s, la = torch.ops.pydiff.quantize(*args_q)
+        return torch.ops.pydiff.quant_gemm(q, s, qw, sw, None, la, lu, "int4", 64, torch.bfloat16)
+
+    want = step()  # warm-up (and the reference result)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(g):
+            got = step()
+    torch.cuda.current_stream().wait_stream(s)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
