@@ -133,7 +133,8 @@ def main(argv=None):
     if "sampling" in parts:
         import sampling as sampling_bench
 
-        sr = sampling_bench.rows(device, [(16, 4096)] if args.quick else None, bw=bw)
+        sr = sampling_bench.rows(device, [(16, 4096)] if args.quick else None, bw=bw,
+                                 compile_baseline=not (args.quick or args.no_compile))
         print("\n## Categorical sampling: logits -> tokens + chosen-token probability")
         print(_table([_fmt_row(r) for r in sr],
                      ["shape", "dtype", "impl", "time_us", "gbps", "x_amax", "x_hbm_floor", "peak_extra_mib"]))

@@ -447,25 +447,13 @@ def _kstep(d, a_ptrs, w_ptrs, rmask, cmask, FMT: tl.constexpr, BM: tl.constexpr,
 
 
 @triton.jit
-def _qgemm_kernel(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr, out_ptr,
-                  M, N, Gn, R, stride_am, stride_wn, stride_om,
-                  FMT: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                  KB: tl.constexpr, STEPS: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-                  DOT_FP8: tl.constexpr, MAGIC: tl.constexpr, OUT_BF16_BITS: tl.constexpr,
-                  LORA_PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    gsz = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % gsz
-    pid_n = (pid % width) // gsz
-    rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
-    cols = pid_n.to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
-    rmask = rows < M
-    cmask = cols < N
+def _qgemm_tile(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr, rows, cols, rmask, cmask,
+                N, Gn, R, stride_am, stride_wn,
+                FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, STEPS: tl.constexpr,
+                BR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP8: tl.constexpr,
+                MAGIC: tl.constexpr, LORA_PREC: tl.constexpr):
+    """The fp32 tile ``acc [BM, BN] = sum_g sa sw D_g + lora_act @ lora_up + bias`` of output rows
+    ``rows`` and columns ``cols`` (int64 ``[BM]`` / ``[BN]``, any column indices; masked lanes give 0)."""
     kb = tl.arange(0, KB)
     a_ptrs = qa_ptr + rows[:, None] * stride_am + kb[None, :]
     w_ptrs = qw_ptr + cols[:, None] * stride_wn + kb[None, :]
@@ -502,6 +490,39 @@ def _qgemm_kernel(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr, out_
             acc = tl.dot(la.to(tl.float32), lu.to(tl.float32), acc, input_precision=LORA_PREC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _tile_pid(pid, M, NCOLS, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` in the grouped launch order (GROUP_M row tiles share a
+    column sweep, for L2 reuse of the weight tiles); NCOLS: the tile count is ``cdiv(NCOLS, BN)``."""
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(NCOLS, BN)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    gsz = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsz
+    pid_n = (pid % width) // gsz
+    return pid_m, pid_n
+
+
+@triton.jit
+def _qgemm_kernel(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr, out_ptr,
+                  M, N, Gn, R, stride_am, stride_wn, stride_om,
+                  FMT: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                  KB: tl.constexpr, STEPS: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+                  DOT_FP8: tl.constexpr, MAGIC: tl.constexpr, OUT_BF16_BITS: tl.constexpr,
+                  LORA_PREC: tl.constexpr):
+    pid_m, pid_n = _tile_pid(tl.program_id(0), M, N, BM, BN, GROUP_M)
+    rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
+    cols = pid_n.to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
+    rmask = rows < M
+    cmask = cols < N
+    acc = _qgemm_tile(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr, rows, cols, rmask, cmask,
+                      N, Gn, R, stride_am, stride_wn, FMT, BM, BN, KB, STEPS, BR, HAS_BIAS, HAS_LORA, DOT_FP8,
+                      MAGIC, LORA_PREC)
     optrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
     omask = rmask[:, None] & cmask[None, :]
     if OUT_BF16_BITS:

@@ -11,6 +11,10 @@ Ops (schemas in :mod:`pydiff.ops._library`, definitions in :mod:`pydiff.referenc
 * ``quant_gemm(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_dtype) -> out``:
   ``out = sum_g sa sw (qa qw^T)_g + lora_act @ lora_up + bias``; exact integer group sums (int4,
   int8), fp32 epilogue, output fp32/fp16/bf16.
+* ``quant_gemm_quant(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, group_size, epilogue,
+  out_fmt, out_group_size) -> (q, scales)``: the same GEMM (fp32 result), then ``gelu_tanh`` (or
+  nothing), ``/ smooth[n]`` and per-token, per-group quantization of the output for the next layer
+  (a DiT MLP's fc1 writes fc2's int4 input directly; the 16-bit hidden activations never exist).
 
 Backends: ``cuda`` (csrc/quant/*_cuda.cu: Hopper computes 4-bit data on the INT8 / FP8 tensor
 cores, since sm_90 has no 4-bit MMA), ``triton`` (triton_kernels/quant.py: int8 ``tl.dot``, any
@@ -28,15 +32,18 @@ from pydiff.ops._library import lib
 from pydiff.reference.quant import (
     FORMATS,
     GROUP_MULTIPLE,
+    EPILOGUES,
     PROLOGUES,
     q_cols,
     q_dtype,
+    quant_gemm_quant_ref,
     quant_gemm_ref,
     quantize_ref,
 )
 
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-__all__ = ["quantize", "quant_gemm", "check_quantize_args", "check_quant_gemm_args"]
+__all__ = ["quantize", "quant_gemm", "quant_gemm_quant", "check_quantize_args", "check_quant_gemm_args",
+           "check_quant_gemm_quant_args"]
 
 
 def _names(dtypes) -> str:
@@ -136,6 +143,25 @@ def check_quant_gemm_args(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_si
         raise TypeError(f"out_dtype: expected {_names(ACT_DTYPES)}, got {out_dtype}")
 
 
+def check_quant_gemm_quant_args(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, group_size, epilogue,
+                                 out_fmt, out_group_size) -> None:
+    check_quant_gemm_args(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, torch.float32)
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue: expected one of {EPILOGUES}, got {epilogue!r}")
+    if out_fmt not in FORMATS:
+        raise ValueError(f"out_fmt: expected one of {FORMATS}, got {out_fmt!r}")
+    N = qw.shape[0]
+    if isinstance(out_group_size, bool) or not isinstance(out_group_size, int) or out_group_size <= 0 \
+            or out_group_size % GROUP_MULTIPLE or N % out_group_size:
+        raise ValueError(f"out_group_size: expected a positive multiple of {GROUP_MULTIPLE} that divides the "
+                         f"N = {N} output channels, got {out_group_size!r}")
+    if smooth is not None:
+        _check_float("smooth", smooth, qa.device)
+        if tuple(smooth.shape) != (N,):
+            raise ValueError(f"smooth: expected shape ({N},) (the output channels, the consumer's smoothing "
+                             f"factors), got {tuple(smooth.shape)}")
+
+
 # ---------------------------------------------------------------- torch and Triton implementations
 def _quantize_torch(x, smooth, lora_down, shift, scale, fmt, group_size, prologue, eps):
     q, s, la = quantize_ref(x, smooth, lora_down, shift, scale, fmt, group_size, prologue, eps)
@@ -144,6 +170,13 @@ def _quantize_torch(x, smooth, lora_down, shift, scale, fmt, group_size, prologu
 
 def _gemm_torch(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_dtype):
     return quant_gemm_ref(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_dtype).contiguous()
+
+
+def _gemm_quant_torch(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, group_size, epilogue, out_fmt,
+                      out_group_size):
+    q, s = quant_gemm_quant_ref(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, group_size, epilogue, out_fmt,
+                                out_group_size)
+    return q.contiguous(), s.contiguous()
 
 
 def _tk():
@@ -160,6 +193,12 @@ def _gemm_triton(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_d
     return _tk().quant_gemm_triton(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_dtype)
 
 
+def _gemm_quant_triton(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, group_size, epilogue, out_fmt,
+                       out_group_size):
+    return _tk().quant_gemm_quant_triton(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, group_size, epilogue,
+                                         out_fmt, out_group_size)
+
+
 # ---------------------------------------------------------------- fake kernels
 @torch.library.register_fake("pydiff::quantize", lib=lib)
 def _quantize_fake(x, smooth, lora_down, shift, scale, fmt, group_size, prologue, eps):
@@ -174,12 +213,21 @@ def _gemm_fake(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_dty
     return qa.new_empty((qa.shape[0], qw.shape[0]), dtype=out_dtype)
 
 
+@torch.library.register_fake("pydiff::quant_gemm_quant", lib=lib)
+def _gemm_quant_fake(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, group_size, epilogue, out_fmt,
+                     out_group_size):
+    M, N = qa.shape[0], qw.shape[0]
+    return (qa.new_empty((M, q_cols(out_fmt, N)), dtype=q_dtype(out_fmt)),
+            qa.new_empty((M, N // out_group_size), dtype=torch.float32))
+
+
 if not _ext.has_cpu_kernels():
     # No compiled extension: the ops still exist, backed by the reference (CPU) and Triton (CUDA).
     def _pick(torch_impl, triton_impl):
         return lambda *a: (triton_impl if _backend.triton_available() else torch_impl)(*a)
 
-    for _name, _t, _tr in (("quantize", _quantize_torch, _quantize_triton), ("quant_gemm", _gemm_torch, _gemm_triton)):
+    for _name, _t, _tr in (("quantize", _quantize_torch, _quantize_triton), ("quant_gemm", _gemm_torch, _gemm_triton),
+                           ("quant_gemm_quant", _gemm_quant_torch, _gemm_quant_triton)):
         lib.impl(_name, _t, "CPU")
         lib.impl(_name, _pick(_t, _tr), "CUDA")
 
@@ -243,3 +291,43 @@ def quant_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.T
     if name == "triton":
         return _gemm_triton(*args)
     return _gemm_torch(*args)
+
+
+def quant_gemm_quant(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, *, fmt: str = "int4",
+                     group_size: int = 64, bias: Optional[torch.Tensor] = None,
+                     lora_act: Optional[torch.Tensor] = None, lora_up: Optional[torch.Tensor] = None,
+                     epilogue: str = "none", smooth: Optional[torch.Tensor] = None, out_fmt: Optional[str] = None,
+                     out_group_size: Optional[int] = None, backend: Optional[str] = None, check: bool = True):
+    """The quantized GEMM with its output quantized for the next layer: ``(q, scales)`` of::
+
+        y = quant_gemm(qa, sa, qw, sw, bias=bias, lora_act=lora_act, lora_up=lora_up)  # fp32 [M, N]
+        y = gelu_tanh(y) if epilogue == "gelu_tanh" else y
+        y = y / smooth                                   # [N], the consumer layer's smoothing factors
+        q, scales = per-token, per-group (out_group_size) quantization of y to out_fmt
+
+    so a DiT MLP runs ``fc1 -> GELU -> fc2`` as ``quant_gemm_quant(..., epilogue="gelu_tanh")``
+    followed by ``quant_gemm(q, scales, fc2 weight)`` without writing the 16-bit hidden activations.
+    ``out_fmt`` defaults to ``fmt`` and ``out_group_size`` (a multiple of 32 dividing N) to
+    ``group_size``.  ``q``: uint8 ``[M, N/2]`` (int4), int8 / float8_e4m3fn ``[M, N]``; ``scales``
+    fp32 ``[M, N / out_group_size]`` (definition: :func:`pydiff.reference.quant.quant_gemm_quant_ref`).
+
+    Backends: ``triton`` is one fused kernel (the GEMM tile's fp32 accumulator goes through the GELU,
+    the smoothing and the group quantization in registers; groups wider than 256 channels fall back
+    to the GEMM + quantize kernels); ``cpu`` and ``cuda`` compose their GEMM (fp32 result) and
+    quantize kernels; ``torch`` is the reference.
+    """
+    out_fmt = fmt if out_fmt is None else out_fmt
+    out_group_size = group_size if out_group_size is None else out_group_size
+    if check:
+        check_quant_gemm_quant_args(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, group_size, epilogue,
+                                    out_fmt, out_group_size)
+    name = _backend.resolve(backend, qa.device)
+    if lora_act is not None and lora_act.shape[1] == 0:
+        lora_act = lora_up = None
+    args = (qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, int(group_size), epilogue, out_fmt,
+            int(out_group_size))
+    if name in ("cuda", "cpu"):
+        return torch.ops.pydiff.quant_gemm_quant(*args)
+    if name == "triton":
+        return _gemm_quant_triton(*args)
+    return _gemm_quant_torch(*args)
