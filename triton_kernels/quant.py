@@ -154,6 +154,14 @@ def _unpack_int4(p, R: tl.constexpr, C: tl.constexpr):
     return tl.reshape(tl.join(lo, hi), [R, 2 * C])
 
 
+@triton.jit
+def _gelu_tanh(y):
+    """``0.5 y (1 + tanh(u))``, ``u = sqrt(2/pi) (y + 0.044715 y^3)``, computed as ``y / (1 + exp(-2u))``
+    (the same function; no libdevice in the interpreter)."""
+    u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+    return y / (1.0 + tl.exp(-2.0 * u))
+
+
 # ---------------------------------------------------------------- quantize
 @triton.jit
 def _load_y(x_ptr, xoff, mask, k, rows, smooth_ptr, shift_ptr, scale_ptr, K, rows_per_batch, mean, rstd,
@@ -161,8 +169,7 @@ def _load_y(x_ptr, xoff, mask, k, rows, smooth_ptr, shift_ptr, scale_ptr, K, row
     """``y = prologue(x) / smooth`` in fp32 at offsets ``xoff`` (0 where ``mask`` is false)."""
     y = tl.load(x_ptr + xoff, mask=mask, other=0.0).to(tl.float32)
     if PROLOGUE == 1:
-        u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
-        y = y / (1.0 + tl.exp(-2.0 * u))  # = 0.5 y (1 + tanh u)
+        y = _gelu_tanh(y)
     elif PROLOGUE == 2:
         y = (y - mean) * rstd
         if HAS_SCALE or HAS_SHIFT:
@@ -611,6 +618,127 @@ def quant_gemm_triton(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, 
             opts["num_stages"] -= 1
 
 
+# ---------------------------------------------------------------- quant_gemm_quant (GEMM + GELU + quantize)
+@triton.jit
+def _qgemm_quant_kernel(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr, smooth_ptr, q_ptr, s_ptr,
+                        M, N, Gn, R, stride_am, stride_wn, Gn2, QC,
+                        FMT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr,
+                        STEPS: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP8: tl.constexpr, MAGIC: tl.constexpr,
+                        LORA_PREC: tl.constexpr, GELU: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+                        OFMT: tl.constexpr, OQMAX: tl.constexpr, G2: tl.constexpr, GB: tl.constexpr,
+                        GPT: tl.constexpr, INTERP: tl.constexpr):
+    """One ``[BM, GPT * GB]`` output tile: GPT whole output groups of G2 columns, each held in GB =
+    next_pow2(G2) lanes (lanes >= G2 masked), so every group's amax is a reduction inside the tile."""
+    BN: tl.constexpr = GPT * GB
+    pid_m, pid_n = _tile_pid(tl.program_id(0), M, Gn2, BM, GPT, GROUP_M)
+    rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
+    rmask = rows < M
+    j = tl.arange(0, BN)
+    gl = pid_n.to(tl.int64) * GPT + j // GB  # output group of each lane
+    cin = j % GB
+    cols = gl * G2 + cin
+    cmask = (cin < G2) & (gl < Gn2)
+    acc = _qgemm_tile(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr, rows, cols, rmask, cmask,
+                      N, Gn, R, stride_am, stride_wn, FMT, BM, BN, KB, STEPS, BR, HAS_BIAS, HAS_LORA, DOT_FP8,
+                      MAGIC, LORA_PREC)
+    y = acc
+    if GELU:
+        y = _gelu_tanh(y)
+    if HAS_SMOOTH:
+        y = tl.math.div_rn(y, tl.load(smooth_ptr + cols, mask=cmask, other=1.0).to(tl.float32)[None, :])
+    y = tl.where(rmask[:, None] & cmask[None, :], y, 0.0)
+    y3 = tl.reshape(y, [BM, GPT, GB])
+    amax = _group_amax(y3, INTERP)  # [BM, GPT]
+    div, ok, stored = _group_scale(amax, OQMAX)
+    g = pid_n.to(tl.int64) * GPT + tl.arange(0, GPT)
+    gmask = g < Gn2
+    if OFMT == 0:
+        cp = tl.arange(0, GB // 2)
+        kq = g[:, None] * (G2 // 2) + cp[None, :]
+        kqm = gmask[:, None] & (cp < G2 // 2)[None, :]
+    else:
+        c = tl.arange(0, GB)
+        kq = g[:, None] * G2 + c[None, :]
+        kqm = gmask[:, None] & (c < G2)[None, :]
+    _quant_store(y3, div, ok, q_ptr, rows, rmask, kq, kqm, OFMT, OQMAX, BM, GPT, GB, INTERP, QC)
+    tl.store(s_ptr + rows[:, None] * Gn2 + g[None, :], stored, mask=rmask[:, None] & gmask[None, :])
+
+
+FUSED_MAX_GROUP = 256  # widest output group the fused kernel holds in one tile (wider: GEMM + quantize)
+
+
+def _gemm_quant_launch(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, group_size, epilogue, out_fmt,
+                       out_group_size, *, cap=None, config=None, interp=None):
+    """Allocate ``(q, scales)`` and return ``(outputs, kernel args, constexprs, grid, options)``."""
+    M, N = qa.shape[0], qw.shape[0]
+    K = qa.shape[1] * (2 if fmt == "int4" else 1)
+    G, G2 = int(group_size), int(out_group_size)
+    Gn, Gn2 = (K // G if G else 0), N // G2
+    interp = cap is None if interp is None else interp
+    R = 0 if lora_act is None else lora_act.shape[1]
+    has_lora = lora_act is not None and lora_up is not None and R > 0
+    q = _empty((M, N // 2 if out_fmt == "int4" else N), device=qa.device,
+               dtype={"int4": torch.uint8, "int8": torch.int8, "fp8": torch.float8_e4m3fn}[out_fmt])
+    s = _empty((M, Gn2), device=qa.device, dtype=torch.float32)
+    cfg = _gemm_config(M, N, K, G, R, fmt, None if interp else cap)
+    GB = _np2(G2)
+    cfg["GPT"] = max(1, min(cfg["BN"] // GB, _np2(Gn2)))
+    if config:
+        cfg.update(config)
+    dot_fp8 = fmt == "fp8" and not interp and _nv(cap, (8, 9))
+    if fmt == "fp8" and not dot_fp8:
+        qa, qw = qa.view(torch.uint8), qw.view(torch.uint8)
+    if qa.stride(1) != 1:
+        qa = qa.contiguous()
+    if qw.stride(1) != 1:
+        qw = qw.contiguous()
+    sa, sw = sa.contiguous(), sw.contiguous()
+    la = lora_act.contiguous() if has_lora else sa
+    lu = lora_up.contiguous() if has_lora else sa
+    b = bias.contiguous() if bias is not None else sa
+    sm = smooth.contiguous() if smooth is not None else sa
+    qmax = {"int4": 8, "int8": 128, "fp8": 0}[fmt]
+    magic = fmt != "fp8" and G * qmax * qmax < (1 << 22)
+    qk = q.view(torch.uint8) if out_fmt == "fp8" else q
+    args = [qa, sa, qw, sw, b, la, lu, sm, qk, s, M, N, Gn, R, qa.stride(0), qw.stride(0), Gn2, qk.shape[1]]
+    const = dict(FMT=_FMT[fmt], BM=cfg["BM"], BK=cfg["BK"], KB=cfg["BK"] // 2 if fmt == "int4" else cfg["BK"],
+                 STEPS=G // cfg["BK"], BR=cfg["BR"], GROUP_M=cfg["GROUP_M"], HAS_BIAS=bias is not None,
+                 HAS_LORA=has_lora, DOT_FP8=dot_fp8, MAGIC=magic, LORA_PREC=_lora_prec(interp, cap),
+                 GELU=epilogue == "gelu_tanh", HAS_SMOOTH=smooth is not None, OFMT=_FMT[out_fmt],
+                 OQMAX=_QMAX[out_fmt], G2=G2, GB=GB, GPT=cfg["GPT"], INTERP=interp)
+    grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(Gn2, cfg["GPT"]),)
+    opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return (q, s), args, const, grid, opts
+
+
+def quant_gemm_quant_triton(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, group_size, epilogue, out_fmt,
+                            out_group_size, *, _config=None):
+    """``(q, scales)`` of ``torch.ops.pydiff.quant_gemm_quant`` (arguments already checked): one kernel
+    whose GEMM tile goes through the GELU, ``/ smooth`` and the per-group quantization in registers
+    (round half to even; fp8 through the integer e4m3 encoder).  Output groups wider than
+    ``FUSED_MAX_GROUP`` channels do not fit a tile: then ``quant_gemm_triton`` (fp32 out) +
+    ``quantize_triton`` (same result)."""
+    if int(out_group_size) > FUSED_MAX_GROUP:
+        y = quant_gemm_triton(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, torch.float32)
+        q, s, _ = quantize_triton(y, smooth, None, None, None, out_fmt, out_group_size,
+                                  "gelu_tanh" if epilogue == "gelu_tanh" else "none", 0.0)
+        return q, s
+    outs, args, const, grid, opts = _gemm_quant_launch(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt,
+                                                       group_size, epilogue, out_fmt, out_group_size,
+                                                       cap=_cap(qa.device), config=_config)
+    if outs[1].numel() == 0:
+        return outs
+    while True:
+        try:
+            _qgemm_quant_kernel[grid](*args, **const, **opts)
+            return outs
+        except triton.runtime.errors.OutOfResources:
+            if opts["num_stages"] <= 1:
+                raise
+            opts["num_stages"] -= 1
+
+
 # ---------------------------------------------------------------- ahead-of-time compile check
 _TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8", torch.uint8: "u8",
        torch.int16: "i16", torch.int32: "i32", torch.float8_e4m3fn: "fp8e4nv"}
@@ -625,11 +753,9 @@ def compile_for_gpu(op: str, cap=(9, 0), *inputs, **kw):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    if op == "quantize":
-        _, args, const, _, opts = _quantize_launch(*inputs, cap=cap, interp=False, **kw)
-    else:
-        _, args, const, _, opts = _gemm_launch(*inputs, cap=cap, interp=False, **kw)
-    fn = _quantize_kernel if op == "quantize" else _qgemm_kernel
+    launch, fn = {"quantize": (_quantize_launch, _quantize_kernel), "quant_gemm": (_gemm_launch, _qgemm_kernel),
+                  "quant_gemm_quant": (_gemm_quant_launch, _qgemm_quant_kernel)}[op]
+    _, args, const, _, opts = launch(*inputs, cap=cap, interp=False, **kw)
     if not isinstance(fn, triton.runtime.jit.JITFunction):
         raise RuntimeError("compile_for_gpu: Triton's interpreter is on (TRITON_INTERPRET=1); its language "
                            "functions cannot be compiled in this process: run it in one without it")
@@ -661,4 +787,4 @@ def _compile(fn, args, const, opts, cap, ASTSource, GPUTarget):
                           options=dict(num_warps=opts["num_warps"], num_stages=opts["num_stages"]))
 
 
-__all__ = ["quantize_triton", "quant_gemm_triton", "compile_for_gpu"]
+__all__ = ["quantize_triton", "quant_gemm_triton", "quant_gemm_quant_triton", "compile_for_gpu"]

@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pydiff.nn.reversible import AdditiveCoupling, ReversibleSequential
+from pydiff.ops.invertible import groupnorm_silu_module
 
 __all__ = ["AttentionBlock", "InvertibleUNet", "ResBlock", "timestep_embedding"]
 
@@ -91,10 +92,12 @@ class ResBlock(nn.Module):
             nn.init.zeros_(self.conv2.bias)
 
     def forward(self, x: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        # GroupNorm + SiLU: one fused kernel pair (pydiff.ops.invertible.groupnorm_silu), which saves
+        # only its input for backward
+        h = self.conv1(groupnorm_silu_module(self.norm1, x))
         if self.temb is not None and temb is not None:
             h = h + self.temb(F.silu(temb))[:, :, None, None].to(h.dtype)
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(self.dropout(groupnorm_silu_module(self.norm2, h)))
         return self.skip(x) + h if self.residual else h
 
 
@@ -157,7 +160,7 @@ class _Head(nn.Module):
             nn.init.zeros_(self.conv.bias)
 
     def forward(self, h):
-        return self.conv(F.silu(self.norm(h)))
+        return self.conv(groupnorm_silu_module(self.norm, h))
 
 
 class InvertibleUNet(nn.Module):

@@ -60,6 +60,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from pydiff.ops import invertible as _inv_ops
+
 __all__ = ["AdditiveCoupling", "CouplingBlock", "ReversibleSequential", "ScaledCoupling"]
 
 
@@ -67,13 +69,15 @@ __all__ = ["AdditiveCoupling", "CouplingBlock", "ReversibleSequential", "ScaledC
 # The coupling update: the one place a fused kernel plugs in.
 # ----------------------------------------------------------------------------------------------
 def _coupling_add(x1: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """``y1 = x1 + f`` (f already in the state's arithmetic: float, or int64 fixed point)."""
-    return torch.add(x1, f)
+    """``y1 = x1 + f``: the fused coupling kernel (:func:`pydiff.ops.invertible.coupling_update`;
+    one read of each, one write; float64 arithmetic when either is float64, so a float64 state
+    takes an fp32 block output without a float64 copy of it).  Differentiable."""
+    return _inv_ops.coupling_update(x1, f, 1.0, 1.0, check=False)
 
 
 def _coupling_sub(y1: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """``x1 = y1 - f``, the inverse of :func:`_coupling_add`."""
-    return torch.sub(y1, f)
+    """``x1 = y1 - f``, the inverse of :func:`_coupling_add` (same kernel, ``b = -1``)."""
+    return _inv_ops.coupling_update(y1, f, 1.0, -1.0, check=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,7 +128,7 @@ class _Float64(_Native):
 
     @staticmethod
     def prep(f):
-        return f.to(torch.float64)
+        return f  # the coupling kernel reads f in its own dtype and adds in float64
 
     @staticmethod
     def mix(a, v, x2):
@@ -154,6 +158,13 @@ class _Fixed(_Native):
 
     def prep(self, f):
         return torch.round(f.to(torch.float64) * self.scale).to(torch.int64)
+
+    def add(self, s, f):
+        # fused: s + rint(f * 2^bits) in int64 (pydiff.ops.invertible.coupling_update_fixed)
+        return _inv_ops.coupling_update_fixed(s, f.detach(), 1.0, self.bits, check=False)
+
+    def sub(self, s, f):
+        return _inv_ops.coupling_update_fixed(s, f.detach(), -1.0, self.bits, check=False)
 
     def mix(self, a, v, x2):  # pragma: no cover - rejected at construction
         raise NotImplementedError("fixed-point state supports additive couplings only")
