@@ -12,7 +12,12 @@ every row measured in the same run:
   fp32 scales) over the measured copy bandwidth.
 * ``linear``: quantize + GEMM (what a W4A4 layer runs) vs ``F.linear`` in bf16; and the DiT case
   where the quantization is fused into the LayerNorm / adaLN modulation that produces the
-  activations (``prologue='layernorm'``) vs LayerNorm + modulation + bf16 linear.
+  activations (``prologue='layernorm'``) vs LayerNorm + modulation + bf16 linear; and the DiT MLP
+  ``fc2(GELU_tanh(fc1(x)))`` (M = 4096, 3072 -> 12288 -> 3072 on a GPU) with fc1's GEMM writing
+  fc2's int4 input (``quant_gemm_quant``, the 16-bit hidden activations never exist) vs bf16
+  ``F.linear`` + ``F.gelu(approximate='tanh')`` + ``F.linear``, and vs the unfused W4A4 chain
+  (fc1 bf16 out, then quantize with the GELU prologue); ``hidden_mib``: bytes of the hidden
+  activations written and read back.
 * ``weight_mib``: the bytes of the layer's weights (packed values + scales) vs bf16.
 
 CPU: the C++ reference kernels' speed only (the CPU is not a target for these kernels).
@@ -38,6 +43,9 @@ from _timing import bench, copy_bandwidth, device_name  # noqa: E402
 GPU_SHAPES = [(4096, 3072, 3072), (4096, 3072, 12288), (4096, 12288, 3072)]  # (M, K, N)
 CPU_SHAPES = [(256, 1024, 1024)]
 QUICK_SHAPES = [(64, 256, 128)]
+MLP_GPU_SHAPES = [(4096, 3072, 12288)]  # (M, D, hidden): fc1 D -> hidden, fc2 hidden -> D
+MLP_CPU_SHAPES = [(256, 512, 2048)]
+MLP_QUICK_SHAPES = [(64, 256, 1024)]
 GROUP = {"int4": 64, "int8": None, "fp8": None}  # None: per token / per output channel (group = K)
 
 
@@ -143,8 +151,9 @@ def quantize_rows(device, shapes, bw, compile_baseline=True):
     return rows
 
 
-def linear_rows(device, shapes):
-    """quantize + GEMM (a W4A4 layer) vs bf16 F.linear; and with the LayerNorm/adaLN prologue fused."""
+def linear_rows(device, shapes, mlp_shapes=()):
+    """quantize + GEMM (a W4A4 layer) vs bf16 F.linear; and with the LayerNorm/adaLN prologue fused;
+    and the MLP fc1 + GELU + fc2 with the GELU and fc2's quantization fused into fc1's GEMM."""
     rows = []
     for M, K, N in shapes:
         B = 4
@@ -186,15 +195,75 @@ def linear_rows(device, shapes):
                     continue
                 rows.append(dict(shape=shape, case=case, impl=f"pydiff W4A4 ({b})", time_us=t_ours * 1e6,
                                  baseline=theirs_name, baseline_us=t_base * 1e6, speedup=t_base / t_ours))
+    for M, D, H in mlp_shapes:
+        rows += _mlp_rows(device, M, D, H)
+    return rows
+
+
+def _mlp_rows(device, M, D, H):
+    """``fc2(GELU_tanh(fc1(x)))``, x [M, D] bf16, fc1 D -> H, fc2 H -> D, both with bias."""
+    rows = []
+    x = torch.randn(M, D, device=device, dtype=torch.bfloat16)
+    w1 = torch.randn(H, D, device=device, dtype=torch.bfloat16) / D**0.5
+    w2 = torch.randn(D, H, device=device, dtype=torch.bfloat16) / H**0.5
+    b1 = 0.1 * torch.randn(H, device=device, dtype=torch.bfloat16)
+    b2 = 0.1 * torch.randn(D, device=device, dtype=torch.bfloat16)
+    ref_backend = "torch" if device.type == "cpu" else None
+    qw1, sw1, _ = Q.quantize(w1, "int4", 64, backend=ref_backend)
+    qw2, sw2, _ = Q.quantize(w2, "int4", 64, backend=ref_backend)
+    shape = f"{M}x{D}->{H}->{D}"
+    flops = 4.0 * M * D * H
+
+    def bf16_mlp():
+        return F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)
+
+    try:
+        t_base = bench(bf16_mlp, device)
+    except Exception as exc:  # noqa: BLE001
+        print(f"MLP bf16: {_why(exc)}")
+        return rows
+    hidden_bf16 = M * H * 2 / 2**20
+    hidden_int4 = (M * H // 2 + M * (H // 64) * 4) / 2**20
+    rows.append(dict(shape=shape, case="MLP fc1+GELU+fc2", impl="bf16 F.linear + F.gelu + F.linear",
+                     time_us=t_base * 1e6, tflops=flops / t_base / 1e12, baseline="-", speedup=1.0,
+                     hidden_mib=hidden_bf16))
+    for b in _backends(device):
+        def fused(b=b):
+            qa, sa, _ = Q.quantize(x, "int4", 64, backend=b, check=False)
+            qh, sh = Q.quant_gemm_quant(qa, sa, qw1, sw1, fmt="int4", group_size=64, bias=b1, epilogue="gelu_tanh",
+                                        out_fmt="int4", out_group_size=64, backend=b, check=False)
+            return Q.quant_gemm(qh, sh, qw2, sw2, fmt="int4", group_size=64, bias=b2, out_dtype=torch.bfloat16,
+                                backend=b, check=False)
+
+        def unfused(b=b):
+            qa, sa, _ = Q.quantize(x, "int4", 64, backend=b, check=False)
+            h = Q.quant_gemm(qa, sa, qw1, sw1, fmt="int4", group_size=64, bias=b1, out_dtype=torch.bfloat16,
+                             backend=b, check=False)
+            qh, sh, _ = Q.quantize(h, "int4", 64, prologue="gelu_tanh", backend=b, check=False)
+            return Q.quant_gemm(qh, sh, qw2, sw2, fmt="int4", group_size=64, bias=b2, out_dtype=torch.bfloat16,
+                                backend=b, check=False)
+
+        for impl, fn, hid in ((f"pydiff W4A4, GELU + quantize in fc1's epilogue ({b})", fused, hidden_int4),
+                              (f"pydiff W4A4 unfused: fc1 bf16 out, quantize(gelu) ({b})", unfused,
+                               hidden_bf16 + hidden_int4)):
+            try:
+                t = bench(fn, device)
+            except Exception as exc:  # noqa: BLE001
+                print(f"MLP {impl}: {_why(exc)}")
+                continue
+            rows.append(dict(shape=shape, case="MLP fc1+GELU+fc2", impl=impl, time_us=t * 1e6,
+                             tflops=flops / t / 1e12, baseline="bf16 F.linear + F.gelu + F.linear",
+                             baseline_us=t_base * 1e6, speedup=t_base / t, hidden_mib=hid))
     return rows
 
 
 def rows(device: torch.device, quick: bool = False, bw=None):
     shapes = QUICK_SHAPES if quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    mlp_shapes = MLP_QUICK_SHAPES if quick else (MLP_GPU_SHAPES if device.type == "cuda" else MLP_CPU_SHAPES)
     bw = bw or copy_bandwidth(device, (64 << 20) if device.type == "cpu" else (512 << 20))
     out = [dict(r, part="gemm") for r in gemm_rows(device, shapes)]
     out += [dict(r, part="quantize") for r in quantize_rows(device, shapes, bw, compile_baseline=not quick)]
-    out += [dict(r, part="linear") for r in linear_rows(device, shapes)]
+    out += [dict(r, part="linear") for r in linear_rows(device, shapes, mlp_shapes)]
     return out
 
 

@@ -29,6 +29,14 @@
   ``acc += D.to(f32) * sa[:, None] * sw[None, :]`` (fp32).  Fused epilogue: ``acc += lora_act @
   lora_up`` (fp32 accuracy), ``+ bias``, cast to ``out_dtype``; rows/columns masked at the M/N edges.
 
+* ``quant_gemm_quant``: the same GEMM tile (``_qgemm_tile``), then in registers ``y = gelu_tanh(acc)
+  / smooth[n]`` and the per-row, per-group quantization of the output for the next layer, storing
+  ``q`` and ``scales`` instead of the 16-bit ``out``.  A tile holds ``GPT`` whole output groups of
+  ``G2`` columns, each in ``GB = next_pow2(G2)`` lanes (lanes >= G2 masked, so G2 = 96 works), so a
+  group's amax is a reduction over the tile reshaped to ``[BM, GPT, GB]``; rounding, the NaN-aware
+  max, int4 packing and the e4m3 encoding are the quantize kernel's helpers.  ``G2 > 256``: the GEMM
+  (fp32 out) + quantize kernels instead.
+
 Interpreter (CPU tensors, ``TRITON_INTERPRET=1``; constexpr ``INTERP``): int8 ``tl.dot`` with an
 int32 result, ``div_rn`` and bitcasts work there, but its float down-casts to bf16 and fp8
 truncate / round ties away instead of rounding to nearest even, ``tl.max`` skips NaN, custom
@@ -635,10 +643,14 @@ def _qgemm_quant_kernel(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr
     rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
     rmask = rows < M
     j = tl.arange(0, BN)
-    gl = pid_n.to(tl.int64) * GPT + j // GB  # output group of each lane
-    cin = j % GB
-    cols = gl * G2 + cin
-    cmask = (cin < G2) & (gl < Gn2)
+    if GB == G2:  # contiguous columns (N % G2 == 0: whole groups are in or out)
+        cols = pid_n.to(tl.int64) * BN + j
+        cmask = cols < N
+    else:
+        gl = pid_n.to(tl.int64) * GPT + j // GB  # output group of each lane
+        cin = j % GB
+        cols = gl * G2 + cin
+        cmask = (cin < G2) & (gl < Gn2)
     acc = _qgemm_tile(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr, rows, cols, rmask, cmask,
                       N, Gn, R, stride_am, stride_wn, FMT, BM, BN, KB, STEPS, BR, HAS_BIAS, HAS_LORA, DOT_FP8,
                       MAGIC, LORA_PREC)
@@ -747,7 +759,8 @@ _TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", tor
 def compile_for_gpu(op: str, cap=(9, 0), *inputs, **kw):
     """Compile (without running: no GPU needed, Triton's bundled ptxas is; not under the
     interpreter, whose language functions are not compilable) the kernel that
-    ``quantize_triton`` (op="quantize") or ``quant_gemm_triton`` (op="quant_gemm") would launch on
+    ``quantize_triton`` (op="quantize"), ``quant_gemm_triton`` (op="quant_gemm") or
+    ``quant_gemm_quant_triton`` (op="quant_gemm_quant", groups <= 256) would launch on
     a GPU of compute capability ``cap`` for these (CPU) inputs; returns the compiled kernel
     (``.asm["ptx"]``, ``.metadata``).  Used by the tests to check the GPU-only code paths."""
     from triton.backends.compiler import GPUTarget

@@ -19,7 +19,12 @@ Quantized blocks: when :func:`pydiff.quant.quantize_` has replaced a block's lin
 :class:`pydiff.quant.QuantizedLinear`, the block runs the fused path: ``attn.qkv`` and ``mlp.fc1``
 get the raw residual stream with ``prologue="layernorm", shift=, scale=`` (the LayerNorm and adaLN
 modulation happen inside the activation-quantization pass, which writes int4 + scales instead of a
-16-bit tensor) and ``mlp.fc2`` gets ``fc1``'s output with ``prologue="gelu_tanh"``.
+16-bit tensor).  The MLP runs through :func:`pydiff.quant.layers.quantized_mlp`: when ``fc2`` takes a
+quantized input (no low-rank branch, no splits, no padding; see ``QuantizedLinear.can_feed``),
+``fc1``'s GEMM epilogue applies the tanh-GELU and ``fc2``'s smoothing and writes ``fc2``'s int4 +
+scales directly (``quant_gemm_quant``), so the 16-bit hidden activations never exist; otherwise
+``mlp.fc2`` gets ``fc1``'s output with ``prologue="gelu_tanh"``.  ``DiTBlock.fused_mlp = False``
+turns the first form off (for comparisons).
 
 Weights are random (PyTorch's default init, adaLN included) unless ``zero_init=True`` (DiT's
 adaLN-Zero training init: zero modulation and output layer, every block the identity), which would
@@ -35,7 +40,7 @@ from torch import nn
 
 from pydiff.models.invertible_unet import timestep_embedding
 
-__all__ = ["DiT", "DiTBlock", "FinalLayer", "modulate"]
+__all__ = ["DiT", "DiTBlock", "FinalLayer", "modulate", "norm_modulate_mlp"]
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -56,6 +61,25 @@ def norm_modulate_linear(norm: nn.LayerNorm, linear: nn.Module, x: torch.Tensor,
     if _fusable(linear) and norm.weight is None and norm.bias is None:
         return linear(x, prologue="layernorm", shift=shift, scale=scale, eps=norm.eps)
     return linear(modulate(norm(x), shift, scale))
+
+
+def norm_modulate_mlp(norm: nn.LayerNorm, mlp: "Mlp", x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                      fused: bool = True) -> torch.Tensor:
+    """``mlp.fc2(GELU_tanh(mlp.fc1(modulate(norm(x), shift, scale))))``.  With both linears quantized and
+    ``fused``, :func:`pydiff.quant.layers.quantized_mlp` (LayerNorm/adaLN in fc1's quantize pass when
+    ``norm`` has no affine parameters; GELU + fc2's quantization in fc1's GEMM epilogue when
+    ``fc1.can_feed(fc2)``)."""
+    act = mlp.act
+    gelu = isinstance(act, nn.GELU) and act.approximate == "tanh"
+    if fused and gelu and _fusable(mlp.fc1) and _fusable(mlp.fc2):
+        from pydiff.quant.layers import quantized_mlp
+
+        if norm.weight is None and norm.bias is None:
+            return quantized_mlp(mlp.fc1, mlp.fc2, x, "gelu_tanh", prologue="layernorm", shift=shift, scale=scale,
+                                 eps=norm.eps)
+        return quantized_mlp(mlp.fc1, mlp.fc2, modulate(norm(x), shift, scale), "gelu_tanh")
+    h = norm_modulate_linear(norm, mlp.fc1, x, shift, scale)
+    return gelu_linear(act, mlp.fc2, h)
 
 
 def gelu_linear(act: nn.Module, linear: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -127,6 +151,8 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block (see the module docstring for the formula)."""
 
+    fused_mlp: bool = True  # quantized MLP: fc1's GEMM writes fc2's quantized input (quant_gemm_quant)
+
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -139,8 +165,7 @@ class DiTBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
         qkv = norm_modulate_linear(self.norm1, self.attn.qkv, x, shift1, scale1)
         x = x + gate1.unsqueeze(1) * self.attn.proj(self.attn.attend(qkv))
-        h = norm_modulate_linear(self.norm2, self.mlp.fc1, x, shift2, scale2)
-        return x + gate2.unsqueeze(1) * gelu_linear(self.mlp.act, self.mlp.fc2, h)
+        return x + gate2.unsqueeze(1) * norm_modulate_mlp(self.norm2, self.mlp, x, shift2, scale2, self.fused_mlp)
 
 
 class FinalLayer(nn.Module):

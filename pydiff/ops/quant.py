@@ -314,7 +314,9 @@ def quant_gemm_quant(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: t
     Backends: ``triton`` is one fused kernel (the GEMM tile's fp32 accumulator goes through the GELU,
     the smoothing and the group quantization in registers; groups wider than 256 channels fall back
     to the GEMM + quantize kernels); ``cpu`` and ``cuda`` compose their GEMM (fp32 result) and
-    quantize kernels; ``torch`` is the reference.
+    quantize kernels; ``torch`` is the reference.  For CUDA tensors the default (``auto``) picks the
+    fused Triton kernel when triton is installed: the CUDA composition writes and re-reads an fp32
+    intermediate, which is what the fusion exists to avoid.
     """
     out_fmt = fmt if out_fmt is None else out_fmt
     out_group_size = group_size if out_group_size is None else out_group_size
@@ -322,6 +324,8 @@ def quant_gemm_quant(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: t
         check_quant_gemm_quant_args(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, group_size, epilogue,
                                     out_fmt, out_group_size)
     name = _backend.resolve(backend, qa.device)
+    if name == "cuda" and (backend or _backend.get_backend()) == "auto" and _backend.triton_available():
+        name = "triton"  # the fused kernel; the CUDA registration is a GEMM + quantize composition
     if lora_act is not None and lora_act.shape[1] == 0:
         lora_act = lora_up = None
     args = (qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, int(group_size), epilogue, out_fmt,

@@ -13,8 +13,8 @@ fused dequantization, bias and low-rank up-projection); conversion and calibrati
 from pydiff.quant.calibrate import Calibrator, sqnr_db
 from pydiff.quant.convert import DEFAULT_SKIP, LayerReport, QuantConfig, QuantReport, quantize_
 from pydiff.quant.layers import (QuantizedConv2d, QuantizedLayer, QuantizedLinear, W4A4Conv2d, W4A4Linear,
-                                 W8A8Conv2d, W8A8Linear, smoothing_factors)
+                                 W8A8Conv2d, W8A8Linear, quantized_mlp, smoothing_factors)
 
 __all__ = ["Calibrator", "DEFAULT_SKIP", "LayerReport", "QuantConfig", "QuantReport", "QuantizedConv2d",
            "QuantizedLayer", "QuantizedLinear", "W4A4Conv2d", "W4A4Linear", "W8A8Conv2d", "W8A8Linear",
-           "quantize_", "smoothing_factors", "sqnr_db"]
+           "quantize_", "quantized_mlp", "smoothing_factors", "sqnr_db"]

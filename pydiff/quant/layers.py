@@ -26,6 +26,16 @@ MLP's tanh-GELU inside the quantize pass, so the block never writes the 16-bit n
 tensor.  When the fused path cannot apply (LayerNorm over a padded or split K) the layer computes the
 prologue in fp32 torch first; the result is the same up to rounding ties.
 
+Quantized outputs (a DiT MLP ``fc2(GELU_tanh(fc1(x)))``): :func:`quantized_mlp` runs ``fc1``'s GEMM
+with an epilogue that applies the GELU, divides by ``fc2``'s smoothing factors and quantizes per
+token and group in ``fc2``'s format (:func:`pydiff.ops.quant.quant_gemm_quant`), then ``fc2``'s GEMM
+on that (:meth:`QuantizedLinear.forward_quantized`): the hidden activations exist only as int4 (or
+int8 / fp8) + scales.  It applies when ``fc1.can_feed(fc2)`` (``fc1`` one input part, ``fc2`` no
+low-rank branch, no splits, no K padding: the low-rank down-projection would need the whole
+activated row); otherwise the two layers run as ``fc1(x)`` and ``fc2(h, prologue="gelu_tanh")``.
+The fused path skips the rounding of ``fc1``'s output to its 16-bit dtype, so with an fp32 ``fc1``
+output both paths agree up to rounding ties and with bf16 / fp16 the fused one is the more exact.
+
 Split inputs (Q-Diffusion's split-shortcut quantization): ``splits=(c,)`` cuts the input channels
 into ``[0, c)`` and ``[c, Cin)``; each part is padded, grouped, smoothed and quantized on its own
 (two ``quantize`` calls, two GEMMs summed in fp32), so an input that is a channel concat
@@ -55,7 +65,7 @@ from pydiff.ops import quant as qops
 from pydiff.reference.quant import FORMATS, GROUP_MULTIPLE, PROLOGUES, gelu_tanh, q_cols, q_dtype
 
 __all__ = ["QuantizedLayer", "QuantizedLinear", "QuantizedConv2d", "W4A4Linear", "W8A8Linear", "W4A4Conv2d",
-           "W8A8Conv2d", "smoothing_factors", "resolve_group_size"]
+           "W8A8Conv2d", "smoothing_factors", "resolve_group_size", "quantized_mlp"]
 
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -389,13 +399,14 @@ class QuantizedLinear(QuantizedLayer):
             return len(self.part_k) == 1 and self.part_kpad[0] == self.part_k[0]
         return True
 
-    def forward(self, x: torch.Tensor, prologue: str = "none", shift: Optional[torch.Tensor] = None,
-                scale: Optional[torch.Tensor] = None, eps: float = 1e-6) -> torch.Tensor:
+    def _inputs(self, x: torch.Tensor, prologue: str, shift, scale, eps: float):
+        """Check ``x [..., K]``; return ``(parts [M, part_k[p]], prologue, shift, scale, lead shape)``
+        with the prologue moved to fp32 torch where the quantize kernel cannot run it."""
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected a tensor [..., {self.in_features}], got {_desc(x)}")
         if prologue not in PROLOGUES:
             raise ValueError(f"prologue: expected one of {PROLOGUES}, got {prologue!r}")
-        out_dtype = self._out_dtype(x)
+        self._out_dtype(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if prologue != "none" and not self.can_fuse(prologue):
@@ -407,8 +418,61 @@ class QuantizedLinear(QuantizedLayer):
         else:
             bounds = (0,) + self.splits + (self.in_features,)
             xs = [x2[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-        out = self._quant_matmul(xs, out_dtype, prologue, shift, scale, float(eps))
+        return xs, prologue, shift, scale, lead
+
+    def forward(self, x: torch.Tensor, prologue: str = "none", shift: Optional[torch.Tensor] = None,
+                scale: Optional[torch.Tensor] = None, eps: float = 1e-6) -> torch.Tensor:
+        xs, prologue, shift, scale, lead = self._inputs(x, prologue, shift, scale, eps)
+        out = self._quant_matmul(xs, self._out_dtype(x), prologue, shift, scale, float(eps))
         return out.reshape(*lead, self.out_features)
+
+    # ------------------------------------------------------------------ quantized outputs (fused MLP)
+    def takes_quantized_input(self) -> bool:
+        """Whether :meth:`forward_quantized` applies: one input part, no K padding, no low-rank branch
+        (whose down-projection needs the float input)."""
+        return len(self.part_k) == 1 and self.part_kpad[0] == self.part_k[0] and self.rank == 0
+
+    def can_feed(self, consumer: nn.Module) -> bool:
+        """Whether :meth:`forward_quantized_for` can write this layer's output as ``consumer``'s
+        quantized input: ``consumer`` a :class:`QuantizedLinear` over these ``out_features`` that
+        :meth:`takes_quantized_input`, and this layer one input part (no splits)."""
+        return (isinstance(consumer, QuantizedLinear) and consumer.in_features == self.out_features
+                and consumer.takes_quantized_input() and len(self.part_k) == 1)
+
+    def forward_quantized_for(self, consumer: "QuantizedLinear", x: torch.Tensor, epilogue: str = "none",
+                              prologue: str = "none", shift: Optional[torch.Tensor] = None,
+                              scale: Optional[torch.Tensor] = None, eps: float = 1e-6):
+        """``consumer``'s quantized input ``(q, scales)`` of ``epilogue(self(x))``, rows flattened:
+        ``q`` ``[M, N/2]`` (int4) / ``[M, N]`` in ``consumer.fmt``, ``scales`` fp32 ``[M, N / G]``
+        (``G`` the consumer's group), from one :func:`pydiff.ops.quant.quant_gemm_quant` (the GEMM's
+        fp32 result, ``epilogue`` "none" / "gelu_tanh", ``/ consumer.smooth``, quantization) after
+        this layer's usual input quantization (with its ``prologue``).  Needs :meth:`can_feed`."""
+        if not self.can_feed(consumer):
+            raise ValueError("consumer: expected a QuantizedLinear over this layer's "
+                             f"{self.out_features} outputs with one input part, no K padding and rank 0 "
+                             f"(see can_feed), got {type(consumer).__name__}")
+        xs, prologue, shift, scale, _ = self._inputs(x, prologue, shift, scale, eps)
+        x2 = xs[0]
+        pad = self.part_kpad[0] - self.part_k[0]
+        if pad:
+            x2 = F.pad(x2, (0, pad))
+        qa, sa, la = qops.quantize(x2, self.fmt, self.part_groups[0], smooth=self.smooth, lora_down=self.lora_down,
+                                   prologue=prologue, shift=shift, scale=scale, eps=float(eps))
+        return qops.quant_gemm_quant(qa, sa, self.qweight, self.wscales, fmt=self.fmt,
+                                     group_size=self.part_groups[0], bias=self.bias,
+                                     lora_act=la if self.rank else None, lora_up=self.lora_up if self.rank else None,
+                                     epilogue=epilogue, smooth=consumer.smooth, out_fmt=consumer.fmt,
+                                     out_group_size=consumer.part_groups[0])
+
+    def forward_quantized(self, q: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """``[M, N]`` in ``out_dtype`` from an input already quantized in this layer's format and group
+        (and divided by its smoothing factors), e.g. by :meth:`forward_quantized_for`.  Needs
+        :meth:`takes_quantized_input`."""
+        if not self.takes_quantized_input():
+            raise ValueError("q: this layer cannot take a quantized input (it has a low-rank branch, split "
+                             "inputs or padded K; see takes_quantized_input)")
+        return qops.quant_gemm(q, scales, self.qweight, self.wscales, fmt=self.fmt, group_size=self.part_groups[0],
+                               bias=self.bias, out_dtype=out_dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
@@ -598,3 +662,29 @@ class W8A8Conv2d(QuantizedConv2d):
         _check_fmt(fmt, ("int8", "fp8"))
         return super().from_conv(conv, fmt=fmt, group_size=group_size, rank=rank, smooth=smooth, alpha=alpha,
                                  splits=splits, out_dtype=out_dtype)
+
+
+def quantized_mlp(fc1: "QuantizedLinear", fc2: "QuantizedLinear", x: torch.Tensor, activation: str = "gelu_tanh",
+                  prologue: str = "none", shift: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
+                  eps: float = 1e-6) -> torch.Tensor:
+    """``fc2(activation(fc1(prologue(x))))`` for two quantized linears, ``x [..., K] -> [..., fc2.out_features]``.
+
+    When ``fc1.can_feed(fc2)``: ``fc1``'s input quantization (with ``prologue``: LayerNorm / adaLN),
+    then one :func:`pydiff.ops.quant.quant_gemm_quant` whose epilogue applies ``activation``
+    ("gelu_tanh" or "none") and writes ``fc2``'s quantized input, then ``fc2``'s GEMM: the hidden
+    activations are never written in 16 bits.  Otherwise ``fc2(fc1(x, prologue), prologue=activation)``.
+    Output dtype: ``fc2.out_dtype`` or ``fc1.out_dtype`` or ``x``'s (as the unfused chain).
+    """
+    for name, m in (("fc1", fc1), ("fc2", fc2)):
+        if not isinstance(m, QuantizedLinear):
+            raise TypeError(f"{name}: expected a pydiff.quant.QuantizedLinear, got {type(m).__name__}")
+    if fc2.in_features != fc1.out_features:
+        raise ValueError(f"fc2: expected {fc1.out_features} input features (fc1's outputs), got {fc2.in_features}")
+    if activation not in ("none", "gelu_tanh"):
+        raise ValueError(f"activation: expected 'none' or 'gelu_tanh', got {activation!r}")
+    if not fc1.can_feed(fc2):
+        h = fc1(x, prologue=prologue, shift=shift, scale=scale, eps=eps)
+        return fc2(h, prologue=activation)
+    q, s = fc1.forward_quantized_for(fc2, x, activation, prologue, shift, scale, eps)
+    out_dtype = fc2.out_dtype or fc1._out_dtype(x)
+    return fc2.forward_quantized(q, s, out_dtype).reshape(*x.shape[:-1], fc2.out_features)
