@@ -1,5 +1,6 @@
 // W4A4 / W8A8 quantized GEMM with a fused epilogue, CUDA kernel (sm_80+; fp8 needs sm_89+). Includes
 // only CUDA headers. Definition: pydiff/reference/quant.py (quant_gemm_ref); declarations: quant.h.
+// Tested without a GPU by csrc/tests/cuda_emu (CPU emulator; the `#ifdef PYDIFF_CUDA_EMU` seams).
 //
 //   out[m, n] = sum_g sa[m, g] sw[n, g] D[m, n, g] + sum_r lora_act[m, r] lora_up[r, n] + bias[n]
 //   D[m, n, g] = sum_{k in group g} qa[m, k] qw[n, k]      (int32, exact, for int4 / int8; fp32 for fp8)
@@ -115,6 +116,9 @@ __host__ __device__ inline void frag4_b(const uint32_t (&br)[2][4], int nt, int 
 }
 
 // ---------------------------------------------------------------- device primitives
+// (inline PTX; left out for the CPU emulator of csrc/tests/cuda_emu, whose test driver supplies
+// emulated versions of the same functions)
+#ifndef PYDIFF_CUDA_EMU
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -154,6 +158,7 @@ __device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], 
   __trap();
 #endif
 }
+#endif  // PYDIFF_CUDA_EMU
 
 __device__ __forceinline__ float load_f(const void* p, int64_t i, FloatType t) {
   switch (t) {
@@ -228,7 +233,11 @@ __device__ __forceinline__ void load_tile(unsigned char* stage, const GemmLaunch
 template <QuantFormat FMT, typename TOut>
 __global__ void __launch_bounds__(kThreads, 1) quant_gemm_kernel(const GemmLaunch L) {
   using DAcc = typename std::conditional<FMT == QuantFormat::kFp8E4M3, float, int>::type;
+#ifdef PYDIFF_CUDA_EMU
+  unsigned char* smem = cuda_emu::dynamic_smem();
+#else
   extern __shared__ __align__(16) unsigned char smem[];
+#endif
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp >> 2, wn = warp & 3;  // warp tile rows wm*64 .. +63, cols wn*32 .. +31
   const int64_t M = L.a.M, N = L.a.N, K = L.a.K, G = L.a.group_size, Gn = L.Gn;
@@ -473,7 +482,11 @@ cudaError_t launch(const GemmLaunch& L, cudaStream_t stream) {
   cudaError_t e = configure<FMT, TOut>();
   if (e != cudaSuccess) return e;
   const dim3 grid(unsigned((L.a.M + kBM - 1) / kBM), unsigned((L.a.N + kBN - 1) / kBN));
+#ifdef PYDIFF_CUDA_EMU
+  cuda_emu::launch(quant_gemm_kernel<FMT, TOut>, grid, dim3(kThreads), kSmemBytes, stream, L);
+#else
   quant_gemm_kernel<FMT, TOut><<<grid, kThreads, kSmemBytes, stream>>>(L);
+#endif
   return cudaGetLastError();
 }
 

@@ -1,5 +1,6 @@
 // Activation (or weight) quantization for W4A4 / W8A8, CUDA kernel. Includes only CUDA headers.
 // Definition: pydiff/reference/quant.py (quantize_ref); declarations and formulas: quant.h.
+// Tested without a GPU by csrc/tests/cuda_emu (CPU emulator; the `#ifdef PYDIFF_CUDA_EMU` seams).
 //
 //   y = prologue(x) (none | tanh-GELU | LayerNorm with adaLN (1 + scale[b]) and + shift[b]); y /= smooth
 //   lora_act[m, :] = y[m, :] @ lora_down                              (fp32 accumulation)
@@ -246,7 +247,11 @@ __device__ __forceinline__ void store_q(const QLaunch& L, int64_t m, int64_t k, 
 
 template <QuantFormat FMT, typename TX>
 __global__ void __launch_bounds__(kThreads, 3) quantize_kernel(const QLaunch L) {
+#ifdef PYDIFF_CUDA_EMU
+  unsigned char* smem = cuda_emu::dynamic_smem();
+#else
   extern __shared__ __align__(16) unsigned char smem[];
+#endif
   const QuantizeArgs& a = L.a;
   const int64_t M = a.M, K = a.K, G = a.group_size, Gn = L.Gn, R = a.rank;
   int* amax_s = reinterpret_cast<int*>(smem);                         // [kRows][Gn]: bits of amax, then
@@ -369,7 +374,11 @@ cudaError_t launch(const QLaunch& L, size_t smem, int dev, int optin, cudaStream
     if (e != cudaSuccess) return e;
   }
   const int64_t blocks = (L.a.M + kRows - 1) / kRows;
+#ifdef PYDIFF_CUDA_EMU
+  cuda_emu::launch(quantize_kernel<FMT, TX>, dim3(unsigned(blocks)), dim3(kThreads), smem, stream, L);
+#else
   quantize_kernel<FMT, TX><<<unsigned(blocks), kThreads, smem, stream>>>(L);
+#endif
   return cudaGetLastError();
 }
 
