@@ -29,23 +29,14 @@ from pydiff.ops import quant as qops
 from pydiff.ops.quant import quant_gemm, quant_gemm_quant, quantize
 from pydiff.reference.quant import q_dtype, quant_gemm_quant_ref, quantize_ref, unpack_int4
 
+from _quant_util import step_diff, triton_quant_ok
 from _util import CPU, poison_allocator
 
 HAS_EXT = pydiff.build_info()["cpu_kernels"]
 
 
-def _triton_ok() -> bool:
-    if "triton" not in pydiff.available_backends(CPU):
-        return False
-    try:
-        importlib.import_module("pydiff.triton_kernels.quant")
-    except Exception:
-        return False
-    return True
-
-
 BACKENDS = [b for b in ("cpu", "torch") if b in pydiff.available_backends(CPU)]
-ALL_BACKENDS = BACKENDS + (["triton"] if _triton_ok() else [])
+ALL_BACKENDS = BACKENDS + (["triton"] if triton_quant_ok() else [])
 FMT_PAIRS = [("int4", "int4"), ("int8", "int8"), ("fp8", "fp8"), ("int4", "int8")]
 SIZES_M = (1, 3, 37)
 SIZES_NG = ((64, 32), (64, 64), (192, 32), (192, 64))  # (N, out_group_size)
@@ -80,23 +71,6 @@ def _rand(shape, seed, std=1.0, dtype=torch.float32):
     return (torch.randn(shape, generator=g, dtype=torch.float64) * std).to(dtype)
 
 
-def _codes(q, fmt):
-    if fmt == "fp8":
-        return q.view(torch.uint8).to(torch.int64)
-    if fmt == "int4":
-        return unpack_int4(q).to(torch.int64)
-    return q.to(torch.int64)
-
-
-def _step_diff(qa, qb, fmt):
-    """Elementwise distance in quantization steps (fp8: between codes of one sign, across zero the sum)."""
-    a, b = _codes(qa, fmt), _codes(qb, fmt)
-    if fmt == "fp8":
-        sa, sb, ma, mb = a >> 7, b >> 7, a & 0x7F, b & 0x7F
-        return torch.where(sa == sb, (ma - mb).abs(), ma + mb)
-    return (a - b).abs()
-
-
 def _problem(M, K, G, N, fmt, seed, bias=False, lora=False, smooth=False):
     """Quantized activations and weight, optional bias [N], low-rank (lora_act [M, 3], lora_up [3, N])
     and consumer smoothing [N], of mixed float dtypes."""
@@ -122,7 +96,7 @@ def _compare(backend, args, kw, fmt, G, epilogue, out_fmt, G2, what, stats):
     assert torch.isfinite(s).all() and (s > 0).all(), f"{what}: scales not written or not finite"
     rel = ((s.double() - sr.double()).abs() / sr.double()).max().item() if s.numel() else 0.0
     assert rel <= 2e-6, f"{what}: scales differ by {rel:.3g} relative"
-    d = _step_diff(q, qr, out_fmt)
+    d = step_diff(q, qr, out_fmt)
     assert d.numel() == 0 or d.max().item() <= 1, f"{what}: q differs by {d.max().item()} steps"
     if backend == "torch":
         assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr), what
@@ -186,7 +160,7 @@ def test_triton_tile_shapes(case):
         what = f"{case} {epilogue} {ofmt}"
         assert torch.isfinite(s).all(), f"{what}: scales not written"
         assert ((s.double() - sr.double()).abs() / sr.double()).max().item() <= 2e-6, what
-        d = _step_diff(q, qr, ofmt)
+        d = step_diff(q, qr, ofmt)
         assert d.max().item() <= 1 and int((d > 0).sum()) <= 2, f"{what}: {int((d > 0).sum())} q off"
 
 
@@ -208,7 +182,7 @@ def test_nan_and_zero_rows(backend):
         assert torch.equal(s.isnan(), sr.isnan())
         assert (unpack_int4(q)[[1, 3]] == 0).all(), f"{backend} {epilogue}"
         keep = [0, 2, 4]
-        assert (_step_diff(q[keep], qr[keep], "int4") <= 1).all()
+        assert (step_diff(q[keep], qr[keep], "int4") <= 1).all()
 
 
 # ---------------------------------------------------------------- registration and bad input
@@ -315,7 +289,7 @@ def test_quantized_mlp_matches_unfused(backend, monkeypatch):
             h = fc1(x, prologue="layernorm", shift=sh, scale=sc).reshape(14, -1)
             qu, su, _ = quantize(h, fc2.fmt, 64, smooth=fc2.smooth, prologue="gelu_tanh")
             qf, sf = fc1.forward_quantized_for(fc2, x, "gelu_tanh", "layernorm", sh, sc)
-            d = _step_diff(qf, qu, fc2.fmt)
+            d = step_diff(qf, qu, fc2.fmt)
             assert d.max().item() <= 1 and int((d > 0).sum()) <= 2, f"{backend} {fmt}: {int((d > 0).sum())} off"
             assert ((sf - su).abs() <= 2e-6 * su.abs()).all()
             if int((d > 0).sum()) == 0:
@@ -407,7 +381,7 @@ def _ptxas():
     return p if os.path.exists(p) else None
 
 
-@pytest.mark.skipif(not _triton_ok() or _ptxas() is None, reason="no Triton / ptxas to compile the GPU kernels")
+@pytest.mark.skipif(not triton_quant_ok() or _ptxas() is None, reason="no Triton / ptxas to compile the GPU kernels")
 def test_gpu_compile():
     """The fused kernel's GPU variants (int8 / fp8 tensor-core dots, libdevice rint, NaN-propagating
     group max, the int4 / e4m3 packing of the epilogue) compile with no register spills and within

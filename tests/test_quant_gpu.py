@@ -18,7 +18,6 @@ CPU backend.
   element a kernel forgets to write shows up.  Bad device mixes raise, naming the argument; no host
   synchronisation; CUDA-graph capture.
 """
-import importlib
 import math
 
 import pytest
@@ -26,26 +25,15 @@ import torch
 
 import pydiff
 from pydiff.ops.quant import quant_gemm, quantize
-from pydiff.reference.quant import FORMATS, QMAX, q_dtype, q_values, quant_gemm_ref, quantize_ref, unpack_int4
+from pydiff.reference.quant import FORMATS, QMAX, q_dtype, q_values, quant_gemm_ref, quantize_ref
+
+from _quant_util import check_gemm, codes, gemm_magnitude, step_diff, triton_quant_ok
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none present)")
 GPU = torch.device("cuda")
 CPU = torch.device("cpu")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _triton_ok() -> bool:
-    if not torch.cuda.is_available() or "triton" not in pydiff.available_backends(GPU):
-        return False
-    try:
-        importlib.import_module("pydiff.triton_kernels.quant")
-    except Exception:
-        return False
-    return True
-
-
-# 'cuda' is always tested on a GPU machine (test_gpu_build_has_cuda_kernels fails if it was not built)
-BACKENDS = (["cuda"] + (["triton"] if _triton_ok() else [])) if torch.cuda.is_available() else []
+BACKENDS = (["cuda"] + (["triton"] if triton_quant_ok() else [])) if torch.cuda.is_available() else []
 HAS_CPU = pydiff.build_info()["cpu_kernels"]
 
 
@@ -63,24 +51,6 @@ def _poison(numel, dtype=torch.float32, count=4):
     """Fill freed GPU memory of the next outputs' size with NaN (0xFF bytes for integer outputs)."""
     bufs = [torch.full((max(int(numel), 1),), float("nan"), device=GPU, dtype=dtype) for _ in range(count)]
     del bufs
-
-
-def _codes(q, fmt):
-    """Stored q as comparable integers: int values (int4/int8) or e4m3 bit patterns (fp8)."""
-    if fmt == "fp8":
-        return q.view(torch.uint8).to(torch.int64)
-    if fmt == "int4":
-        return unpack_int4(q).to(torch.int64)
-    return q.to(torch.int64)
-
-
-def _step_diff(qa, qb, fmt):
-    a, b = _codes(qa, fmt), _codes(qb, fmt)
-    if fmt == "fp8":
-        sa, sb = a >> 7, b >> 7
-        ma, mb = a & 0x7F, b & 0x7F
-        return torch.where(sa == sb, (ma - mb).abs(), ma + mb)
-    return (a - b).abs()
 
 
 def _cases(backend, full, small):
@@ -119,7 +89,7 @@ def test_gpu_quantize_matches_reference_and_cpu(backend, fmt, dtype):
         assert q.dtype == q_dtype(fmt) and q.shape == qr.shape and q.device == x.device, what
         assert s.dtype == torch.float32 and s.shape == (M, K // G), what
         assert la.dtype == torch.float32 and la.shape == (M, R), what
-        assert torch.equal(_codes(q.cpu(), fmt), _codes(qr, fmt)), f"{what}: q differs from the reference"
+        assert torch.equal(codes(q.cpu(), fmt), codes(qr, fmt)), f"{what}: q differs from the reference"
         assert torch.equal(s.cpu(), sr), f"{what}: scales differ from the reference"
         if R:
             y = x.cpu().float() / smooth.cpu().float() if sm else x.cpu().float()
@@ -127,7 +97,7 @@ def test_gpu_quantize_matches_reference_and_cpu(backend, fmt, dtype):
             assert ((la.cpu().double() - lar.double()).abs() <= bound).all(), f"{what}: lora_act"
         if HAS_CPU and i % 2 == 0:
             qc, sc, _ = quantize(cpu(x), fmt, G, smooth=cpu(smooth), lora_down=cpu(lora_down), backend="cpu")
-            assert torch.equal(_codes(q.cpu(), fmt), _codes(qc, fmt)) and torch.equal(s.cpu(), sc), \
+            assert torch.equal(codes(q.cpu(), fmt), codes(qc, fmt)) and torch.equal(s.cpu(), sc), \
                 f"{what}: differs from the cpu backend"
 
 
@@ -141,7 +111,7 @@ def test_gpu_quantize_misaligned_and_noncontiguous_x(backend, fmt):
     for xx in (x, xt):
         q, s, _ = quantize(xx, fmt, G, backend=backend)
         qr, sr, _ = quantize_ref(xx.cpu(), fmt=fmt, group_size=G)
-        assert torch.equal(_codes(q.cpu(), fmt), _codes(qr, fmt)) and torch.equal(s.cpu(), sr), backend
+        assert torch.equal(codes(q.cpu(), fmt), codes(qr, fmt)) and torch.equal(s.cpu(), sr), backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -169,7 +139,7 @@ def test_gpu_quantize_prologues_within_one_step(backend, fmt):
             assert torch.isfinite(s).all(), what
             rel = ((s.cpu().double() - sr.double()).abs() / sr.double()).max().item()
             assert rel <= (2.0**-21 if backend == "cuda" else 2.0**-18), f"{what}: scales rel diff {rel:.3g}"
-            d = _step_diff(q.cpu(), qr, fmt)
+            d = step_diff(q.cpu(), qr, fmt)
             assert d.max().item() <= 1, f"{what}: q differs by {d.max().item()} steps"
             step_diffs += int((d > 0).sum())
             total += d.numel()
@@ -231,13 +201,13 @@ def test_gpu_quantize_rounding_ties_and_special_groups(backend, fmt):
     q, s, _ = quantize(x.to(GPU), fmt, 32, backend=backend)
     q, s = q.cpu(), s.cpu()
     qr, sr, _ = quantize_ref(x, fmt=fmt, group_size=32)
-    assert torch.equal(_codes(q, fmt), _codes(qr, fmt)), backend
+    assert torch.equal(codes(q, fmt), codes(qr, fmt)), backend
     assert s[0, 0].item() == 1.0 and s[1, 0].item() == 0.0 and s[1, 1].item() > 0
     for m, g in ((0, 1), (0, 2), (1, 2)):
         assert math.isnan(s[m, g].item()), f"{backend} {fmt}: scale of a NaN/inf group is {s[m, g].item()}"
-        assert (_codes(q, fmt)[m, 32 * g:32 * (g + 1)] == 0).all()
+        assert (codes(q, fmt)[m, 32 * g:32 * (g + 1)] == 0).all()
     if fmt != "fp8":
-        assert torch.equal(_codes(q, fmt)[0, 1:1 + ties.numel()], torch.round(ties).to(torch.int64))
+        assert torch.equal(codes(q, fmt)[0, 1:1 + ties.numel()], torch.round(ties).to(torch.int64))
     if fmt == "int4":
         assert q[0, 0].item() == ((-7) & 0xF) | ((0 & 0xF) << 4)
 
@@ -249,31 +219,6 @@ def _operands(M, N, K, G, fmt, seed, dtype=torch.float32):
     qa, sa, _ = quantize_ref(x, fmt=fmt, group_size=G)  # on the GPU (torch ops; the same definition)
     qw, sw, _ = quantize_ref(w, fmt=fmt, group_size=G)
     return qa, sa, qw, sw
-
-
-def _magnitude(qa, sa, qw, sw, bias, la, lu, fmt, G):
-    """sum of |terms| of out (float64): the scale of the fp32 rounding errors of the epilogue."""
-    a, w = q_values(qa, fmt).abs(), q_values(qw, fmt).abs()
-    M, K = a.shape
-    mag = torch.zeros(M, w.shape[0], dtype=torch.float64, device=a.device)
-    for g in range(K // G):
-        sl = slice(g * G, (g + 1) * G)
-        mag += (a[:, sl] @ w[:, sl].T) * (sa[:, g:g + 1].double().abs() * sw[:, g].double().abs()[None, :])
-    if la is not None:
-        mag += la.double().abs() @ lu.double().abs()
-    if bias is not None:
-        mag += bias.double().abs()[None, :]
-    return mag
-
-
-def _check_gemm(out, ref, mag, n_terms, out_dtype, what):
-    assert out.dtype == out_dtype and out.shape == ref.shape, what
-    assert torch.isfinite(out).all(), f"{what}: non-finite output (an element was not written?)"
-    ulp_out = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[out_dtype]
-    bound = 2 * (n_terms + 2) * 2.0**-24 * mag + ulp_out * ref.abs() + 2.0**-24
-    err = (out.double() - ref).abs()
-    worst = (err - bound).max().item()
-    assert worst <= 0, f"{what}: max error {err.max().item():.3e} (bound exceeded by {worst:.3e})"
 
 
 # (M, N, K, G, R, bias, out_dtype); rows_checked: the reference runs on these rows only (None: all)
@@ -310,10 +255,10 @@ def test_gpu_quant_gemm_matches_reference(backend, fmt):
         sub = lambda t: None if t is None else t[rows]  # noqa: E731
         qa_r = qa.view(torch.uint8)[rows].view(qa.dtype)  # (byte view: fp8 has no CUDA gather everywhere)
         ref = quant_gemm_ref(qa_r, sa[rows], qw, sw, bias, sub(la), lu, fmt, G, out_dtype=None)
-        mag = _magnitude(qa_r, sa[rows], qw, sw, bias, sub(la), lu, fmt, G)
+        mag = gemm_magnitude(qa_r, sa[rows], qw, sw, bias, sub(la), lu, fmt, G)
         n_terms = K // G + R + (G if fmt == "fp8" else 0)  # fp8: the MMA sums a group in fp32
         assert torch.isfinite(out).all(), f"{backend} {fmt} case {i}: non-finite output"
-        _check_gemm(out[rows], ref, mag, n_terms, out_dtype,
+        check_gemm(out[rows], ref, mag, n_terms, out_dtype,
                     f"{backend} {fmt} M={M} N={N} K={K} G={G} R={R} bias={has_bias} {out_dtype}")
 
 
@@ -398,8 +343,8 @@ def test_gpu_quant_gemm_misaligned_and_noncontiguous(backend, fmt):
     out = quant_gemm(qa_odd, sa, qw_nc, sw, fmt=fmt, group_size=G, bias=bias, lora_act=la, lora_up=lu_t,
                      out_dtype=torch.float32, backend=backend)
     ref = quant_gemm_ref(qa, sa, qw, sw, bias, la, lu_t, fmt, G, out_dtype=None)
-    mag = _magnitude(qa, sa, qw, sw, bias, la, lu_t, fmt, G)
-    _check_gemm(out, ref, mag, K // G + 5 + (G if fmt == "fp8" else 0), torch.float32, f"{backend} {fmt}")
+    mag = gemm_magnitude(qa, sa, qw, sw, bias, la, lu_t, fmt, G)
+    check_gemm(out, ref, mag, K // G + 5 + (G if fmt == "fp8" else 0), torch.float32, f"{backend} {fmt}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -417,8 +362,8 @@ def test_gpu_quantize_then_gemm_end_to_end(backend):
         out = quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=G, lora_act=la, lora_up=lu, out_dtype=torch.float32,
                          backend=backend)
         ref = quant_gemm_ref(qa, sa, qw, sw, None, la, lu, fmt, G, out_dtype=None)
-        mag = _magnitude(qa, sa, qw, sw, None, la, lu, fmt, G)
-        _check_gemm(out, ref, mag, K // G + R + (G if fmt == "fp8" else 0), torch.float32, f"{backend} {fmt}")
+        mag = gemm_magnitude(qa, sa, qw, sw, None, la, lu, fmt, G)
+        check_gemm(out, ref, mag, K // G + R + (G if fmt == "fp8" else 0), torch.float32, f"{backend} {fmt}")
         full = x.double() @ w.double().T + (x.double() @ ld.double()) @ lu.double()
         rel = ((out.double() - full).norm() / full.norm()).item()
         assert rel < {"int4": 0.2, "int8": 0.02, "fp8": 0.1}[fmt], f"{backend} {fmt}: relative error {rel:.3f}"
@@ -440,16 +385,16 @@ def test_gpu_int64_indexing():
     qw, sw, _ = quantize_ref(_rand((16, K), torch.float32, 2), fmt="int8", group_size=64)
     out = quant_gemm(q, s, qw, sw, fmt="int8", group_size=64, out_dtype=torch.float32, backend="cuda")
     ref = quant_gemm_ref(q[tail], s[tail], qw, sw, fmt="int8", group_size=64, out_dtype=None)
-    mag = _magnitude(q[tail], s[tail], qw, sw, None, None, None, "int8", 64)
-    _check_gemm(out[tail], ref, mag, K // 64, torch.float32, "M K > 2^31")
+    mag = gemm_magnitude(q[tail], s[tail], qw, sw, None, None, None, "int8", 64)
+    check_gemm(out[tail], ref, mag, K // 64, torch.float32, "M K > 2^31")
     del q, s, out
     M2, N2, K2 = 70000, 32768, 32  # M N = 2.29e9
     qa, sa, _ = quantize_ref(_rand((M2, K2), torch.float32, 3), fmt="int4", group_size=32)
     qw, sw, _ = quantize_ref(_rand((N2, K2), torch.float32, 4), fmt="int4", group_size=32)
     out = quant_gemm(qa, sa, qw, sw, fmt="int4", group_size=32, out_dtype=torch.float16, backend="cuda")
     ref = quant_gemm_ref(qa[-2:], sa[-2:], qw, sw, fmt="int4", group_size=32, out_dtype=None)
-    mag = _magnitude(qa[-2:], sa[-2:], qw, sw, None, None, None, "int4", 32)
-    _check_gemm(out[-2:], ref, mag, 1, torch.float16, "M N > 2^31")
+    mag = gemm_magnitude(qa[-2:], sa[-2:], qw, sw, None, None, None, "int4", 32)
+    check_gemm(out[-2:], ref, mag, 1, torch.float16, "M N > 2^31")
     del out
 
 

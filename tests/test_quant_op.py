@@ -14,7 +14,6 @@ pydiff/reference/quant.py.
   all +7 x +7, -8 x -8 (int4), +127 x +127, -128 x -128 (int8), 448 x 448 (fp8) at K up to 16384.
 * registration (opcheck, torch.compile fullgraph) and bad input naming the argument.
 """
-import importlib
 import math
 
 import pytest
@@ -32,23 +31,14 @@ from pydiff.reference.quant import (
     unpack_int4,
 )
 
+from _quant_util import check_gemm, gemm_magnitude, triton_quant_ok
 from _util import CPU, poison_allocator
 
 HAS_EXT = pydiff.build_info()["cpu_kernels"]
 
 
-def _triton_ok() -> bool:
-    if "triton" not in pydiff.available_backends(CPU):
-        return False
-    try:
-        importlib.import_module("pydiff.triton_kernels.quant")
-    except Exception:
-        return False
-    return True
-
-
 BACKENDS = [b for b in ("cpu", "torch") if b in pydiff.available_backends(CPU)]
-ALL_BACKENDS = BACKENDS + (["triton"] if _triton_ok() else [])
+ALL_BACKENDS = BACKENDS + (["triton"] if triton_quant_ok() else [])
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (M, K, G): M = 1, primes; K not a power of two; one group per row (G = K) included
 Q_SIZES = [(1, 32, 32), (3, 64, 32), (37, 96, 32), (37, 320, 64), (3, 320, 320), (1, 96, 96), (37, 64, 64),
@@ -235,32 +225,6 @@ def _operands(M, N, K, G, fmt, seed, dtype=torch.float32):
     return qa, sa, qw, sw
 
 
-def _magnitude(qa, sa, qw, sw, bias, la, lu, fmt, G):
-    """sum of |terms| of out (float64): the scale of the fp32 rounding errors of the epilogue."""
-    a, w = q_values(qa, fmt).abs(), q_values(qw, fmt).abs()
-    M, K = a.shape
-    N = w.shape[0]
-    mag = torch.zeros(M, N, dtype=torch.float64)
-    for g in range(K // G):
-        sl = slice(g * G, (g + 1) * G)
-        mag += (a[:, sl] @ w[:, sl].T) * (sa[:, g:g + 1].double().abs() * sw[:, g].double().abs()[None, :])
-    if la is not None:
-        mag += la.double().abs() @ lu.double().abs()
-    if bias is not None:
-        mag += bias.double().abs()[None, :]
-    return mag
-
-
-def _check_gemm(out, ref, mag, n_terms, out_dtype, what):
-    assert out.dtype == out_dtype and out.shape == ref.shape, what
-    assert torch.isfinite(out).all(), f"{what}: non-finite output"
-    ulp_out = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[out_dtype]
-    bound = 2 * (n_terms + 2) * 2.0**-24 * mag + ulp_out * ref.abs() + 2.0**-24
-    err = (out.double() - ref).abs()
-    worst = (err - bound).max().item()
-    assert worst <= 0, f"{what}: max error {err.max().item():.3e} (bound exceeded by {worst:.3e})"
-
-
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=lambda d: str(d)[6:])
@@ -278,9 +242,9 @@ def test_quant_gemm_matches_reference(backend, fmt, out_dtype):
         out = quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=G, bias=bias, lora_act=la, lora_up=lu,
                          out_dtype=out_dtype, backend=backend)
         ref = quant_gemm_ref(qa, sa, qw, sw, bias, la, lu, fmt, G, out_dtype=None)
-        mag = _magnitude(qa, sa, qw, sw, bias, la, lu, fmt, G)
+        mag = gemm_magnitude(qa, sa, qw, sw, bias, la, lu, fmt, G)
         n_terms = K // G + (0 if la is None else la.shape[1])
-        _check_gemm(out, ref, mag, n_terms, out_dtype,
+        check_gemm(out, ref, mag, n_terms, out_dtype,
                     f"{backend} {fmt} M={M} N={N} K={K} G={G} bias={bias is not None} lora={la is not None}")
 
 
@@ -352,9 +316,9 @@ def test_quant_gemm_layer_size_and_noncontiguous_inputs():
     qa, sa, _ = quantize_ref(x, fmt="int4", group_size=G)
     qw, sw, _ = quantize_ref(w, fmt="int4", group_size=G)
     ref = quant_gemm_ref(qa, sa, qw, sw, bias, fmt="int4", group_size=G, out_dtype=None)
-    mag = _magnitude(qa, sa, qw, sw, bias, None, None, "int4", G)
+    mag = gemm_magnitude(qa, sa, qw, sw, bias, None, None, "int4", G)
     for backend, out in outs.items():
-        _check_gemm(out, ref, mag, K // G, torch.float32, f"{backend} layer")
+        check_gemm(out, ref, mag, K // G, torch.float32, f"{backend} layer")
     full = x.double() @ w.double().T + bias.double()
     rel = ((ref - full).norm() / full.norm()).item()
     assert rel < 0.2, f"W4A4 relative error {rel:.3f} of the layer"
