@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -387,7 +388,9 @@ def test_gpu_compile():
     group max, the int4 / e4m3 packing of the epilogue) compile with no register spills and within
     Ada's 99 KB of shared memory.  Compiled in a subprocess without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    # run outside the checkout, so the installed pydiff (with pydiff.triton_kernels) is imported
+    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=300,
+                       cwd=tempfile.gettempdir())
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
     expect = {"int4_sm90": ["wgmma.mma_async", ".s32.s8.s8", "cvt.rni.f32.f32", "max.NaN.f32", "div.rn.f32"],

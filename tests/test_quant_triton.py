@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -406,7 +407,9 @@ def compiled():
     """Compile the GPU variants in a subprocess without TRITON_INTERPRET (under the interpreter
     Triton's own language functions are not compilable)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    # run outside the checkout, so the installed pydiff (with pydiff.triton_kernels) is imported
+    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=300,
+                       cwd=tempfile.gettempdir())
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout)
 
