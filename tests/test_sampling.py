@@ -223,6 +223,11 @@ def test_vocab_one_and_near_zero_temperature(backend):
     logits = torch.randn(32, 100, generator=g)
     am = logits.argmax(-1)
     assert torch.equal(sample_categorical(logits, temperature=1e-6, seed=3, backend=backend), am)
+    # 1 / T beyond fp32's range (T < 2.9e-38): still the argmax with probability 1, no NaN (the
+    # kernels clamp the fp32 inverse temperature; found by the CUDA emulator test)
+    for t in (1e-40, 1e-44):
+        res = sample_categorical(logits, temperature=t, seed=3, return_probs=True, backend=backend)
+        assert torch.equal(res.tokens, am) and torch.equal(res.probs, torch.ones_like(res.probs)), t
     res = sample_categorical(logits, temperature=0.0, return_confidence=True, backend=backend)
     assert torch.equal(res.tokens, am)
     # temperature 0: confidences are those of softmax(logits) (T = 1), as LLaDA reads them

@@ -161,15 +161,18 @@ def sample_categorical_triton(logits, threshold, row_mask, seeds, offsets, tempe
     parg = torch.empty((R, nchunks), dtype=torch.int64, device=dev)
     pbad = torch.empty((R, nchunks), dtype=torch.int32, device=dev)
     t_stat = float(temperature) if temperature > 0 else 1.0
+    # 1 / T as an fp32 kernel scalar: clamp to FLT_MAX (T below ~2.9e-38 would give inf, and
+    # (l - max) * inf = NaN at the maximum itself), as the C++ and CUDA kernels do
+    inv_t = min(1.0 / t_stat, 3.4028234663852886e38)
     row_stride = logits.stride(0) if R > 1 else V
     thr = threshold.contiguous() if threshold is not None else pm1
     msk = row_mask.contiguous() if row_mask is not None else pbad
     seeds, offsets = seeds.contiguous(), offsets.contiguous()
     _partial_kernel[(nchunks, R)](logits, thr, msk, pm1, pm2, ps, pt, parg, pbad, V, row_stride, nchunks,
-                                  1.0 / t_stat, HAS_T=threshold is not None, HAS_M=row_mask is not None,
+                                  inv_t, HAS_T=threshold is not None, HAS_M=row_mask is not None,
                                   CHUNK=chunk)
     _select_kernel[(R,)](logits, thr, msk, seeds, offsets, pm1, pm2, ps, pt, parg, pbad, tokens, prob, stats, V,
-                         row_stride, nchunks, t_stat, 1.0 / t_stat, ARGMAX=temperature == 0,
+                         row_stride, nchunks, t_stat, inv_t, ARGMAX=temperature == 0,
                          HAS_T=threshold is not None, HAS_M=row_mask is not None,
                          NCP=max(2, triton.next_power_of_2(nchunks)), CHUNK=chunk)
     return tokens, prob, stats

@@ -163,7 +163,8 @@ void sample_rows(const SampleArgs& a) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const bool argmax = a.temperature == 0.0;
   const double t_stat = argmax ? 1.0 : a.temperature;
-  const float inv_t = float(1.0 / t_stat);
+  // clamped: for T < 1 / FLT_MAX, float(1 / T) = inf and (l - M) * inf = NaN at the max itself
+  const float inv_t = std::min(float(1.0 / t_stat), std::numeric_limits<float>::max());
 #pragma omp parallel if (a.rows > 1 && a.rows * a.vocab >= (int64_t(1) << 15))
   {
     std::vector<float> lbuf(C);

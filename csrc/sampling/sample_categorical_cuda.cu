@@ -8,6 +8,7 @@
 // Kernel 2, one warp per row: combines the chunk partials (max, Z, entropy, margin), draws the
 // float64 uniform, scans the weighted chunk sums to pick the chunk and rescans that chunk (from
 // L2) with a warp prefix sum to pick the token.
+// Tested without a GPU by csrc/tests/cuda_emu (CPU emulator; the `#ifdef PYDIFF_CUDA_EMU` seam).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -116,7 +117,7 @@ __global__ void __launch_bounds__(kThreads) partial_kernel(SampleArgs a, Partial
   }
   // exponentials relative to the chunk max, float64 sums
   const double inv_t = 1.0 / (a.temperature == 0.0 ? 1.0 : a.temperature);
-  const float inv_tf = float(inv_t);
+  const float inv_tf = fminf(float(inv_t), FLT_MAX);  // T < 1 / FLT_MAX: inf * 0 would give NaN at the max
   double s = 0, t = 0;
   if (m1 > -INFINITY) {
 #pragma unroll
@@ -230,7 +231,7 @@ __global__ void select_kernel(SampleArgs a, const Partial* __restrict__ part, in
   const T* lrow = static_cast<const T*>(a.logits) + row * a.row_stride;
   const float tau = a.threshold ? a.threshold[row] : -INFINITY;
   const float mc = P[c_sel].m1;
-  const float inv_tf = float(1.0 / t_stat);
+  const float inv_tf = fminf(float(1.0 / t_stat), FLT_MAX);  // as in partial_kernel
   const double rem = beyond ? INFINITY : (target - acc) / w_sel;  // beyond: the last kept token
   const int64_t lo = int64_t(c_sel) * kChunk;
   const int64_t hi = lo + kChunk < a.vocab ? lo + kChunk : a.vocab;
@@ -293,10 +294,17 @@ cudaError_t launch(const SampleArgs& a, void* ws, cudaStream_t s) {
     }
     return cudaSuccess;
   }
-  partial_kernel<T><<<dim3(unsigned(nchunks), unsigned(a.rows)), kThreads, 0, s>>>(a, part, nchunks);
   const int rows_per_block = 4;
+#ifdef PYDIFF_CUDA_EMU
+  cuda_emu::launch(partial_kernel<T>, dim3(unsigned(nchunks), unsigned(a.rows)), dim3(kThreads), 0, s, a, part,
+                   nchunks);
+  cuda_emu::launch(select_kernel<T>, dim3(unsigned((a.rows + rows_per_block - 1) / rows_per_block)),
+                   dim3(32 * rows_per_block), 0, s, a, part, nchunks);
+#else
+  partial_kernel<T><<<dim3(unsigned(nchunks), unsigned(a.rows)), kThreads, 0, s>>>(a, part, nchunks);
   select_kernel<T><<<unsigned((a.rows + rows_per_block - 1) / rows_per_block), 32 * rows_per_block, 0, s>>>(
       a, part, nchunks);
+#endif
   return cudaGetLastError();
 }
 

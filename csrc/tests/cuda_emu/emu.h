@@ -60,7 +60,8 @@
 //   hardware may round differently, tests must allow for that; a launch on a device below sm_89
 //   that reaches it fails, as the kernel's __trap() would).
 //
-// Emulated runtime: cudaGetDevice / cudaSetDevice, cudaDeviceGetAttribute (shared-memory limits),
+// Emulated runtime: cudaGetDevice / cudaSetDevice, cudaDeviceGetAttribute (shared-memory limits,
+// multiprocessor count: Device::sms),
 // cudaFuncSetAttribute (cudaFuncAttributeMaxDynamicSharedMemorySize), cudaFuncGetAttributes (ptx /
 // binary version = the device's sm), cudaGetLastError / cudaPeekAtLastError, cudaGetErrorName /
 // String. Devices (cuda_emu::device(i), 8 of them) default to an sm_90 with 48 KiB of shared
@@ -130,6 +131,7 @@ struct Device {
   int sm = 90;                       // compute capability * 10 (cudaFuncGetAttributes' ptx/binary version)
   int smem_per_block = 48 * 1024;    // dynamic shared memory without opting in
   int smem_optin = 227 * 1024;       // cudaDevAttrMaxSharedMemoryPerBlockOptin
+  int sms = 132;                     // cudaDevAttrMultiProcessorCount
 };
 inline constexpr int kMaxDevices = 8;
 inline Device& device(int ordinal) {
@@ -875,6 +877,65 @@ inline T __shfl_sync(unsigned mask, T var, int src_lane, int width = 32) {
   };
   return cuda_emu::detail::warp_collective<Out>("__shfl_sync", In{var, src_lane}, exchange).v;
 }
+template <typename T>
+inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = 32) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "__shfl_up_sync: 4- or 8-byte types");
+  if (mask != 0xFFFFFFFFu || width != 32) cuda_emu::detail::fail("__shfl_up_sync: only the full mask and width 32");
+  struct In {
+    T v;
+    unsigned d;
+  };
+  struct Out {
+    T v;
+  };
+  auto exchange = [](const In (&ins)[32], Out (&outs)[32]) {  // lanes below delta keep their own value
+    for (unsigned l = 0; l < 32; ++l) {
+      if (ins[l].d != ins[0].d) cuda_emu::detail::fail("__shfl_up_sync: lanes disagree on delta (divergent warp?)");
+      outs[l].v = l >= ins[l].d ? ins[l - ins[l].d].v : ins[l].v;
+    }
+  };
+  return cuda_emu::detail::warp_collective<Out>("__shfl_up_sync", In{var, delta}, exchange).v;
+}
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  if (mask != 0xFFFFFFFFu) cuda_emu::detail::fail("__ballot_sync: only the full mask is emulated");
+  struct In {
+    int p;
+  };
+  struct Out {
+    unsigned b;
+  };
+  auto vote = [](const In (&ins)[32], Out (&outs)[32]) {
+    unsigned b = 0;
+    for (int l = 0; l < 32; ++l) b |= unsigned(ins[l].p != 0) << l;
+    for (int l = 0; l < 32; ++l) outs[l].b = b;
+  };
+  return cuda_emu::detail::warp_collective<Out>("__ballot_sync", In{pred}, vote).b;
+}
+inline int __clz(int v) { return v == 0 ? 32 : __builtin_clz(unsigned(v)); }
+inline int __ffs(int v) { return __builtin_ffs(v); }
+inline double __longlong_as_double(long long v) { double d; std::memcpy(&d, &v, 8); return d; }
+inline long long __double_as_longlong(double d) { long long v; std::memcpy(&v, &d, 8); return v; }
+template <typename T>
+inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = 32) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "__shfl_down_sync: 4- or 8-byte types");
+  if (mask != 0xFFFFFFFFu || width != 32) cuda_emu::detail::fail("__shfl_down_sync: only the full mask and width 32");
+  struct In {
+    T v;
+    unsigned d;
+  };
+  struct Out {
+    T v;
+  };
+  auto exchange = [](const In (&ins)[32], Out (&outs)[32]) {
+    for (int l = 0; l < 32; ++l) {
+      if (ins[l].d != ins[0].d)
+        cuda_emu::detail::fail("__shfl_down_sync: lanes disagree on the delta (divergent warp?)");
+      const unsigned src = unsigned(l) + ins[l].d;
+      outs[l].v = src < 32 ? ins[src].v : ins[l].v;  // lanes past the end keep their own value
+    }
+  };
+  return cuda_emu::detail::warp_collective<Out>("__shfl_down_sync", In{var, delta}, exchange).v;
+}
 inline int atomicMax(int* p, int v) {
   std::atomic_ref<int> a(*p);
   int old = a.load();
@@ -908,6 +969,7 @@ inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c);
 inline float __int2float_rn(int v) { return float(v); }
 inline int __float2int_rn(float v) { return int(std::nearbyint(v)); }
 inline float __double2float_rn(double v) { return float(v); }
+inline long long __double2ll_rn(double v) { return static_cast<long long>(std::nearbyint(v)); }
 inline float __int_as_float(int v) { float f; std::memcpy(&f, &v, 4); return f; }
 inline int __float_as_int(float f) { int v; std::memcpy(&v, &f, 4); return v; }
 inline float __uint_as_float(unsigned v) { float f; std::memcpy(&f, &v, 4); return f; }
@@ -918,6 +980,8 @@ inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
 inline long long max(long long a, long long b) { return a > b ? a : b; }
 inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long max(long a, long b) { return a > b ? a : b; }
+inline long min(long a, long b) { return a < b ? a : b; }
 
 // ================================================================ emulated CUDA runtime
 // (definitions of the C API declared by cuda_runtime_api.h; one translation unit per executable)
@@ -940,6 +1004,7 @@ extern "C" cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr at
     case cudaDevAttrComputeCapabilityMinor: *value = d.sm % 10; return cudaSuccess;
     case cudaDevAttrMaxThreadsPerBlock: *value = 1024; return cudaSuccess;
     case cudaDevAttrWarpSize: *value = 32; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *value = d.sms; return cudaSuccess;
     default: cuda_emu::detail::fail("cudaDeviceGetAttribute: attribute %d is not emulated", int(attr));
   }
 }

@@ -1,0 +1,293 @@
+// The CUDA categorical sampling kernels (csrc/sampling/sample_categorical_cuda.cu) run on the CPU
+// emulator (emu.h) through their host entry point pydiff::sample_categorical_cuda, against the CPU
+// kernel (csrc/sampling/sample_categorical_cpu.cpp, compiled into this test) which implements the
+// same definition (pydiff/reference/sampling.py):
+//
+//   kept tokens l_i >= tau[r]; e_i = exp((l_i - M) / T') (T' = T, or 1 when T == 0), Z = sum e_i;
+//   token = min{i : e_0 + ... + e_i > uniform53(seed[r], offset[r]) Z} (T == 0: first argmax);
+//   prob = e_token / Z; stats = (1 / Z, (1 - exp((M2 - M) / T')) / Z, entropy); -1 for rows off
+//   in row_mask, -2 (NaN prob / stats) for rows with a NaN / +inf logit, a NaN tau or no kept token.
+//
+// Tokens must agree exactly. prob and stats agree to 1e-5 relative (the two kernels sum the
+// exponentials in different chunks / orders and their exp polynomials round differently, so the
+// float64 sums differ in the last fp32 bits); NaN where the other is NaN. A token may differ only
+// if u Z falls within that tolerance of a cumulative boundary, which the random rows here never hit.
+// Cases: V = 1, primes, multiples and non-multiples of the CUDA chunk (4096) and the CPU chunk
+// (2048), several chunks; fp32 / fp16 / bf16; T in {1, 0.7, 2.5, 1e-3, 1e-6, 1e-30, 1e-40, 1e-44,
+// 1e30, 0} (T < 1 / FLT_MAX: 1 / T is inf in fp32, both kernels clamp it to FLT_MAX); thresholds
+// (top-k / top-p / min-p cut-offs as the ops pass them: tau = some logit, ties included, or
+// max + log p), NaN tau; row masks; all -inf rows, NaN / +inf logits, large-magnitude logits,
+// ties, a single kept token; row strides > V; negative seeds / offsets. Outputs are poisoned;
+// every buffer, the workspace included (exactly sample_categorical_cuda_workspace bytes), sits
+// against a guard page with canaries (cuda_emu::Buffer). Not here (too slow on the emulator):
+// R > 65535, the host code's 65535-row slices (checked once with R = 65537: 8 s, passed).
+#include "emu.h"
+
+// The kernels' static `__shared__` arrays: one copy per emulator worker OS thread, i.e. one per
+// running block (a block runs on one worker, its CUDA threads are fibers of that thread). Without
+// this the host compiler would give every CUDA thread its own copy.
+#undef __shared__
+#define __shared__ static thread_local
+#include "../../sampling/sample_categorical_cuda.cu"
+#undef __shared__
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"  // the CPU kernel's AVX target clone
+#include "../../sampling/sample_categorical_cpu.cpp"
+#pragma GCC diagnostic pop
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+namespace {
+
+using pydiff::DType;
+using pydiff::SampleArgs;
+
+int g_fail = 0, g_checks = 0;
+long g_rows[3] = {0, 0, 0};  // sampled / masked (-1) / invalid (-2) rows seen
+
+struct Rng {
+  std::mt19937_64 g;
+  explicit Rng(uint64_t s) : g(s) {}
+  double uni() { return std::uniform_real_distribution<double>(0, 1)(g); }
+  double normal() { return std::normal_distribution<double>(0, 1)(g); }
+  int64_t integer(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(g); }
+};
+
+size_t elem_bytes(DType d) { return d == DType::kF32 ? 4 : 2; }
+const char* dname(DType d) { return d == DType::kF32 ? "f32" : d == DType::kF16 ? "f16" : "bf16"; }
+
+// Stores v in dtype d (round to nearest even) at element i of p; returns the stored value as fp32.
+float store(DType d, unsigned char* p, int64_t i, float v) {
+  if (d == DType::kF32) {
+    std::memcpy(p + 4 * i, &v, 4);
+    return v;
+  }
+  if (d == DType::kF16) {
+    const pydiff::half_t h = pydiff::from_float<pydiff::half_t>(v);
+    std::memcpy(p + 2 * i, &h, 2);
+    return pydiff::to_float(h);
+  }
+  const pydiff::bf16_t h = pydiff::from_float<pydiff::bf16_t>(v);
+  std::memcpy(p + 2 * i, &h, 2);
+  return pydiff::to_float(h);
+}
+
+enum RowKind { kNormal, kAllNegInf, kNaN, kPosInf, kHuge, kTies, kSingle, kNaNTau, kMasked, kNumKinds };
+
+struct Case {
+  DType dt;
+  int64_t R, V, pad;
+  double T;
+  bool thresholds, mask;
+  double scale;      // logit spread
+  bool specials;     // mix special rows in
+};
+
+bool close(double a, double b, double rel, double abs_tol) {
+  if (std::isnan(a) || std::isnan(b)) return std::isnan(a) && std::isnan(b);
+  if (std::isinf(a) || std::isinf(b)) return a == b;
+  return std::fabs(a - b) <= rel * std::max(std::fabs(a), std::fabs(b)) + abs_tol;
+}
+
+void run_case(const Case& c, uint64_t seed) {
+  Rng rng(seed);
+  const int64_t R = c.R, V = c.V, S = V + c.pad;
+  const size_t eb = elem_bytes(c.dt);
+  std::vector<unsigned char> logits(size_t(R * S) * eb);
+  std::vector<float> thr(size_t(R), -std::numeric_limits<float>::infinity());
+  std::vector<unsigned char> mask(size_t(R), 1);
+  std::vector<int64_t> seeds(static_cast<size_t>(R)), offsets(static_cast<size_t>(R));
+  const float big = c.dt == DType::kF16 ? 60000.f : 3e38f;
+  for (int64_t r = 0; r < R; ++r) {
+    const int kind = c.specials ? int(rng.integer(0, kNumKinds - 1)) : kNormal;
+    unsigned char* row = logits.data() + size_t(r * S) * eb;
+    float mx = -std::numeric_limits<float>::infinity();
+    std::vector<float> vals(static_cast<size_t>(V));
+    const double shift = rng.normal() * 20;
+    for (int64_t i = 0; i < S; ++i) {
+      float v = float(rng.normal() * c.scale + shift);
+      if (i >= V) v = std::numeric_limits<float>::quiet_NaN();  // padding: never read
+      if (i < V) {
+        if (kind == kAllNegInf) v = -INFINITY;
+        if (kind == kHuge) v = float((rng.uni() * 2 - 1) * big);
+        if (kind == kTies) v = float(rng.integer(0, 2));
+        if (kind == kSingle) v = -INFINITY;
+        if (rng.uni() < 0.05) v = -INFINITY;  // some dropped tokens everywhere
+      }
+      const float s = store(c.dt, row, i, v);
+      if (i < V) {
+        vals[size_t(i)] = s;
+        mx = std::max(mx, s);
+      }
+    }
+    if (kind == kSingle) {
+      const int64_t i = rng.integer(0, V - 1);
+      vals[size_t(i)] = store(c.dt, row, i, float(rng.normal() * 5));
+      mx = vals[size_t(i)];
+    }
+    if (kind == kNaN) store(c.dt, row, rng.integer(0, V - 1), std::numeric_limits<float>::quiet_NaN());
+    if (kind == kPosInf) store(c.dt, row, rng.integer(0, V - 1), INFINITY);
+    if (c.thresholds && rng.uni() < 0.8) {
+      const int which = int(rng.integer(0, 2));
+      if (which == 0) {  // top-k: tau = the k-th largest logit (ties kept)
+        std::vector<float> s = vals;
+        std::sort(s.begin(), s.end(), std::greater<float>());
+        thr[size_t(r)] = s[size_t(rng.integer(0, std::min<int64_t>(V - 1, 50)))];
+      } else if (which == 1) {  // min-p: tau = M + T log p
+        thr[size_t(r)] = float(double(mx) + (c.T > 0 ? c.T : 1.0) * std::log(rng.uni() * 0.5 + 1e-3));
+      } else {  // some logit (a top-p cut-off is one)
+        thr[size_t(r)] = vals[size_t(rng.integer(0, V - 1))];
+      }
+    }
+    if (kind == kNaNTau) thr[size_t(r)] = std::numeric_limits<float>::quiet_NaN();
+    if (c.mask && (kind == kMasked || rng.uni() < 0.1)) mask[size_t(r)] = 0;
+    seeds[size_t(r)] = int64_t(rng.g());
+    offsets[size_t(r)] = int64_t(rng.g()) >> rng.integer(0, 63);
+  }
+
+  SampleArgs a{};
+  a.dtype = c.dt;
+  a.rows = R;
+  a.vocab = V;
+  a.row_stride = S;
+  a.temperature = c.T;
+  // CPU
+  std::vector<int64_t> tok_c(size_t(R), 77);
+  std::vector<double> prob_c(size_t(R), 77), st_c(size_t(3 * R), 77);
+  a.logits = logits.data();
+  a.threshold = c.thresholds ? thr.data() : nullptr;
+  a.row_mask = c.mask ? reinterpret_cast<const bool*>(mask.data()) : nullptr;
+  a.seeds = seeds.data();
+  a.offsets = offsets.data();
+  a.tokens = tok_c.data();
+  a.prob = prob_c.data();
+  a.stats = st_c.data();
+  if (pydiff::sample_categorical_cpu(a) != 0) {
+    std::printf("FAIL cpu kernel rejected the case\n");
+    ++g_fail;
+    return;
+  }
+  // CUDA (emulated)
+  cuda_emu::Buffer d_log(logits.size(), eb), d_thr(size_t(R) * 4, 4), d_mask(size_t(R), 1), d_seed(size_t(R) * 8, 8),
+      d_off(size_t(R) * 8, 8), d_tok(size_t(R) * 8, 8), d_prob(size_t(R) * 8, 8), d_st(size_t(R) * 24, 8);
+  d_log.copy_from(logits.data(), logits.size());
+  d_thr.copy_from(thr.data(), size_t(R) * 4);
+  d_mask.copy_from(mask.data(), size_t(R));
+  d_seed.copy_from(seeds.data(), size_t(R) * 8);
+  d_off.copy_from(offsets.data(), size_t(R) * 8);
+  d_tok.fill(0xA5);
+  d_prob.fill(0xA5);
+  d_st.fill(0xA5);
+  const int64_t ws_bytes = pydiff::sample_categorical_cuda_workspace(R, V);
+  cuda_emu::Buffer ws(size_t(ws_bytes), 8);
+  ws.fill(0xFF);
+  a.logits = d_log.data();
+  a.threshold = c.thresholds ? d_thr.as<float>() : nullptr;
+  a.row_mask = c.mask ? d_mask.as<bool>() : nullptr;
+  a.seeds = d_seed.as<int64_t>();
+  a.offsets = d_off.as<int64_t>();
+  a.tokens = d_tok.as<int64_t>();
+  a.prob = d_prob.as<double>();
+  a.stats = d_st.as<double>();
+  const int rc = pydiff::sample_categorical_cuda(a, ws.data(), nullptr);
+  ++g_checks;
+  bool ok = rc == 0 && d_log.intact() && d_tok.intact() && d_prob.intact() && d_st.intact() && ws.intact();
+  if (!ok) std::printf("  rc %d or a canary was overwritten\n", rc);
+  int bad_rows = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t tg = d_tok.as<int64_t>()[r];
+    ++g_rows[tg >= 0 ? 0 : tg == -1 ? 1 : 2];
+    const double pg = d_prob.as<double>()[r];
+    const double* sg = d_st.as<double>() + 3 * r;
+    const double* sc = st_c.data() + 3 * r;
+    const bool row_ok = tg == tok_c[size_t(r)] && close(pg, prob_c[size_t(r)], 1e-5, 0) &&
+                        close(sg[0], sc[0], 1e-5, 0) && close(sg[1], sc[1], 1e-5, 1e-12) &&
+                        close(sg[2], sc[2], 1e-5, 1e-5);
+    if (!row_ok && bad_rows++ < 3)
+      std::printf("  row %lld: cuda token %lld prob %.17g stats (%.10g %.10g %.10g) | cpu token %lld prob %.17g "
+                  "stats (%.10g %.10g %.10g)\n",
+                  (long long)r, (long long)tg, pg, sg[0], sg[1], sg[2], (long long)tok_c[size_t(r)], prob_c[size_t(r)],
+                  sc[0], sc[1], sc[2]);
+    ok = ok && row_ok;
+  }
+  if (!ok) {
+    ++g_fail;
+    std::printf("FAIL %s R=%lld V=%lld pad=%lld T=%g thr=%d mask=%d scale=%g specials=%d seed=%llu (%d bad rows)\n",
+                dname(c.dt), (long long)R, (long long)V, (long long)c.pad, c.T, c.thresholds, c.mask, c.scale,
+                c.specials, (unsigned long long)seed, bad_rows);
+  }
+}
+
+void check_args() {
+  // the host function's own checks
+  SampleArgs a{};
+  a.dtype = DType::kF32;
+  a.rows = 1;
+  a.vocab = 5;
+  a.row_stride = 5;
+  a.temperature = -1;
+  ++g_checks;
+  if (pydiff::sample_categorical_cuda(a, nullptr, nullptr) != int(cudaErrorInvalidValue)) {
+    std::printf("FAIL negative temperature accepted\n");
+    ++g_fail;
+  }
+  a.temperature = std::numeric_limits<double>::quiet_NaN();
+  if (pydiff::sample_categorical_cuda(a, nullptr, nullptr) != int(cudaErrorInvalidValue)) {
+    std::printf("FAIL NaN temperature accepted\n");
+    ++g_fail;
+  }
+  a.temperature = 1;
+  a.vocab = 0;
+  if (pydiff::sample_categorical_cuda(a, nullptr, nullptr) != int(cudaErrorInvalidValue)) {
+    std::printf("FAIL vocab 0 accepted\n");
+    ++g_fail;
+  }
+  a.vocab = 5;
+  a.rows = 0;
+  if (pydiff::sample_categorical_cuda(a, nullptr, nullptr) != 0 || !cuda_emu::launches().empty()) {
+    std::printf("FAIL rows 0: not a no-op\n");
+    ++g_fail;
+  }
+}
+
+}  // namespace
+
+int main() {
+  const auto t0 = std::chrono::steady_clock::now();
+  check_args();
+  const DType dts[] = {DType::kF32, DType::kF16, DType::kBF16};
+  const double temps[] = {1.0, 0.7, 2.5, 1e-3, 1e-6, 1e-30, 1e-40, 1e-44, 1e30, 0.0};
+  const int64_t vocabs[] = {1, 2, 31, 257, 2048, 2049, 4095, 4096, 4097, 8191, 12289, 40961};
+  uint64_t seed = 1;
+  int n = 0;
+  for (const int64_t V : vocabs)
+    for (const DType dt : dts) {
+      const double T = temps[size_t(n++) % (sizeof temps / sizeof temps[0])];
+      const int64_t R = V > 10000 ? 4 : V > 3000 ? 9 : 33;
+      run_case({dt, R, V, 0, T, false, false, 3.0, false}, seed++);
+      run_case({dt, R, V, int64_t(V % 3) + 1, T, true, true, 3.0, true}, seed++);
+    }
+  // temperatures x thresholds / masks / specials on a few sizes
+  for (const double T : temps)
+    for (const DType dt : dts) {
+      run_case({dt, 9, 4097, 5, T, true, true, 8.0, true}, seed++);
+      run_case({dt, 37, 97, 0, T, true, false, 0.5, true}, seed++);
+      run_case({dt, 5, 1, 0, T, true, true, 1.0, true}, seed++);
+    }
+  // wide spread (most tokens underflow against the max), many chunks with weights far apart
+  for (const DType dt : dts) {
+    run_case({dt, 3, 20011, 0, 1.0, false, false, 300.0, false}, seed++);
+    run_case({dt, 3, 20011, 0, 1.0, true, true, 30.0, true}, seed++);
+  }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("%d cases (%ld sampled rows, %ld masked, %ld invalid), %d failed, %zu launches, %.1f s\n", g_checks,
+              g_rows[0], g_rows[1], g_rows[2], g_fail, cuda_emu::launches().size(), secs);
+  return g_fail ? 1 : 0;
+}
