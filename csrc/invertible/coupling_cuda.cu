@@ -106,9 +106,19 @@ cudaError_t launch(const CouplingArgs& a, cudaStream_t s) {
   auto* y = static_cast<TX*>(a.y);
   const int f64 = a.coeffs_dtype == FloatType::kF64;
   if (ok)
+#ifdef PYDIFF_CUDA_EMU
+    cuda_emu::launch(coupling_kernel<TX, TF, Acc, VEC>, dim3(grid_for(a.numel / VEC)), dim3(256), 0, s, x, f, y,
+                     a.numel, a.a, a.b, a.coeffs, f64);
+#else
     coupling_kernel<TX, TF, Acc, VEC><<<grid_for(a.numel / VEC), 256, 0, s>>>(x, f, y, a.numel, a.a, a.b, a.coeffs, f64);
+#endif
   else
+#ifdef PYDIFF_CUDA_EMU
+    cuda_emu::launch(coupling_kernel<TX, TF, Acc, 1>, dim3(grid_for(a.numel)), dim3(256), 0, s, x, f, y, a.numel, a.a,
+                     a.b, a.coeffs, f64);
+#else
     coupling_kernel<TX, TF, Acc, 1><<<grid_for(a.numel), 256, 0, s>>>(x, f, y, a.numel, a.a, a.b, a.coeffs, f64);
+#endif
   return cudaGetLastError();
 }
 
@@ -162,9 +172,18 @@ cudaError_t launch_fixed(const CouplingFixedArgs& a, cudaStream_t s) {
   constexpr int VEC = 2;
   const auto* f = static_cast<const TF*>(a.f);
   if (aligned(a.x, 16) && aligned(a.y, 16) && aligned(a.f, VEC * sizeof(TF)))
+#ifdef PYDIFF_CUDA_EMU
+    cuda_emu::launch(fixed_kernel<TF, VEC>, dim3(grid_for(a.numel / VEC)), dim3(256), 0, s, a.x, f, a.y, a.numel,
+                     a.scale);
+#else
     fixed_kernel<TF, VEC><<<grid_for(a.numel / VEC), 256, 0, s>>>(a.x, f, a.y, a.numel, a.scale);
+#endif
   else
+#ifdef PYDIFF_CUDA_EMU
+    cuda_emu::launch(fixed_kernel<TF, 1>, dim3(grid_for(a.numel)), dim3(256), 0, s, a.x, f, a.y, a.numel, a.scale);
+#else
     fixed_kernel<TF, 1><<<grid_for(a.numel), 256, 0, s>>>(a.x, f, a.y, a.numel, a.scale);
+#endif
   return cudaGetLastError();
 }
 

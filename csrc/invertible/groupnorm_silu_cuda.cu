@@ -28,6 +28,12 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxSplits = 256;
+#ifdef PYDIFF_CUDA_EMU
+// The emulator has no static __shared__ arrays: they live at fixed offsets of its dynamic shared
+// memory (block_sum2's sh[2][32], group_stats' st[2], gn_bwd_dx's cc[2]); every launch asks for it.
+constexpr size_t kEmuShOff = 0, kEmuStOff = 2 * 32 * sizeof(double), kEmuCcOff = kEmuStOff + 2 * sizeof(double);
+constexpr size_t kEmuSmem = kEmuCcOff + 2 * sizeof(double);
+#endif
 
 __device__ __forceinline__ float tof(float v) { return v; }
 __device__ __forceinline__ float tof(__half v) { return __half2float(v); }
@@ -73,7 +79,11 @@ __device__ __forceinline__ double warp_sum(double v) {
 
 // Sum of (a, b) over the block; the result is valid in thread 0.
 __device__ __forceinline__ void block_sum2(double& a, double& b) {
+#ifdef PYDIFF_CUDA_EMU
+  auto sh = reinterpret_cast<double(*)[32]>(cuda_emu::dynamic_smem() + kEmuShOff);
+#else
   __shared__ double sh[2][32];
+#endif
   a = warp_sum(a);
   b = warp_sum(b);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -136,7 +146,11 @@ __global__ void __launch_bounds__(kThreads) gn_stats(const T* __restrict__ x, in
 template <typename T>
 __device__ __forceinline__ void group_stats(const T* xg, const double* part, int64_t gi, int64_t S, int64_t M,
                                             double eps, double* mean, double* rstd) {
+#ifdef PYDIFF_CUDA_EMU
+  double* st = reinterpret_cast<double*>(cuda_emu::dynamic_smem() + kEmuStOff);
+#else
   __shared__ double st[2];
+#endif
   if (threadIdx.x < 32) {
     double a = 0, b = 0;
     for (int64_t k = threadIdx.x; k < S; k += 32) {
@@ -283,7 +297,11 @@ __global__ void __launch_bounds__(kThreads) gn_bwd_dx(const T* __restrict__ x, c
   const int64_t gi = blockIdx.x / sp.S, j = blockIdx.x % sp.S, n = gi / G, g = gi % G;
   const double r = double(static_cast<const Acc*>(rstd_in)[gi]);
   // c1 = r mean_g(w A), c2 = r mean_g(w B)
+#ifdef PYDIFF_CUDA_EMU
+  double* cc = reinterpret_cast<double*>(cuda_emu::dynamic_smem() + kEmuCcOff);
+#else
   __shared__ double cc[2];
+#endif
   double s1 = 0, s2 = 0;
   for (int64_t cl = threadIdx.x; cl < Cg; cl += blockDim.x) {
     const int64_t c = g * Cg + cl;
@@ -373,10 +391,18 @@ cudaError_t fwd(const GroupNormSiluArgs& a, void* ws, cudaStream_t s) {
   const int64_t G = a.groups, Cg = a.C / G, M = Cg * a.HW, NG = a.N * G;
   double* part = static_cast<double*>(ws);
   const int64_t blocks = NG * sp.S;
+#ifdef PYDIFF_CUDA_EMU
+  cuda_emu::launch(gn_stats<T, VEC>, dim3(unsigned(blocks)), dim3(kThreads), kEmuSmem, s, static_cast<const T*>(a.x), M,
+                   sp, part);
+  cuda_emu::launch(gn_apply<T, VEC>, dim3(unsigned(blocks)), dim3(kThreads), kEmuSmem, s, static_cast<const T*>(a.x),
+                   a.weight, a.bias, static_cast<T*>(a.y), a.mean, a.rstd, G, Cg, a.HW, a.eps, sp,
+                   static_cast<const double*>(part));
+#else
   gn_stats<T, VEC><<<unsigned(blocks), kThreads, 0, s>>>(static_cast<const T*>(a.x), M, sp, part);
   gn_apply<T, VEC><<<unsigned(blocks), kThreads, 0, s>>>(static_cast<const T*>(a.x), a.weight, a.bias,
                                                          static_cast<T*>(a.y), a.mean, a.rstd, G, Cg, a.HW, a.eps, sp,
                                                          part);
+#endif
   return cudaGetLastError();
 }
 
@@ -396,18 +422,42 @@ cudaError_t bwd(const GroupNormSiluArgs& a, void* ws, cudaStream_t s) {
   const T* dy = static_cast<const T*>(a.grad_y);
   if (a.HW / VEC <= 4 * 32) {
     constexpr int kTeams = kThreads / 32;
+#ifdef PYDIFF_CUDA_EMU
+    cuda_emu::launch(gn_bwd_reduce<T, VEC, 32>, dim3(unsigned((NC + kTeams - 1) / kTeams)), dim3(kThreads), kEmuSmem, s,
+                     x, dy, a.weight, a.bias, static_cast<const void*>(a.mean), static_cast<const void*>(a.rstd), NC,
+                     a.C, Cg, a.HW, A, B);
+#else
     gn_bwd_reduce<T, VEC, 32><<<unsigned((NC + kTeams - 1) / kTeams), kThreads, 0, s>>>(
         x, dy, a.weight, a.bias, a.mean, a.rstd, NC, a.C, Cg, a.HW, A, B);
+#endif
   } else {
+#ifdef PYDIFF_CUDA_EMU
+    cuda_emu::launch(gn_bwd_reduce<T, VEC, kThreads>, dim3(unsigned(NC)), dim3(kThreads), kEmuSmem, s, x, dy, a.weight,
+                     a.bias, static_cast<const void*>(a.mean), static_cast<const void*>(a.rstd), NC, a.C, Cg, a.HW, A,
+                     B);
+#else
     gn_bwd_reduce<T, VEC, kThreads><<<unsigned(NC), kThreads, 0, s>>>(x, dy, a.weight, a.bias, a.mean, a.rstd, NC,
                                                                       a.C, Cg, a.HW, A, B);
+#endif
   }
   if (a.grad_weight || a.grad_bias)
+#ifdef PYDIFF_CUDA_EMU
+    cuda_emu::launch(gn_bwd_params<Acc>, dim3(unsigned((a.C + 255) / 256)), dim3(256), 0, s,
+                     static_cast<const double*>(A), static_cast<const double*>(B), a.N, a.C, a.grad_weight,
+                     a.grad_bias);
+#else
     gn_bwd_params<Acc><<<unsigned((a.C + 255) / 256), 256, 0, s>>>(A, B, a.N, a.C, a.grad_weight, a.grad_bias);
+#endif
   if (a.grad_x) {
     const Split sp = make_split(a, VEC, num_sms());
+#ifdef PYDIFF_CUDA_EMU
+    cuda_emu::launch(gn_bwd_dx<T, VEC>, dim3(unsigned(NG * sp.S)), dim3(kThreads), kEmuSmem, s, x, dy, a.weight, a.bias,
+                     static_cast<const void*>(a.mean), static_cast<const void*>(a.rstd), G, Cg, a.HW, sp,
+                     static_cast<const double*>(A), static_cast<const double*>(B), static_cast<T*>(a.grad_x));
+#else
     gn_bwd_dx<T, VEC><<<unsigned(NG * sp.S), kThreads, 0, s>>>(x, dy, a.weight, a.bias, a.mean, a.rstd, G, Cg, a.HW,
                                                                sp, A, B, static_cast<T*>(a.grad_x));
+#endif
   }
   return cudaGetLastError();
 }
@@ -459,10 +509,17 @@ int groupnorm_silu_backward_cuda(const GroupNormSiluArgs& a, void* workspace, vo
     const bool f64 = a.dtype == FloatType::kF64;
     for (void* p : {a.grad_weight, a.grad_bias}) {
       if (!p) continue;
+#ifdef PYDIFF_CUDA_EMU
+      if (f64)
+        cuda_emu::launch(fill_zero<double>, dim3(blocks), dim3(256), 0, s, static_cast<double*>(p), a.C);
+      else
+        cuda_emu::launch(fill_zero<float>, dim3(blocks), dim3(256), 0, s, static_cast<float*>(p), a.C);
+#else
       if (f64)
         fill_zero<double><<<blocks, 256, 0, s>>>(static_cast<double*>(p), a.C);
       else
         fill_zero<float><<<blocks, 256, 0, s>>>(static_cast<float*>(p), a.C);
+#endif
     }
     return int(cudaGetLastError());
   }

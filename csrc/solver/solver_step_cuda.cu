@@ -111,7 +111,11 @@ __device__ __forceinline__ void step_elems(const SolverStepArgs& a, const float*
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(256) solver_step_kernel(const SolverStepArgs a) {
+#ifdef PYDIFF_CUDA_EMU
+  float* c = reinterpret_cast<float*>(cuda_emu::dynamic_smem());  // static shared memory: not emulated
+#else
   __shared__ float c[kMaxStepCoeffs];
+#endif
   const int nc = kHeadCoeffs + 2 * (kRowTerms + a.num_history);
   if (threadIdx.x < nc) {
     if (a.coeff_table) {
@@ -149,12 +153,21 @@ cudaError_t launch(const SolverStepArgs& a, cudaStream_t s) {
     int64_t blocks = (work + threads - 1) / threads;
     const int64_t cap = int64_t(sms > 0 ? sms : 132) * 8;
     if (blocks > cap) blocks = cap;
+#ifdef PYDIFF_CUDA_EMU
+    cuda_emu::launch(solver_step_kernel<T, VEC>, dim3(int(blocks)), dim3(threads), kMaxStepCoeffs * sizeof(float), s,
+                     a);
+#else
     solver_step_kernel<T, VEC><<<int(blocks), threads, 0, s>>>(a);
+#endif
   } else {
     int64_t blocks = (a.numel + threads - 1) / threads;
     const int64_t cap = int64_t(sms > 0 ? sms : 132) * 8;
     if (blocks > cap) blocks = cap;
+#ifdef PYDIFF_CUDA_EMU
+    cuda_emu::launch(solver_step_kernel<T, 1>, dim3(int(blocks)), dim3(threads), kMaxStepCoeffs * sizeof(float), s, a);
+#else
     solver_step_kernel<T, 1><<<int(blocks), threads, 0, s>>>(a);
+#endif
   }
   return cudaGetLastError();
 }
@@ -187,7 +200,11 @@ __global__ void __launch_bounds__(256) rescale_partial(int64_t inner, const T* _
     const double fv = uv + g * (cv - uv);
     s[0] += cv; s[1] += cv * cv; s[2] += fv; s[3] += fv * fv;
   }
+#ifdef PYDIFF_CUDA_EMU
+  auto red = reinterpret_cast<double(*)[256]>(cuda_emu::dynamic_smem());  // static shared memory: not emulated
+#else
   __shared__ double red[4][256];
+#endif
 #pragma unroll
   for (int q = 0; q < 4; ++q) red[q][threadIdx.x] = s[q];
   __syncthreads();
@@ -218,10 +235,17 @@ template <typename T>
 cudaError_t rescale_launch(int64_t batch, int64_t inner, const void* c, const void* u, double g, double phi, float* out,
                            void* ws, cudaStream_t s) {
   dim3 grid(kRescaleBlocks, unsigned(batch));
+#ifdef PYDIFF_CUDA_EMU
+  cuda_emu::launch(rescale_partial<T>, grid, dim3(256), 4 * 256 * sizeof(double), s, inner, static_cast<const T*>(c),
+                   static_cast<const T*>(u), g, static_cast<double*>(ws));
+  cuda_emu::launch(rescale_finish, dim3(unsigned((batch + 127) / 128)), dim3(128), 0, s, batch, inner, kRescaleBlocks,
+                   static_cast<const double*>(ws), phi, out);
+#else
   rescale_partial<T><<<grid, 256, 0, s>>>(inner, static_cast<const T*>(c), static_cast<const T*>(u), g,
                                            static_cast<double*>(ws));
   rescale_finish<<<unsigned((batch + 127) / 128), 128, 0, s>>>(batch, inner, kRescaleBlocks,
                                                                static_cast<const double*>(ws), phi, out);
+#endif
   return cudaGetLastError();
 }
 }  // namespace
