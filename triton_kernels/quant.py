@@ -57,6 +57,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from pydiff.reference.quant import q_cols, q_dtype
+
 _FMT = {"int4": 0, "int8": 1, "fp8": 2}
 _PROLOGUE = {"none": 0, "gelu_tanh": 1, "layernorm": 2}
 _QMAX = {"int4": 7.0, "int8": 127.0, "fp8": 448.0}
@@ -377,8 +379,7 @@ def _quantize_launch(x, smooth, lora_down, shift, scale, fmt, group_size, prolog
     R = 0 if lora_down is None else lora_down.shape[1]
     has_lora = R > 0
     interp = cap is None if interp is None else interp
-    q = _empty((M, K // 2 if fmt == "int4" else K), device=x.device,
-                    dtype={"int4": torch.uint8, "int8": torch.int8, "fp8": torch.float8_e4m3fn}[fmt])
+    q = _empty((M, q_cols(fmt, K)), device=x.device, dtype=q_dtype(fmt))
     s = _empty((M, Gn), device=x.device, dtype=torch.float32)
     la = _empty((M, R), device=x.device, dtype=torch.float32)
     cfg = _quantize_config(M, K, R, G, prologue, has_lora, None if interp else cap)
@@ -571,19 +572,12 @@ def _gemm_config(M: int, N: int, K: int, G: int, R: int, fmt: str, cap):
     return dict(BM=BM, BN=BN, BK=BK, BR=16, GROUP_M=8, num_warps=warps, num_stages=3)
 
 
-def _gemm_launch(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_dtype, *, cap=None, config=None,
-                 interp=None):
-    M, N = qa.shape[0], qw.shape[0]
-    K = qa.shape[1] * (2 if fmt == "int4" else 1)
-    G = int(group_size)
-    Gn = K // G if G else 0
-    interp = cap is None if interp is None else interp
-    R = 0 if lora_act is None else lora_act.shape[1]
+def _gemm_operands(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, G, R, interp, cap):
+    """The GEMM kernels' operands (shared by quant_gemm and quant_gemm_quant): fp8 as raw bytes where
+    the fp8 dot is unavailable (decoded in the kernel), unit column stride, contiguous scales, and
+    a valid pointer (sa) in place of absent bias / lora tensors.  Returns them with ``has_lora``,
+    ``dot_fp8`` and ``magic`` (group sums small enough for the two-instruction int32 -> fp32 trick)."""
     has_lora = lora_act is not None and lora_up is not None and R > 0
-    out = _empty((M, N), device=qa.device, dtype=out_dtype)
-    cfg = _gemm_config(M, N, K, G, R, fmt, None if interp else cap)
-    if config:
-        cfg.update(config)
     dot_fp8 = fmt == "fp8" and not interp and _nv(cap, (8, 9))
     if fmt == "fp8" and not dot_fp8:
         qa, qw = qa.view(torch.uint8), qw.view(torch.uint8)
@@ -592,13 +586,42 @@ def _gemm_launch(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_d
     if qw.stride(1) != 1:
         qw = qw.contiguous()
     sa, sw = sa.contiguous(), sw.contiguous()
-    bf16_bits = interp and out_dtype == torch.bfloat16
-    ok = out.view(torch.int16) if bf16_bits else out
     la = lora_act.contiguous() if has_lora else sa
     lu = lora_up.contiguous() if has_lora else sa
     b = bias.contiguous() if bias is not None else sa
     qmax = {"int4": 8, "int8": 128, "fp8": 0}[fmt]
     magic = fmt != "fp8" and G * qmax * qmax < (1 << 22)
+    return qa, sa, qw, sw, b, la, lu, has_lora, dot_fp8, magic
+
+
+def _run_shrinking_stages(kernel, grid, args, const, opts):
+    """Launch, retrying with fewer pipeline stages on a GPU with less shared memory than planned."""
+    while True:
+        try:
+            kernel[grid](*args, **const, **opts)
+            return
+        except triton.runtime.errors.OutOfResources:
+            if opts["num_stages"] <= 1:
+                raise
+            opts["num_stages"] -= 1
+
+
+def _gemm_launch(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_dtype, *, cap=None, config=None,
+                 interp=None):
+    M, N = qa.shape[0], qw.shape[0]
+    K = qa.shape[1] * (2 if fmt == "int4" else 1)
+    G = int(group_size)
+    Gn = K // G if G else 0
+    interp = cap is None if interp is None else interp
+    R = 0 if lora_act is None else lora_act.shape[1]
+    out = _empty((M, N), device=qa.device, dtype=out_dtype)
+    cfg = _gemm_config(M, N, K, G, R, fmt, None if interp else cap)
+    if config:
+        cfg.update(config)
+    qa, sa, qw, sw, b, la, lu, has_lora, dot_fp8, magic = _gemm_operands(qa, sa, qw, sw, bias, lora_act, lora_up, fmt,
+                                                                        G, R, interp, cap)
+    bf16_bits = interp and out_dtype == torch.bfloat16
+    ok = out.view(torch.int16) if bf16_bits else out
     BR = cfg["BR"]
     args = [qa, sa, qw, sw, b, la, lu, ok, M, N, Gn, R, qa.stride(0), qw.stride(0), out.stride(0)]
     const = dict(FMT=_FMT[fmt], G=G, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
@@ -614,16 +637,9 @@ def quant_gemm_triton(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, 
     """``out [M, N]`` of ``torch.ops.pydiff.quant_gemm`` (arguments already checked)."""
     out, args, const, grid, opts = _gemm_launch(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size,
                                                 out_dtype, cap=_cap(qa.device), config=_config)
-    if out.numel() == 0:
-        return out
-    while True:
-        try:
-            _qgemm_kernel[grid](*args, **const, **opts)
-            return out
-        except triton.runtime.errors.OutOfResources:  # a GPU with less shared memory than planned
-            if opts["num_stages"] <= 1:
-                raise
-            opts["num_stages"] -= 1
+    if out.numel() > 0:
+        _run_shrinking_stages(_qgemm_kernel, grid, args, const, opts)
+    return out
 
 
 # ---------------------------------------------------------------- quant_gemm_quant (GEMM + GELU + quantize)
@@ -689,29 +705,16 @@ def _gemm_quant_launch(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, gro
     Gn, Gn2 = (K // G if G else 0), N // G2
     interp = cap is None if interp is None else interp
     R = 0 if lora_act is None else lora_act.shape[1]
-    has_lora = lora_act is not None and lora_up is not None and R > 0
-    q = _empty((M, N // 2 if out_fmt == "int4" else N), device=qa.device,
-               dtype={"int4": torch.uint8, "int8": torch.int8, "fp8": torch.float8_e4m3fn}[out_fmt])
+    q = _empty((M, q_cols(out_fmt, N)), device=qa.device, dtype=q_dtype(out_fmt))
     s = _empty((M, Gn2), device=qa.device, dtype=torch.float32)
     cfg = _gemm_config(M, N, K, G, R, fmt, None if interp else cap)
     GB = _np2(G2)
     cfg["GPT"] = max(1, min(cfg["BN"] // GB, _np2(Gn2)))
     if config:
         cfg.update(config)
-    dot_fp8 = fmt == "fp8" and not interp and _nv(cap, (8, 9))
-    if fmt == "fp8" and not dot_fp8:
-        qa, qw = qa.view(torch.uint8), qw.view(torch.uint8)
-    if qa.stride(1) != 1:
-        qa = qa.contiguous()
-    if qw.stride(1) != 1:
-        qw = qw.contiguous()
-    sa, sw = sa.contiguous(), sw.contiguous()
-    la = lora_act.contiguous() if has_lora else sa
-    lu = lora_up.contiguous() if has_lora else sa
-    b = bias.contiguous() if bias is not None else sa
+    qa, sa, qw, sw, b, la, lu, has_lora, dot_fp8, magic = _gemm_operands(qa, sa, qw, sw, bias, lora_act, lora_up, fmt,
+                                                                        G, R, interp, cap)
     sm = smooth.contiguous() if smooth is not None else sa
-    qmax = {"int4": 8, "int8": 128, "fp8": 0}[fmt]
-    magic = fmt != "fp8" and G * qmax * qmax < (1 << 22)
     qk = q.view(torch.uint8) if out_fmt == "fp8" else q
     args = [qa, sa, qw, sw, b, la, lu, sm, qk, s, M, N, Gn, R, qa.stride(0), qw.stride(0), Gn2, qk.shape[1]]
     const = dict(FMT=_FMT[fmt], BM=cfg["BM"], BK=cfg["BK"], KB=cfg["BK"] // 2 if fmt == "int4" else cfg["BK"],
@@ -739,16 +742,9 @@ def quant_gemm_quant_triton(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt
     outs, args, const, grid, opts = _gemm_quant_launch(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt,
                                                        group_size, epilogue, out_fmt, out_group_size,
                                                        cap=_cap(qa.device), config=_config)
-    if outs[1].numel() == 0:
-        return outs
-    while True:
-        try:
-            _qgemm_quant_kernel[grid](*args, **const, **opts)
-            return outs
-        except triton.runtime.errors.OutOfResources:
-            if opts["num_stages"] <= 1:
-                raise
-            opts["num_stages"] -= 1
+    if outs[1].numel() > 0:
+        _run_shrinking_stages(_qgemm_quant_kernel, grid, args, const, opts)
+    return outs
 
 
 # ---------------------------------------------------------------- ahead-of-time compile check
