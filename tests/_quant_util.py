@@ -1,5 +1,6 @@
 """Helpers shared by the quantization tests (test_quant_op, test_quant_fused, test_quant_gpu)."""
 import importlib
+import math
 
 import torch
 
@@ -63,3 +64,72 @@ def check_gemm(out, ref, mag, n_terms, out_dtype, what):
     err = (out.double() - ref).abs()
     worst = (err - bound).max().item()
     assert worst <= 0, f"{what}: max error {err.max().item():.3e} (bound exceeded by {worst:.3e})"
+
+
+def fp8_sweep_values():
+    """Every finite fp16 and bf16 value within +-448, every e4m3 rounding tie and its two fp32
+    neighbours, and a few subnormal / boundary values, both signs."""
+    half = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    bf = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    e4 = torch.arange(0, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448
+    mid = (e4[:-1] + e4[1:]) / 2  # every tie (exact in fp32)
+    ties = torch.cat([mid, torch.nextafter(mid, torch.zeros_like(mid)),
+                      torch.nextafter(mid, torch.full_like(mid, 1e3))])
+    tiny = torch.tensor([0.0, 1e-45, 1.1754944e-38, 2.0**-10, 2.0**-9 * 0.5, 2.0**-9 * 1.5, 464.0 - 2.0**-5])
+    v = torch.cat([half, bf, ties, tiny])
+    v = v[torch.isfinite(v) & (v.abs() <= 448)]
+    return torch.cat([v, -v])
+
+
+def check_fp8_encoding(quantize_fn, v, backend):
+    """Groups [448, v0 .. v30]: amax 448, scale exactly 1, so q = e4m3(v) for every swept v, bit for
+    bit as torch's cast.  ``quantize_fn(x) -> (q, scales)`` on CPU tensors."""
+    per = 31
+    rows = (v.numel() + per - 1) // per
+    body = torch.zeros(rows * per)
+    body[: v.numel()] = v
+    x = torch.cat([torch.full((rows, 1), 448.0), body.reshape(rows, per)], dim=1)
+    q, s = quantize_fn(x)
+    assert torch.equal(s, torch.ones_like(s))
+    want = x.to(torch.float8_e4m3fn).view(torch.uint8)
+    bad = q.view(torch.uint8) != want
+    assert not bad.any(), f"{backend}: e4m3({x[bad][:5].tolist()}) = {q[bad][:5].view(torch.uint8).tolist()}, " \
+                          f"torch gives {want[bad][:5].tolist()} ({int(bad.sum())} of {x.numel()})"
+
+
+TIES = torch.tensor([0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, -0.5, -1.5, -2.5, -6.5, 2.5000002, 2.4999998, 0.25,
+                     -0.75, 1.0, -0.0, 6.4999995])
+
+
+def special_groups_input(qmax, rand32):
+    """Two rows of three 32-channel groups: [ties with amax QMAX (scale 1), NaN group, +inf group],
+    [all zeros / -0 (scale 0), random, -inf group]; ``rand32(seed)`` gives 32 fp32 CPU values."""
+    g0 = torch.zeros(32)
+    g0[0] = -qmax
+    g0[1:1 + TIES.numel()] = TIES
+    g1 = rand32(3)
+    g1[5] = float("nan")
+    g2 = rand32(4)
+    g2[7] = float("inf")
+    g3 = torch.zeros(32)
+    g3[::2] = -0.0
+    g4 = rand32(5)
+    g5 = rand32(6)
+    g5[31] = -float("inf")
+    return torch.stack([torch.cat([g0, g1, g2]), torch.cat([g3, g4, g5])])
+
+
+def check_special_groups(q, s, qr, fmt, backend):
+    """``q, s``: a backend's quantization (CPU tensors) of :func:`special_groups_input`; ``qr``: the
+    reference's q.  Rounding half to even, NaN scale and zero codes for NaN/inf groups, scale 0 for
+    the zero group, int4 packing with channel 2j in the low nibble."""
+    assert torch.equal(codes(q, fmt), codes(qr, fmt)), backend
+    assert s[0, 0].item() == 1.0 and s[1, 0].item() == 0.0 and s[1, 1].item() > 0
+    for m, g in ((0, 1), (0, 2), (1, 2)):
+        assert math.isnan(s[m, g].item()), f"{backend} {fmt}: scale of a NaN/inf group is {s[m, g].item()}"
+        assert (codes(q, fmt)[m, 32 * g:32 * (g + 1)] == 0).all()
+    assert (codes(q, fmt)[1, :32] == 0).all()
+    if fmt != "fp8":
+        assert torch.equal(codes(q, fmt)[0, 1:1 + TIES.numel()], torch.round(TIES).to(torch.int64))  # half to even
+    if fmt == "int4":
+        assert q[0, 0].item() == ((-7) & 0xF) | ((0 & 0xF) << 4)  # -7 (amax), rint(0.5) = 0

@@ -18,8 +18,6 @@ CPU backend.
   element a kernel forgets to write shows up.  Bad device mixes raise, naming the argument; no host
   synchronisation; CUDA-graph capture.
 """
-import math
-
 import pytest
 import torch
 
@@ -27,7 +25,8 @@ import pydiff
 from pydiff.ops.quant import quant_gemm, quantize
 from pydiff.reference.quant import FORMATS, QMAX, q_dtype, q_values, quant_gemm_ref, quantize_ref
 
-from _quant_util import check_gemm, codes, gemm_magnitude, step_diff, triton_quant_ok
+from _quant_util import (check_fp8_encoding, check_gemm, check_special_groups, codes, fp8_sweep_values,
+                         gemm_magnitude, special_groups_input, step_diff, triton_quant_ok)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none present)")
 GPU = torch.device("cuda")
@@ -150,66 +149,23 @@ def test_gpu_quantize_prologues_within_one_step(backend, fmt):
     assert step_diffs <= limit, f"{backend} {fmt}: {step_diffs} of {total} q values one step off"
 
 
-def _fp8_sweep_values():
-    half = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
-    bf = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
-    e4 = torch.arange(0, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448
-    mid = (e4[:-1] + e4[1:]) / 2  # every tie (exact in fp32)
-    ties = torch.cat([mid, torch.nextafter(mid, torch.zeros_like(mid)),
-                      torch.nextafter(mid, torch.full_like(mid, 1e3))])
-    v = torch.cat([half, bf, ties])
-    v = v[torch.isfinite(v) & (v.abs() <= 448)]
-    return torch.cat([v, -v])
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gpu_fp8_encoding_matches_torch_bit_for_bit(backend):
     """Each group is [448, v0 .. v30]: scale exactly 1, so q = e4m3(v) for every swept v."""
-    v = _fp8_sweep_values()
-    per = 31
-    rows = (v.numel() + per - 1) // per
-    body = torch.zeros(rows * per)
-    body[: v.numel()] = v
-    x = torch.cat([torch.full((rows, 1), 448.0), body.reshape(rows, per)], dim=1)
-    q, s, _ = quantize(x.to(GPU), "fp8", 32, backend=backend)
-    assert torch.equal(s.cpu(), torch.ones(rows, 1))
-    want = x.to(torch.float8_e4m3fn).view(torch.uint8)
-    bad = q.cpu().view(torch.uint8) != want
-    assert not bad.any(), f"{backend}: e4m3({x[bad][:5].tolist()}) = {q.cpu()[bad][:5].view(torch.uint8).tolist()}, " \
-                          f"torch gives {want[bad][:5].tolist()} ({int(bad.sum())} of {x.numel()})"
+    def run(x):
+        q, s, _ = quantize(x.to(GPU), "fp8", 32, backend=backend)
+        return q.cpu(), s.cpu()
+
+    check_fp8_encoding(run, fp8_sweep_values(), backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gpu_quantize_rounding_ties_and_special_groups(backend, fmt):
-    qmax = QMAX[fmt]
-    ties = torch.tensor([0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, -0.5, -1.5, -2.5, -6.5, 2.5000002, 2.4999998, 0.25,
-                         -0.75, 1.0, -0.0, 6.4999995])
-    g0 = torch.zeros(32)
-    g0[0] = -qmax
-    g0[1:1 + ties.numel()] = ties
-    g1 = _rand((32,), torch.float32, 3, device=CPU)
-    g1[5] = float("nan")
-    g2 = _rand((32,), torch.float32, 4, device=CPU)
-    g2[7] = float("inf")
-    g3 = torch.zeros(32)
-    g3[::2] = -0.0
-    g4 = _rand((32,), torch.float32, 5, device=CPU)
-    g5 = _rand((32,), torch.float32, 6, device=CPU)
-    g5[31] = -float("inf")
-    x = torch.stack([torch.cat([g0, g1, g2]), torch.cat([g3, g4, g5])])
+    x = special_groups_input(QMAX[fmt], lambda seed: _rand((32,), torch.float32, seed, device=CPU))
     q, s, _ = quantize(x.to(GPU), fmt, 32, backend=backend)
-    q, s = q.cpu(), s.cpu()
-    qr, sr, _ = quantize_ref(x, fmt=fmt, group_size=32)
-    assert torch.equal(codes(q, fmt), codes(qr, fmt)), backend
-    assert s[0, 0].item() == 1.0 and s[1, 0].item() == 0.0 and s[1, 1].item() > 0
-    for m, g in ((0, 1), (0, 2), (1, 2)):
-        assert math.isnan(s[m, g].item()), f"{backend} {fmt}: scale of a NaN/inf group is {s[m, g].item()}"
-        assert (codes(q, fmt)[m, 32 * g:32 * (g + 1)] == 0).all()
-    if fmt != "fp8":
-        assert torch.equal(codes(q, fmt)[0, 1:1 + ties.numel()], torch.round(ties).to(torch.int64))
-    if fmt == "int4":
-        assert q[0, 0].item() == ((-7) & 0xF) | ((0 & 0xF) << 4)
+    qr, _, _ = quantize_ref(x, fmt=fmt, group_size=32)
+    check_special_groups(q.cpu(), s.cpu(), qr, fmt, backend)
 
 
 # ---------------------------------------------------------------- quant_gemm

@@ -14,8 +14,6 @@ pydiff/reference/quant.py.
   all +7 x +7, -8 x -8 (int4), +127 x +127, -128 x -128 (int8), 448 x 448 (fp8) at K up to 16384.
 * registration (opcheck, torch.compile fullgraph) and bad input naming the argument.
 """
-import math
-
 import pytest
 import torch
 
@@ -28,10 +26,10 @@ from pydiff.reference.quant import (
     q_values,
     quant_gemm_ref,
     quantize_ref,
-    unpack_int4,
 )
 
-from _quant_util import check_gemm, gemm_magnitude, triton_quant_ok
+from _quant_util import (check_fp8_encoding, check_gemm, check_special_groups, codes, fp8_sweep_values,
+                         gemm_magnitude, special_groups_input, step_diff, triton_quant_ok)
 from _util import CPU, poison_allocator
 
 HAS_EXT = pydiff.build_info()["cpu_kernels"]
@@ -60,26 +58,6 @@ def _sizes(backend, full, small):
     return small if backend == "triton" else full
 
 
-def _codes(q, fmt):
-    """Stored q as comparable integers: int values (int4/int8) or e4m3 bit patterns (fp8)."""
-    if fmt == "fp8":
-        return q.view(torch.uint8).to(torch.int64)
-    if fmt == "int4":
-        return unpack_int4(q).to(torch.int64)
-    return q.to(torch.int64)
-
-
-def _step_diff(qa, qb, fmt):
-    """Elementwise distance in quantization steps (for fp8: between codes of the same sign)."""
-    a, b = _codes(qa, fmt), _codes(qb, fmt)
-    if fmt == "fp8":
-        sa, sb = a >> 7, b >> 7
-        ma, mb = a & 0x7F, b & 0x7F
-        d = torch.where(sa == sb, (ma - mb).abs(), ma + mb)  # across zero: both magnitudes
-        return d
-    return (a - b).abs()
-
-
 # ---------------------------------------------------------------- quantize
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -98,7 +76,7 @@ def test_quantize_matches_reference(backend, fmt, dtype):
         assert s.dtype == torch.float32 and s.shape == (M, K // G), what
         R = 0 if lora_down is None else lora_down.shape[1]
         assert la.dtype == torch.float32 and la.shape == (M, R), what
-        assert torch.equal(_codes(q, fmt), _codes(qr, fmt)), f"{what}: q differs from the reference"
+        assert torch.equal(codes(q, fmt), codes(qr, fmt)), f"{what}: q differs from the reference"
         assert torch.equal(s, sr), f"{what}: scales differ from the reference"
         assert torch.isfinite(s).all() and (s > 0).all(), what
         if R:
@@ -128,7 +106,7 @@ def test_quantize_prologues_match_reference(backend, fmt):
             assert torch.isfinite(s).all(), what
             rel = ((s.double() - sr.double()).abs() / sr.double()).max().item()
             assert rel <= (2.0**-22 if backend != "triton" else 2.0**-18), f"{what}: scales rel diff {rel:.3g}"
-            d = _step_diff(q, qr, fmt)
+            d = step_diff(q, qr, fmt)
             assert d.max().item() <= 1, f"{what}: q differs by {d.max().item()} steps"
             step_diffs += int((d > 0).sum())
             total += d.numel()
@@ -137,72 +115,23 @@ def test_quantize_prologues_match_reference(backend, fmt):
     assert step_diffs <= limit, f"{backend} {fmt}: {step_diffs} of {total} q values one step off"
 
 
-def _fp8_sweep_values():
-    half = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
-    bf = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
-    e4 = torch.arange(0, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448
-    mid = (e4[:-1] + e4[1:]) / 2  # every tie (exact in fp32)
-    ties = torch.cat([mid, torch.nextafter(mid, torch.zeros_like(mid)),
-                      torch.nextafter(mid, torch.full_like(mid, 1e3))])
-    tiny = torch.tensor([0.0, 1e-45, 1.1754944e-38, 2.0**-10, 2.0**-9 * 0.5, 2.0**-9 * 1.5, 464.0 - 2.0**-5])
-    v = torch.cat([half, bf, ties, tiny])
-    v = v[torch.isfinite(v) & (v.abs() <= 448)]
-    return torch.cat([v, -v])
-
-
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_fp8_encoding_matches_torch_bit_for_bit(backend):
     """Each group is [448, v0 .. v30]: amax 448, scale exactly 1, so q = e4m3(v) for every swept v."""
-    v = _fp8_sweep_values()
+    v = fp8_sweep_values()
     if backend == "triton":
         v = v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(0))[:4000]]
-    per = 31
-    rows = (v.numel() + per - 1) // per
-    body = torch.zeros(rows * per)
-    body[: v.numel()] = v
-    x = torch.cat([torch.full((rows, 1), 448.0), body.reshape(rows, per)], dim=1)
-    q, s, _ = quantize(x, "fp8", 32, backend=backend)
-    assert torch.equal(s, torch.ones_like(s))
-    want = x.to(torch.float8_e4m3fn)
-    bad = (q.view(torch.uint8) != want.view(torch.uint8))
-    assert not bad.any(), f"{backend}: e4m3({x[bad][:5].tolist()}) = {q[bad][:5].view(torch.uint8).tolist()}, " \
-                          f"torch gives {want[bad][:5].view(torch.uint8).tolist()} ({int(bad.sum())} of {x.numel()})"
+    check_fp8_encoding(lambda x: quantize(x, "fp8", 32, backend=backend)[:2], v, backend)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_quantize_rounding_ties_and_special_groups(backend, fmt):
-    qmax = QMAX[fmt]
     # group 0: amax = QMAX -> scale 1, so q = rint(v) (half to even) or e4m3(v)
-    ties = torch.tensor([0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, -0.5, -1.5, -2.5, -6.5, 2.5000002, 2.4999998, 0.25,
-                         -0.75, 1.0, -0.0, 6.4999995])
-    g0 = torch.zeros(32)
-    g0[0] = -qmax
-    g0[1:1 + ties.numel()] = ties
-    g1 = _rand((32,), torch.float32, 3)
-    g1[5] = float("nan")
-    g2 = _rand((32,), torch.float32, 4)
-    g2[7] = float("inf")
-    g3 = torch.zeros(32)
-    g3[::2] = -0.0
-    g4 = _rand((32,), torch.float32, 5)
-    g5 = _rand((32,), torch.float32, 6)
-    g5[31] = -float("inf")
-    x = torch.stack([torch.cat([g0, g1, g2]), torch.cat([g3, g4, g5])])
+    x = special_groups_input(QMAX[fmt], lambda seed: _rand((32,), torch.float32, seed))
     q, s, _ = quantize(x, fmt, 32, backend=backend)
-    qr, sr, _ = quantize_ref(x, fmt=fmt, group_size=32)
-    assert torch.equal(_codes(q, fmt), _codes(qr, fmt)), backend
-    assert s[0, 0].item() == 1.0 and s[1, 0].item() == 0.0 and s[1, 1].item() > 0
-    for m, g in ((0, 1), (0, 2), (1, 2)):
-        assert math.isnan(s[m, g].item()), f"{backend} {fmt}: scale of a NaN/inf group is {s[m, g].item()}"
-        assert (_codes(q, fmt)[m, 32 * g:32 * (g + 1)] == 0).all()
-    assert (_codes(q, fmt)[1, :32] == 0).all()
-    if fmt != "fp8":
-        want = torch.round(ties)  # half to even
-        assert torch.equal(_codes(q, fmt)[0, 1:1 + ties.numel()], want.to(torch.int64))
-    # int4 packing: channel 2j in the low nibble of byte j
-    if fmt == "int4":
-        assert q[0, 0].item() == ((-7) & 0xF) | ((0 & 0xF) << 4)  # -7 (amax), rint(0.5) = 0
+    qr, _, _ = quantize_ref(x, fmt=fmt, group_size=32)
+    check_special_groups(q, s, qr, fmt, backend)
 
 
 # ---------------------------------------------------------------- quant_gemm
