@@ -45,6 +45,20 @@ def bench(fn, device: torch.device, *, warmup: int = 3, reps: int = 20, min_time
     return statistics.median(times)
 
 
+def call_time(fn, device: torch.device, calls: int = 200, warmup: int = 10) -> float:
+    """Seconds per call of ``fn()`` issued back to back, synchronised once at the end: what an
+    eager loop pays per call (host overhead and launch included; the larger of host and device
+    time).  ``bench`` measures the device time of one call instead."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / calls
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
     """Measured bytes/s of a device copy (bytes read + written): the floor's denominator."""
     n = nbytes // 4

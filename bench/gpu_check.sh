@@ -1,17 +1,76 @@
 #!/usr/bin/env bash
-# One-command GPU check (H100/H200): build the extension for sm_90a only, run the GPU tests and the
-# benchmarks, print a short table. Meant for the device machine: ~3-5 minutes.
-#   bash bench/gpu_check.sh            (results under ${OUT:-bench/results})
+# One-command GPU check (H100/H200): build the extension for sm_90a only (or install a wheel built
+# ahead by bench/gpu_prepare.sh), run the GPU tests, the benchmarks part by part, a short Triton
+# tile sweep of the quantized GEMM, and print a summary table.  Every phase has its own time limit,
+# so a hang or a crash in one part still returns the others.  Meant for the device machine:
+#   bash bench/gpu_check.sh                  (about 5 minutes; results under ${OUT:-bench/results})
+#   GPU_CHECK_PARTS="solver,quant" bash bench/gpu_check.sh      (a subset of bench/run.py's parts)
+# What comes back under $OUT (at most 8 files): build.log, gpu_tests.log, bench.log,
+# bench_gpu.json (all parts merged), tune_quant.json, summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${OUT:-bench/results}
 mkdir -p "$OUTDIR"
 export PYDIFF_CUDA_ARCHS=${PYDIFF_CUDA_ARCHS:-9.0a} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+PARTS=${GPU_CHECK_PARTS:-solver,sampling,quant,invertible_ops,invertible,schedulers,loop,loops,masked}
+T_BUILD=${T_BUILD:-300} T_TESTS=${T_TESTS:-150} T_PART=${T_PART:-75} T_TUNE=${T_TUNE:-60}
 t0=$(date +%s)
-python3 -m pip install -q --no-build-isolation --no-deps . > "$OUTDIR/build.log" 2>&1 || { tail -40 "$OUTDIR/build.log"; exit 1; }
-echo "build: $(( $(date +%s) - t0 )) s"
-(cd /tmp && python3 -c "import pydiff; print(pydiff.build_info())")
-(cd tests && python3 -m pytest -q -p no:cacheprovider test_solver_gpu.py test_sampling_gpu.py test_invertible_gpu.py test_quant_gpu.py test_quant_triton.py test_quant_fused.py test_solver_op.py test_sampling.py) 2>&1 | tail -15 | tee "$OUTDIR/gpu_tests.log"
-python3 bench/run.py --out "$OUTDIR" 2>&1 | tee "$OUTDIR/bench.log" | grep -v "^W1"
-echo "total: $(( $(date +%s) - t0 )) s"
+since() { echo $(( $(date +%s) - t0 )); }
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+
+# 1. Wheels carried in .whl/ (bench/gpu_prepare.sh): diffusers for the baselines, and a pydiff wheel
+#    built ahead for this machine's python / torch, which saves the build.
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl > "$OUTDIR/build.log" 2>&1 && export PYTHONPATH=/tmp/site
+fi
+prebuilt_ok() {
+  (cd /tmp && python3 -c "import pydiff, sys; sys.exit(0 if pydiff.build_info().get('cuda_kernels') else 1)") \
+    >> "$OUTDIR/build.log" 2>&1
+}
+if ls .whl/pydiff_kernels-*.whl > /dev/null 2>&1 && prebuilt_ok; then
+  echo "build: prebuilt wheel from .whl/ ($(since) s)"
+else
+  [ -n "${PYTHONPATH:-}" ] && rm -rf /tmp/site/pydiff /tmp/site/pydiff_kernels-*
+  timeout "$T_BUILD" python3 -m pip install -q --no-build-isolation --no-deps . >> "$OUTDIR/build.log" 2>&1 \
+    || { echo "BUILD FAILED ($(since) s)"; tail -40 "$OUTDIR/build.log"; exit 1; }
+  echo "build: $(since) s"
+fi
+(cd /tmp && python3 -c "import pydiff, torch, triton; print(pydiff.build_info(), 'torch', torch.__version__, 'triton', triton.__version__)")
+
+# 2. GPU tests (parallel workers where pytest-xdist is there; a per-test limit where pytest-timeout is).
+XD=""; python3 -c "import xdist" 2> /dev/null && XD="-n 8 --dist loadfile"
+TO=""; python3 -c "import pytest_timeout" 2> /dev/null && TO="--timeout 120"
+(cd tests && timeout "$T_TESTS" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider $XD $TO \
+  test_solver_gpu.py test_sampling_gpu.py test_invertible_gpu.py test_quant_gpu.py test_quant_triton.py \
+  test_quant_fused.py test_solver_op.py test_sampling.py test_samplers.py::test_gpu_whole_loop_without_host_sync \
+  test_samplers.py::test_gpu_cuda_graph_replay_equals_eager \
+  test_samplers.py::test_gpu_cuda_graph_stochastic_matches_eager_with_generator \
+  test_samplers.py::test_gpu_cuda_graph_with_diffusers_unet_and_x0_trajectory) > "$OUTDIR/gpu_tests.log" 2>&1
+echo "tests (rc $?, $(since) s): $(grep -E '(passed|failed|error)' "$OUTDIR/gpu_tests.log" | tail -1)"
+grep -E "^(FAILED|ERROR)" "$OUTDIR/gpu_tests.log" | head -20
+
+# 3. Benchmarks, one process per part (a CUDA error in one part cannot poison the others).
+rm -rf /tmp/pydiff_bench && : > "$OUTDIR/bench.log"
+for p in ${PARTS//,/ }; do
+  timeout "$T_PART" python3 bench/run.py --only "$p" --out "/tmp/pydiff_bench/$p" >> "$OUTDIR/bench.log" 2>&1
+  echo "bench $p: rc $? ($(since) s)"
+done
+python3 - "$OUTDIR" <<'EOF'
+import glob, json, os, sys
+rows, info = [], None
+for f in sorted(glob.glob("/tmp/pydiff_bench/*/bench_*.json")):
+    d = json.load(open(f))
+    info = info or d["info"]
+    rows += d["rows"]
+json.dump(dict(info=info, rows=rows), open(os.path.join(sys.argv[1], "bench_gpu.json"), "w"), indent=1, default=str)
+print(f"bench_gpu.json: {len(rows)} rows")
+EOF
+
+# 4. Triton tile sweep of the quantized GEMM (for the tile table in triton_kernels/quant.py).
+timeout "$T_TUNE" python3 bench/tune_quant.py --budget $(( T_TUNE - 10 )) --out "$OUTDIR/tune_quant.json" \
+  > /tmp/tune.log 2>&1; echo "tune: rc $? ($(since) s)"; tail -25 /tmp/tune.log
+
+# 5. Summary: the targets of the issues, from the merged JSON.
+python3 bench/summary.py "$OUTDIR/bench_gpu.json" | tee "$OUTDIR/summary.txt"
+echo "total: $(since) s"

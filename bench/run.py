@@ -41,7 +41,7 @@ def _fmt(rows):
     res = []
     for r in rows:
         q = dict(r)
-        for key in ("time_us", "floor_us"):
+        for key in ("time_us", "floor_us", "call_us"):
             if key in q:
                 q[key] = f"{q[key]:.1f}"
         if "gbps" in q:
@@ -122,7 +122,7 @@ def main(argv=None):
     if "solver" in parts:
         kr = solver_bench.kernel_rows(device, shapes, compile_baseline=not (args.quick or args.no_compile), bw=bw)
         print("\n## Solver step with CFG (fp32): one call")
-        print(_table(_fmt(kr), ["shape", "config", "impl", "time_us", "gbps", "floor_us", "x_floor"]))
+        print(_table(_fmt(kr), ["shape", "config", "impl", "time_us", "call_us", "gbps", "floor_us", "x_floor"]))
         rows += kr
     if "loop" in parts:
         loop = solver_bench.loop_rows(device, shapes[:1] if device.type == "cpu" else shapes)
@@ -156,7 +156,7 @@ def main(argv=None):
         print(f"\n## {title}")
         cols = list(dict.fromkeys(k for r in pr for k in r if k != "part"))
         print(_table([_fmt_row(r) for r in pr], cols))
-        rows += [dict(r, part=part) for r in pr]
+        rows += [dict(r, part=part, **({"sub": r["part"]} if r.get("part", part) != part else {})) for r in pr]
     os.makedirs(args.out, exist_ok=True)
     tag = "gpu" if device.type == "cuda" else "cpu"
     with open(os.path.join(args.out, f"bench_{tag}.json"), "w") as f:

@@ -15,7 +15,7 @@ import torch
 import pydiff
 from pydiff.ops.solver import StepCoeffs
 
-from _timing import bench, sync
+from _timing import bench, call_time, sync
 
 # name -> (history entries, noise, outputs that a sampler needs written)
 CONFIGS = {
@@ -90,7 +90,8 @@ def kernel_rows(device: torch.device, shapes, dtype=torch.float32, compile_basel
                 t = bench(fn, device)
                 rows.append(dict(part="kernel", shape="x".join(map(str, shape)), dtype=str(dtype).replace("torch.", ""),
                                  config=name, impl=vname, time_us=t * 1e6, gbps=nbytes / t / 1e9,
-                                 floor_us=floor_s * 1e6, x_floor=t / floor_s))
+                                 floor_us=floor_s * 1e6, x_floor=t / floor_s,
+                                 call_us=call_time(fn, device, calls=max(5, min(200, int(0.1 / t)))) * 1e6))
     return rows
 
 
