@@ -1,0 +1,59 @@
+"""The GPU-check tools run on the CPU too: the quant-GEMM tile sweep (bench/tune_quant.py) in the
+Triton interpreter, where every tile's output must equal the default tile's bit for bit, and the
+targets summary (bench/summary.py) on rows shaped like bench/run.py's."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+
+import summary  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the CPU smoke run of the sweep needs Triton's interpreter")
+def test_tune_quant_quick_tiles_agree(tmp_path, capsys):
+    pytest.importorskip("triton")
+    import tune_quant
+
+    out = tmp_path / "tune.json"
+    assert tune_quant.main(["--quick", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "MISMATCH" not in text and "best tile per shape" in text
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["fmt"] for r in rows} == {"int4", "int8", "fp8"}
+    assert all(r.get("equal") for r in rows if "time_us" in r) and len(rows) >= 6
+
+
+def _rows(x_floor, call_us, x_amax, gemm_us, fp8_us, mem_frac, x_plain):
+    return [
+        dict(part="kernel", shape="1x16x21x90x160", config="dpmpp2m_cfg", impl="pydiff[cuda]", x_floor=x_floor),
+        dict(part="kernel", shape="4x4x128x128", config="dpmpp2m_cfg", impl="pydiff[cuda]", call_us=call_us),
+        dict(part="sampling", shape="4096x126464", impl="pydiff[cuda]", x_amax=x_amax),
+        dict(part="quant", sub="gemm", shape="4096x3072x3072", impl="torch._scaled_mm fp8", time_us=fp8_us),
+        dict(part="quant", sub="gemm", shape="4096x3072x3072", impl="pydiff int4 g64 (cuda)", time_us=gemm_us,
+             tflops=1000.0),
+        dict(part="invertible", shape="8x256x64x64", depth=16, method="reversible", mem_frac=mem_frac,
+             x_plain=x_plain),
+    ]
+
+
+def _marks(lines, needle):
+    return [ln.rsplit(None, 1)[-1] if not ln.endswith("not met") else "not met" for ln in lines if needle in ln]
+
+
+def test_summary_marks_met_and_missed_targets():
+    good = summary.targets(_rows(1.1, 8.0, 0.9, 50.0, 60.0, 0.05, 1.1))
+    bad = summary.targets(_rows(1.3, 12.0, 1.2, 70.0, 60.0, 0.2, 1.3))
+    for needle in ("1x16x21x90x160 pydiff[cuda]", "4x4x128x128 pydiff[cuda]", "4096x126464 bf16 pydiff[cuda]",
+                   "4096x3072x3072 (cuda)", "reversible: memory", "reversible: time"):
+        assert _marks(good, needle) == ["MET"], (needle, good)
+        assert _marks(bad, needle) == ["not met"], (needle, bad)
+    # absent rows are reported missing, never inferred
+    assert _marks(good, "pydiff[triton]") and set(_marks(good, "pydiff[triton]")) == {"missing"}
