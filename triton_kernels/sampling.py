@@ -2,7 +2,7 @@
 
 Kernel 1, grid (chunks, rows): one read of each chunk of logits; the chunk's max, second max
 (with multiplicity), first argmax, NaN/+inf flag, and the float64 sums of ``e = exp((l - m_c)/T)``
-and ``e * (l - m_c)/T``.  Kernel 2, one program per row: combines the chunk partials, draws the
+and ``e * (l - m_c)/T`` (``e`` by :func:`_exp_neg`, as the CUDA and C++ kernels compute it).  Kernel 2, one program per row: combines the chunk partials, draws the
 counter-based float64 uniform, picks the chunk by the cumulative weighted sums and rescans it with
 a float64 prefix sum to pick the token.  Extra memory: ``rows x chunks`` partials.
 """
@@ -22,6 +22,29 @@ def _mix64(z):
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
     z = (z ^ (z >> 27)) * 0x94D049BB133111EB
     return z ^ (z >> 31)
+
+
+@triton.jit
+def _exp_neg(x):
+    """``exp(x)`` in float64 for fp32 ``x <= 0``, as the CUDA and C++ kernels compute it: an fp32
+    degree-7 polynomial on the Cody-Waite reduced argument ``r = x - k ln2`` (``|r| <= ln2 / 2``,
+    relative error ~2e-7), times ``2^k`` formed in float64 (values down to 1e-308 survive; below
+    that, 0).  Much cheaper on a GPU than a float64 ``exp`` per logit, which would cost more than
+    the read of the logits itself."""
+    x = tl.maximum(x, -1000.0)
+    kf = (x * 1.44269504088896341 + 12582912.0) - 12582912.0  # round to nearest (|k| < 2^22)
+    r = x - kf * 0.693359375
+    r = r + kf * 2.12194440e-4
+    p = r * (1.0 / 5040.0) + (1.0 / 720.0)
+    p = p * r + (1.0 / 120.0)
+    p = p * r + (1.0 / 24.0)
+    p = p * r + (1.0 / 6.0)
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    k = tl.maximum(kf.to(tl.int32), -1023)
+    two_k = ((k + 1023).to(tl.int64) << 52).to(tl.float64, bitcast=True)
+    return p.to(tl.float64) * two_k
 
 
 @triton.jit
@@ -47,7 +70,7 @@ def _partial_kernel(logits_ptr, thr_ptr, mask_ptr, pm1, pm2, ps, pt, parg, pbad,
     arg = tl.min(tl.where((kv == m1) & (kv > float("-inf")), offs, 2 ** 62), 0)
     m1s = tl.where(m1 > float("-inf"), m1, 0.0)
     xs = (kv - m1s) * inv_t
-    e = tl.where(kv > float("-inf"), tl.exp(xs.to(tl.float64)), 0.0)
+    e = tl.where(kv > float("-inf"), _exp_neg(xs), 0.0)
     s = tl.sum(e, 0)
     t = tl.sum(tl.where(e > 0, e * xs.to(tl.float64), 0.0), 0)
     i = r * nchunks + c
@@ -122,7 +145,7 @@ def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, p
         else:
             kv = tl.where(x == x, x, float("-inf"))
         xs = (kv - m_sel) * inv_t
-        e = tl.where(kv > float("-inf"), tl.exp(xs.to(tl.float64)), 0.0)
+        e = tl.where(kv > float("-inf"), _exp_neg(xs), 0.0)
         ce = tl.cumsum(e, 0)
         tok = tl.min(tl.where((ce > rem) & (e > 0), offs, 2 ** 62), 0)
         last = tl.max(tl.where(e > 0, offs, -1), 0)
