@@ -10,14 +10,16 @@ every row measured in the same run:
 * ``quantize``: per-token, group-64 int4 quantization of ``[M, K]`` bf16, next to eager torch (the
   reference formula) and ``torch.compile`` of it; the floor is the bytes (read bf16, write int4 and
   fp32 scales) over the measured copy bandwidth.
-* ``linear``: quantize + GEMM (what a W4A4 layer runs) vs ``F.linear`` in bf16; and the DiT case
-  where the quantization is fused into the LayerNorm / adaLN modulation that produces the
-  activations (``prologue='layernorm'``) vs LayerNorm + modulation + bf16 linear; and the DiT MLP
-  ``fc2(GELU_tanh(fc1(x)))`` (M = 4096, 3072 -> 12288 -> 3072 on a GPU) with fc1's GEMM writing
-  fc2's int4 input (``quant_gemm_quant``, the 16-bit hidden activations never exist) vs bf16
-  ``F.linear`` + ``F.gelu(approximate='tanh')`` + ``F.linear``, and vs the unfused W4A4 chain
-  (fc1 bf16 out, then quantize with the GELU prologue); ``hidden_mib``: bytes of the hidden
-  activations written and read back.
+* ``linear``: quantize + GEMM (what a W4A4 layer runs: the default ``W4A4Linear``, rank-32 bf16
+  SVDQuant branch, its down-projection in the quantize pass and up-projection in the GEMM
+  epilogue; and rank 0) vs ``F.linear`` in bf16; and the DiT case where the quantization is fused
+  into the LayerNorm / adaLN modulation that produces the activations (``prologue='layernorm'``)
+  vs LayerNorm + modulation + bf16 linear; and the DiT MLP ``fc2(GELU_tanh(fc1(x)))`` (M = 4096,
+  3072 -> 12288 -> 3072 on a GPU) with fc1's GEMM writing fc2's int4 input and, at rank 32, fc2's
+  low-rank down-projection (``quant_gemm_quant``, the 16-bit hidden activations never exist) vs
+  bf16 ``F.linear`` + ``F.gelu(approximate='tanh')`` + ``F.linear``, and vs the unfused W4A4
+  chain (fc1 bf16 out, then quantize with the GELU prologue), each at rank 32 (the W4A4 default)
+  and rank 0; ``hidden_mib``: bytes of the hidden activations written and read back.
 * ``weight_mib``: the bytes of the layer's weights (packed values + scales) vs bf16.
 
 CPU: the C++ reference kernels' speed only (the CPU is not a target for these kernels).
@@ -47,6 +49,7 @@ MLP_GPU_SHAPES = [(4096, 3072, 12288)]  # (M, D, hidden): fc1 D -> hidden, fc2 h
 MLP_CPU_SHAPES = [(256, 512, 2048)]
 MLP_QUICK_SHAPES = [(64, 256, 1024)]
 GROUP = {"int4": 64, "int8": None, "fp8": None}  # None: per token / per output channel (group = K)
+RANK = 32  # W4A4Linear's default SVDQuant rank (bf16 branch)
 
 
 def _backends(device):
@@ -163,6 +166,8 @@ def linear_rows(device, shapes, mlp_shapes=()):
         scale = 0.1 * torch.randn(B, K, device=device, dtype=torch.bfloat16)
         shape = f"{M}x{K}x{N}"
         qw, sw, _ = Q.quantize(w, "int4", 64, backend="torch" if device.type == "cpu" else None)
+        ld = torch.randn(K, RANK, device=device, dtype=torch.bfloat16) / K**0.5  # the rank-32 branch
+        lu = torch.randn(RANK, N, device=device, dtype=torch.bfloat16) / RANK**0.5
 
         def bf16_linear():
             return F.linear(x, w)
@@ -172,28 +177,26 @@ def linear_rows(device, shapes, mlp_shapes=()):
             h = h * (1 + scale[:, None]) + shift[:, None]
             return F.linear(h.view(M, K), w)
 
+        adaln = dict(prologue="layernorm", shift=shift, scale=scale)
         for b in _backends(device):
-            def w4a4(b=b):
-                qa, sa, _ = Q.quantize(x, "int4", 64, backend=b, check=False)
+            def w4a4(b, rank, pro):
+                qa, sa, la = Q.quantize(x, "int4", 64, lora_down=ld if rank else None, backend=b, check=False, **pro)
+                lora = dict(lora_act=la, lora_up=lu) if rank else {}
                 return Q.quant_gemm(qa, sa, qw, sw, fmt="int4", group_size=64, out_dtype=torch.bfloat16, backend=b,
-                                    check=False)
+                                    check=False, **lora)
 
-            def w4a4_adaln(b=b):
-                qa, sa, _ = Q.quantize(x, "int4", 64, prologue="layernorm", shift=shift, scale=scale, backend=b,
-                                       check=False)
-                return Q.quant_gemm(qa, sa, qw, sw, fmt="int4", group_size=64, out_dtype=torch.bfloat16, backend=b,
-                                    check=False)
-
-            for case, ours, theirs, theirs_name in (("linear", w4a4, bf16_linear, "bf16 F.linear"),
-                                                    ("adaLN + linear", w4a4_adaln, bf16_adaln,
-                                                     "bf16 LayerNorm + modulate + F.linear")):
+            for case, rank, pro, theirs, theirs_name in (
+                    ("linear", RANK, {}, bf16_linear, "bf16 F.linear"),
+                    ("linear", 0, {}, bf16_linear, "bf16 F.linear"),
+                    ("adaLN + linear", RANK, adaln, bf16_adaln, "bf16 LayerNorm + modulate + F.linear"),
+                    ("adaLN + linear", 0, adaln, bf16_adaln, "bf16 LayerNorm + modulate + F.linear")):
                 try:
-                    t_ours = bench(ours, device)
+                    t_ours = bench(lambda: w4a4(b, rank, pro), device)
                     t_base = bench(theirs, device)
                 except Exception as exc:  # noqa: BLE001
-                    print(f"{case} {b}: {_why(exc)}")
+                    print(f"{case} rank {rank} {b}: {_why(exc)}")
                     continue
-                rows.append(dict(shape=shape, case=case, impl=f"pydiff W4A4 ({b})", time_us=t_ours * 1e6,
+                rows.append(dict(shape=shape, case=case, impl=f"pydiff W4A4 rank {rank} ({b})", time_us=t_ours * 1e6,
                                  baseline=theirs_name, baseline_us=t_base * 1e6, speedup=t_base / t_ours))
     for M, D, H in mlp_shapes:
         rows += _mlp_rows(device, M, D, H)
@@ -227,33 +230,47 @@ def _mlp_rows(device, M, D, H):
     rows.append(dict(shape=shape, case="MLP fc1+GELU+fc2", impl="bf16 F.linear + F.gelu + F.linear",
                      time_us=t_base * 1e6, tflops=flops / t_base / 1e12, baseline="-", speedup=1.0,
                      hidden_mib=hidden_bf16))
+    # the rank-32 SVDQuant branches of fc1 (down [D, R], up [R, H]) and fc2 (down [H, R], up [R, D]), bf16
+    ld1 = torch.randn(D, RANK, device=device, dtype=torch.bfloat16) / D**0.5
+    lu1 = torch.randn(RANK, H, device=device, dtype=torch.bfloat16) / RANK**0.5
+    ld2 = torch.randn(H, RANK, device=device, dtype=torch.bfloat16) / H**0.5
+    lu2 = torch.randn(RANK, D, device=device, dtype=torch.bfloat16) / RANK**0.5
     for b in _backends(device):
-        def fused(b=b):
-            qa, sa, _ = Q.quantize(x, "int4", 64, backend=b, check=False)
-            qh, sh = Q.quant_gemm_quant(qa, sa, qw1, sw1, fmt="int4", group_size=64, bias=b1, epilogue="gelu_tanh",
-                                        out_fmt="int4", out_group_size=64, backend=b, check=False)
+        def fused(b, rank):
+            qa, sa, la1 = Q.quantize(x, "int4", 64, lora_down=ld1 if rank else None, backend=b, check=False)
+            l1 = dict(lora_act=la1, lora_up=lu1) if rank else {}
+            qh, sh, la2 = Q.quant_gemm_quant(qa, sa, qw1, sw1, fmt="int4", group_size=64, bias=b1, epilogue="gelu_tanh",
+                                             lora_down=ld2 if rank else None, out_fmt="int4", out_group_size=64,
+                                             backend=b, check=False, **l1)
+            l2 = dict(lora_act=la2, lora_up=lu2) if rank else {}
             return Q.quant_gemm(qh, sh, qw2, sw2, fmt="int4", group_size=64, bias=b2, out_dtype=torch.bfloat16,
-                                backend=b, check=False)
+                                backend=b, check=False, **l2)
 
-        def unfused(b=b):
-            qa, sa, _ = Q.quantize(x, "int4", 64, backend=b, check=False)
+        def unfused(b, rank):
+            qa, sa, la1 = Q.quantize(x, "int4", 64, lora_down=ld1 if rank else None, backend=b, check=False)
+            l1 = dict(lora_act=la1, lora_up=lu1) if rank else {}
             h = Q.quant_gemm(qa, sa, qw1, sw1, fmt="int4", group_size=64, bias=b1, out_dtype=torch.bfloat16,
-                             backend=b, check=False)
-            qh, sh, _ = Q.quantize(h, "int4", 64, prologue="gelu_tanh", backend=b, check=False)
+                             backend=b, check=False, **l1)
+            qh, sh, la2 = Q.quantize(h, "int4", 64, prologue="gelu_tanh", lora_down=ld2 if rank else None, backend=b,
+                                     check=False)
+            l2 = dict(lora_act=la2, lora_up=lu2) if rank else {}
             return Q.quant_gemm(qh, sh, qw2, sw2, fmt="int4", group_size=64, bias=b2, out_dtype=torch.bfloat16,
-                                backend=b, check=False)
+                                backend=b, check=False, **l2)
 
-        for impl, fn, hid in ((f"pydiff W4A4, GELU + quantize in fc1's epilogue ({b})", fused, hidden_int4),
-                              (f"pydiff W4A4 unfused: fc1 bf16 out, quantize(gelu) ({b})", unfused,
-                               hidden_bf16 + hidden_int4)):
-            try:
-                t = bench(fn, device)
-            except Exception as exc:  # noqa: BLE001
-                print(f"MLP {impl}: {_why(exc)}")
-                continue
-            rows.append(dict(shape=shape, case="MLP fc1+GELU+fc2", impl=impl, time_us=t * 1e6,
-                             tflops=flops / t / 1e12, baseline="bf16 F.linear + F.gelu + F.linear",
-                             baseline_us=t_base * 1e6, speedup=t_base / t, hidden_mib=hid))
+        for rank in (RANK, 0):
+            hid_lora = M * rank * 4 / 2**20  # fp32 lora_act of fc2's branch
+            for impl, fn, hid in ((f"pydiff W4A4 rank {rank}, GELU + quantize in fc1's epilogue ({b})", fused,
+                                   hidden_int4 + hid_lora),
+                                  (f"pydiff W4A4 rank {rank} unfused: fc1 bf16 out, quantize(gelu) ({b})", unfused,
+                                   hidden_bf16 + hidden_int4 + hid_lora)):
+                try:
+                    t = bench(lambda: fn(b, rank), device)
+                except Exception as exc:  # noqa: BLE001
+                    print(f"MLP {impl}: {_why(exc)}")
+                    continue
+                rows.append(dict(shape=shape, case="MLP fc1+GELU+fc2", impl=impl, time_us=t * 1e6,
+                                 tflops=flops / t / 1e12, baseline="bf16 F.linear + F.gelu + F.linear",
+                                 baseline_us=t_base * 1e6, speedup=t_base / t, hidden_mib=hid))
     return rows
 
 

@@ -133,3 +133,43 @@ def check_special_groups(q, s, qr, fmt, backend):
         assert torch.equal(codes(q, fmt)[0, 1:1 + TIES.numel()], torch.round(TIES).to(torch.int64))  # half to even
     if fmt == "int4":
         assert q[0, 0].item() == ((-7) & 0xF) | ((0 & 0xF) << 4)  # -7 (amax), rint(0.5) = 0
+
+
+def check_lora_act2(la2, ref, qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, G, epilogue, what):
+    """``lora_act2 = y_s @ lora_down`` of quant_gemm_quant (``la2``, a backend's fp32 ``[M, R2]``)
+    against the reference's ``ref``, within a bound derived from fp32 rounding, elementwise:
+
+    * ``y_s`` itself: the kernels' fp32 GEMM epilogue is within ``2 (Gn + R + 2) 2^-24 mag`` of the
+      exact value (``mag``: :func:`gemm_magnitude`), plus its own rounding; the GELU (slope below
+      1.2) adds 8 ulps of its result; ``/ smooth`` divides the error and adds an ulp.  That error
+      ``dy`` enters the sum as ``|dy| @ |lora_down|``;
+    * the N-term fp32 sum (any order, atomics included; tf32x3 dots on GPUs): ``(N + 4) 2^-24
+      |y_s| @ |lora_down|``, plus the final rounding ``2^-24 |ref|``.
+    """
+    from pydiff.reference.quant import gelu_tanh, quant_gemm_ref
+
+    M, N = qa.shape[0], qw.shape[0]
+    R2 = 0 if lora_down is None else lora_down.shape[1]
+    assert la2.dtype == torch.float32 and tuple(la2.shape) == (M, R2), f"{what}: lora_act2 {la2.dtype} {tuple(la2.shape)}"
+    assert tuple(ref.shape) == (M, R2)
+    if R2 == 0:
+        return
+    assert torch.isfinite(la2).all(), f"{what}: lora_act2 not written or not finite"
+    u = 2.0**-24
+    K = q_values(qa, fmt).shape[1]
+    R = 0 if lora_act is None else lora_act.shape[1]
+    y = quant_gemm_ref(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, G, None)
+    dy = 2 * (K // G + R + 2) * u * gemm_magnitude(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, G) + u * y.abs()
+    if epilogue == "gelu_tanh":
+        y = gelu_tanh(y)
+        dy = 1.2 * dy + 8 * u * y.abs()
+    if smooth is not None:
+        s = smooth.double()[None, :]
+        y = y / s
+        dy = dy / s.abs() + u * y.abs()
+    ld = lora_down.double().abs()
+    bound = dy @ ld + (N + 4) * u * (y.abs() @ ld) + u * ref.double().abs() + 1e-30
+    err = (la2.double() - ref.double()).abs()
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"{what}: lora_act2 error {err.max().item():.3e}, {worst:.3g} x the fp32 bound"
+    return worst

@@ -14,6 +14,9 @@ CPU backend.
   3072}, G in {32, 64, 96, 128, K}, bias / lora on and off, every out dtype, within the fp32 rounding
   of the epilogue (fp8: plus the tensor cores' fp32 accumulation inside a group); misaligned and
   non-contiguous operands; int64 indexing (M K and M N above 2^31).
+* quant_gemm_quant with the consumer's low-rank down-projection (the W4A4 DiT MLP, fc2 rank 32):
+  q / scales as the reference but for ties, lora_act2 within its fp32 bound (Triton: atomics), and
+  quantized_mlp fused vs the unfused chain (the op-level sweep is test_quant_fused.py's GPU test).
 * Outputs are freshly allocated by the ops: the caching allocator is filled with NaN first, so an
   element a kernel forgets to write shows up.  Bad device mixes raise, naming the argument; no host
   synchronisation; CUDA-graph capture.
@@ -22,10 +25,10 @@ import pytest
 import torch
 
 import pydiff
-from pydiff.ops.quant import quant_gemm, quantize
-from pydiff.reference.quant import FORMATS, QMAX, q_dtype, q_values, quant_gemm_ref, quantize_ref
+from pydiff.ops.quant import quant_gemm, quant_gemm_quant, quantize
+from pydiff.reference.quant import FORMATS, QMAX, q_dtype, q_values, quant_gemm_quant_ref, quant_gemm_ref, quantize_ref
 
-from _quant_util import (check_fp8_encoding, check_gemm, check_special_groups, codes, fp8_sweep_values,
+from _quant_util import (check_fp8_encoding, check_gemm, check_lora_act2, check_special_groups, codes, fp8_sweep_values,
                          gemm_magnitude, special_groups_input, step_diff, triton_quant_ok)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none present)")
@@ -325,6 +328,41 @@ def test_gpu_quantize_then_gemm_end_to_end(backend):
         assert rel < {"int4": 0.2, "int8": 0.02, "fp8": 0.1}[fmt], f"{backend} {fmt}: relative error {rel:.3f}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_gpu_fused_mlp_low_rank(backend, dtype):
+    """The W4A4 DiT MLP with the default rank-32 fc2 (M = 257 tokens, 384 -> 1536 -> 384): fc1's
+    quant_gemm_quant writes fc2's int4 input and lora_act2 = (gelu(h) / smooth2) @ lora_down2 (each
+    Triton tile adds its part with fp32 atomics); q within one step of the reference at ties, scales
+    2e-6, lora_act2 within its fp32 bound; quantized_mlp (fused) vs the unfused chain."""
+    from pydiff.quant import W4A4Linear, quantized_mlp, sqnr_db
+
+    M, D, H, R = 257, 384, 1536, 32
+    torch.manual_seed(0)
+    lin1, lin2 = torch.nn.Linear(D, H).to(GPU, dtype), torch.nn.Linear(H, D).to(GPU, dtype)
+    fc1 = W4A4Linear.from_linear(lin1, rank=R, smooth=torch.rand(D, device=GPU) + 0.5)
+    fc2 = W4A4Linear.from_linear(lin2, rank=R, smooth=torch.rand(H, device=GPU) + 0.5)
+    assert fc1.can_feed(fc2)
+    x = _rand((M, D), dtype, 5, std=1.5)
+    qa, sa, la = quantize(x, "int4", 64, smooth=fc1.smooth, lora_down=fc1.lora_down, backend=backend)
+    args = (qa, sa, fc1.qweight, fc1.wscales)
+    kw = dict(bias=fc1.bias, lora_act=la, lora_up=fc1.lora_up, smooth=fc2.smooth, lora_down=fc2.lora_down)
+    _poison(M * H)
+    q, s, la2 = quant_gemm_quant(*args, fmt="int4", group_size=64, epilogue="gelu_tanh", backend=backend, **kw)
+    qr, sr, lr = quant_gemm_quant_ref(*args, kw["bias"], la, fc1.lora_up, fc2.smooth, fc2.lora_down, "int4", 64,
+                                      "gelu_tanh", "int4", 64)
+    d = step_diff(q, qr, "int4")
+    assert d.max().item() <= 1 and int((d > 0).sum()) <= max(8, d.numel() // 100000), f"{backend}: q"
+    assert ((s.double() - sr.double()).abs() <= 2e-6 * sr.double().abs()).all(), f"{backend}: scales"
+    check_lora_act2(la2, lr, *args, kw["bias"], la, fc1.lora_up, fc2.smooth, fc2.lora_down, "int4", 64, "gelu_tanh",
+                    f"{backend} {dtype}")
+    with pydiff.use_backend(backend):
+        got = quantized_mlp(fc1, fc2, x)
+        want = fc2(fc1(x), prologue="gelu_tanh")
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    assert sqnr_db(want.float(), got.float()) > (60 if dtype == torch.float32 else 30), backend
+
+
 def test_gpu_int64_indexing():
     """M K > 2^31 (quantize and the GEMM's operand offsets) and M N > 2^31 (the GEMM's output): the
     last rows are right. CUDA backend only (the largest tensors are about 4 GiB)."""
@@ -374,6 +412,12 @@ def test_gpu_bad_device_mixes_raise():
         torch.ops.pydiff.quant_gemm(qa, sa, qw, sw, torch.ones(5), None, None, "int4", 32, torch.float32)
     with pytest.raises((ValueError, RuntimeError), match="qw"):
         torch.ops.pydiff.quant_gemm(qa, sa, qw.cpu(), sw, None, None, None, "int4", 32, torch.float32)
+    qa, sa, qw, sw = _operands(3, 64, 64, 32, "int4", 3)
+    with pytest.raises(ValueError, match="lora_down"):
+        quant_gemm_quant(qa, sa, qw, sw, fmt="int4", group_size=32, lora_down=torch.ones(64, 2), backend="cuda")
+    with pytest.raises((ValueError, RuntimeError), match="lora_down"):
+        torch.ops.pydiff.quant_gemm_quant(qa, sa, qw, sw, None, None, None, None, torch.ones(64, 2), "int4", 32,
+                                          "none", "int4", 32)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() >= (8, 9),
@@ -390,10 +434,17 @@ def test_gpu_no_host_sync_and_cuda_graph():
     lu = _rand((8, 48), torch.float32, 3, std=0.1)
     qw, sw, _ = quantize_ref(_rand((48, 320), torch.float32, 4, std=0.05), fmt="int4", group_size=64)
     args_q = (x, None, ld, None, None, "int4", 64, "gelu_tanh", 1e-6)
+    # the fused MLP's producer with a low-rank consumer (the CUDA composition): N = 64, lora_down [64, 4]
+    qw2, sw2, _ = quantize_ref(_rand((64, 320), torch.float32, 5, std=0.05), fmt="int4", group_size=64)
+    lu2 = _rand((8, 64), torch.float32, 6, std=0.1)
+    ld2 = _rand((64, 4), torch.bfloat16, 7, std=0.1)
 
     def step():
         q, s, la = torch.ops.pydiff.quantize(*args_q)
-        return torch.ops.pydiff.quant_gemm(q, s, qw, sw, None, la, lu, "int4", 64, torch.bfloat16)
+        out = torch.ops.pydiff.quant_gemm(q, s, qw, sw, None, la, lu, "int4", 64, torch.bfloat16)
+        qh, sh, la2 = torch.ops.pydiff.quant_gemm_quant(q, s, qw2, sw2, None, la, lu2, None, ld2, "int4", 64,
+                                                        "gelu_tanh", "int4", 32)
+        return out, qh, sh, la2
 
     want = step()  # warm-up (and the reference result)
     torch.cuda.synchronize()
@@ -411,4 +462,5 @@ def test_gpu_no_host_sync_and_cuda_graph():
     torch.cuda.current_stream().wait_stream(s)
     g.replay()
     torch.cuda.synchronize()
-    assert torch.equal(got, want)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)

@@ -34,8 +34,15 @@
   ``q`` and ``scales`` instead of the 16-bit ``out``.  A tile holds ``GPT`` whole output groups of
   ``G2`` columns, each in ``GB = next_pow2(G2)`` lanes (lanes >= G2 masked, so G2 = 96 works), so a
   group's amax is a reduction over the tile reshaped to ``[BM, GPT, GB]``; rounding, the NaN-aware
-  max, int4 packing and the e4m3 encoding are the quantize kernel's helpers.  ``G2 > 256``: the GEMM
-  (fp32 out) + quantize kernels instead.
+  max, int4 packing and the e4m3 encoding are the quantize kernel's helpers.  With the consumer's
+  low-rank down-projection ``lora_down [N, R2]``, each program also adds its partial product
+  ``y_tile [BM, BN] @ lora_down[tile columns, :]`` (``tl.dot`` in chunks of ``BR2`` ranks, fp32
+  accuracy) into ``lora_act2 [M, R2]`` with fp32 ``tl.atomic_add``: the launcher zero-fills it, and
+  the ``cdiv(N, BN)`` column tiles of a row arrive in any order, so ``lora_act2``'s summation order
+  (and its last bits) vary from run to run.  On GPUs the tiles are then at most 64 x 128 (8 warps)
+  or 64 x 64 (4 warps) with BR2 = 16 (compiled for sm_80/89/90: no spills, shared memory < 99 KB).
+  ``G2 > 256`` (``> 128`` with ``lora_down``): the GEMM (fp32 out) + quantize kernels instead (the
+  quantize kernel's ``lora_act``, deterministic).
 
 Interpreter (CPU tensors, ``TRITON_INTERPRET=1``; constexpr ``INTERP``): int8 ``tl.dot`` with an
 int32 result, ``div_rn`` and bitcasts work there, but its float down-casts to bf16 and fp8
@@ -644,16 +651,17 @@ def quant_gemm_triton(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, 
 
 # ---------------------------------------------------------------- quant_gemm_quant (GEMM + GELU + quantize)
 @triton.jit
-def _qgemm_quant_kernel(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr, smooth_ptr, q_ptr, s_ptr,
-                        M, N, Gn, R, stride_am, stride_wn, Gn2, QC,
+def _qgemm_quant_kernel(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr, smooth_ptr, ld2_ptr, q_ptr, s_ptr,
+                        la2_ptr, M, N, Gn, R, stride_am, stride_wn, Gn2, QC, R2,
                         FMT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr,
                         STEPS: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
                         HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP8: tl.constexpr, MAGIC: tl.constexpr,
                         LORA_PREC: tl.constexpr, GELU: tl.constexpr, HAS_SMOOTH: tl.constexpr,
                         OFMT: tl.constexpr, OQMAX: tl.constexpr, G2: tl.constexpr, GB: tl.constexpr,
-                        GPT: tl.constexpr, INTERP: tl.constexpr):
+                        GPT: tl.constexpr, INTERP: tl.constexpr, HAS_LD2: tl.constexpr, BR2: tl.constexpr):
     """One ``[BM, GPT * GB]`` output tile: GPT whole output groups of G2 columns, each held in GB =
-    next_pow2(G2) lanes (lanes >= G2 masked), so every group's amax is a reduction inside the tile."""
+    next_pow2(G2) lanes (lanes >= G2 masked), so every group's amax is a reduction inside the tile.
+    With HAS_LD2: ``lora_act2[rows, :] += y_tile @ lora_down[cols, :]`` (fp32 atomics)."""
     BN: tl.constexpr = GPT * GB
     pid_m, pid_n = _tile_pid(tl.program_id(0), M, Gn2, BM, GPT, GROUP_M)
     rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
@@ -676,6 +684,15 @@ def _qgemm_quant_kernel(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr
     if HAS_SMOOTH:
         y = tl.math.div_rn(y, tl.load(smooth_ptr + cols, mask=cmask, other=1.0).to(tl.float32)[None, :])
     y = tl.where(rmask[:, None] & cmask[None, :], y, 0.0)
+    if HAS_LD2:
+        # the consumer's down-projection of the unquantized y_s: this tile's N-slice of the sum
+        for r0 in range(0, R2, BR2):
+            r = r0 + tl.arange(0, BR2)
+            rm = r < R2
+            ld = tl.load(ld2_ptr + cols[:, None] * R2 + r[None, :], mask=cmask[:, None] & rm[None, :], other=0.0)
+            part = tl.dot(y, ld.to(tl.float32), input_precision=LORA_PREC)
+            tl.atomic_add(la2_ptr + rows[:, None] * R2 + r[None, :], part, mask=rmask[:, None] & rm[None, :],
+                          sem="relaxed")
     y3 = tl.reshape(y, [BM, GPT, GB])
     amax = _group_amax(y3, INTERP)  # [BM, GPT]
     div, ok, stored = _group_scale(amax, OQMAX)
@@ -694,53 +711,72 @@ def _qgemm_quant_kernel(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr
 
 
 FUSED_MAX_GROUP = 256  # widest output group the fused kernel holds in one tile (wider: GEMM + quantize)
+FUSED_MAX_GROUP_LORA2 = 128  # the same with lora_down (y's tile also feeds the tf32x3 dot: 256 lanes need
+#                              160+ KB of shared memory and spill on sm_80/89/90)
 
 
-def _gemm_quant_launch(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, group_size, epilogue, out_fmt,
-                       out_group_size, *, cap=None, config=None, interp=None):
-    """Allocate ``(q, scales)`` and return ``(outputs, kernel args, constexprs, grid, options)``."""
+def _gemm_quant_launch(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, group_size, epilogue,
+                       out_fmt, out_group_size, *, cap=None, config=None, interp=None):
+    """Allocate ``(q, scales, lora_act2)`` (``lora_act2`` zero-filled: the kernel accumulates into it)
+    and return ``(outputs, kernel args, constexprs, grid, options)``."""
     M, N = qa.shape[0], qw.shape[0]
     K = qa.shape[1] * (2 if fmt == "int4" else 1)
     G, G2 = int(group_size), int(out_group_size)
     Gn, Gn2 = (K // G if G else 0), N // G2
     interp = cap is None if interp is None else interp
     R = 0 if lora_act is None else lora_act.shape[1]
+    R2 = 0 if lora_down is None else lora_down.shape[1]
     q = _empty((M, q_cols(out_fmt, N)), device=qa.device, dtype=q_dtype(out_fmt))
     s = _empty((M, Gn2), device=qa.device, dtype=torch.float32)
+    la2 = _empty((M, R2), device=qa.device, dtype=torch.float32)
+    la2.zero_()
     cfg = _gemm_config(M, N, K, G, R, fmt, None if interp else cap)
     GB = _np2(G2)
+    if interp:  # rank chunk of the lora_act2 dot: one chunk (up to 64 ranks)
+        cfg["BR2"] = min(64, max(16, _np2(R2)))
+    else:
+        cfg["BR2"] = 16
+        if R2 > 0:  # the tf32x3 dot holds y [BM, BN] (hi + lo) and lora_down [BN, 16]: smaller tiles
+            cfg["BM"] = min(cfg["BM"], 64)
+            cfg["BN"] = min(cfg["BN"], 128 if cfg["num_warps"] == 8 else 64)
+            if GB > cfg["BN"] or cfg["BM"] == 32:
+                cfg["num_warps"] = 8
     cfg["GPT"] = max(1, min(cfg["BN"] // GB, _np2(Gn2)))
     if config:
         cfg.update(config)
     qa, sa, qw, sw, b, la, lu, has_lora, dot_fp8, magic = _gemm_operands(qa, sa, qw, sw, bias, lora_act, lora_up, fmt,
                                                                         G, R, interp, cap)
     sm = smooth.contiguous() if smooth is not None else sa
+    ld2 = lora_down.contiguous() if R2 > 0 else sa
     qk = q.view(torch.uint8) if out_fmt == "fp8" else q
-    args = [qa, sa, qw, sw, b, la, lu, sm, qk, s, M, N, Gn, R, qa.stride(0), qw.stride(0), Gn2, qk.shape[1]]
+    args = [qa, sa, qw, sw, b, la, lu, sm, ld2, qk, s, la2, M, N, Gn, R, qa.stride(0), qw.stride(0), Gn2, qk.shape[1],
+            R2]
     const = dict(FMT=_FMT[fmt], BM=cfg["BM"], BK=cfg["BK"], KB=cfg["BK"] // 2 if fmt == "int4" else cfg["BK"],
                  STEPS=G // cfg["BK"], BR=cfg["BR"], GROUP_M=cfg["GROUP_M"], HAS_BIAS=bias is not None,
                  HAS_LORA=has_lora, DOT_FP8=dot_fp8, MAGIC=magic, LORA_PREC=_lora_prec(interp, cap),
                  GELU=epilogue == "gelu_tanh", HAS_SMOOTH=smooth is not None, OFMT=_FMT[out_fmt],
-                 OQMAX=_QMAX[out_fmt], G2=G2, GB=GB, GPT=cfg["GPT"], INTERP=interp)
+                 OQMAX=_QMAX[out_fmt], G2=G2, GB=GB, GPT=cfg["GPT"], INTERP=interp, HAS_LD2=R2 > 0,
+                 BR2=cfg["BR2"])
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(Gn2, cfg["GPT"]),)
     opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return (q, s), args, const, grid, opts
+    return (q, s, la2), args, const, grid, opts
 
 
-def quant_gemm_quant_triton(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, group_size, epilogue, out_fmt,
-                            out_group_size, *, _config=None):
-    """``(q, scales)`` of ``torch.ops.pydiff.quant_gemm_quant`` (arguments already checked): one kernel
-    whose GEMM tile goes through the GELU, ``/ smooth`` and the per-group quantization in registers
-    (round half to even; fp8 through the integer e4m3 encoder).  Output groups wider than
-    ``FUSED_MAX_GROUP`` channels do not fit a tile: then ``quant_gemm_triton`` (fp32 out) +
-    ``quantize_triton`` (same result)."""
-    if int(out_group_size) > FUSED_MAX_GROUP:
+def quant_gemm_quant_triton(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, group_size, epilogue,
+                            out_fmt, out_group_size, *, _config=None):
+    """``(q, scales, lora_act2)`` of ``torch.ops.pydiff.quant_gemm_quant`` (arguments already checked):
+    one kernel whose GEMM tile goes through the GELU, ``/ smooth`` and the per-group quantization in
+    registers (round half to even; fp8 through the integer e4m3 encoder) and adds its share of
+    ``lora_act2 = y_s @ lora_down`` with fp32 atomics (summation order not fixed).  Output groups
+    wider than ``FUSED_MAX_GROUP`` channels (``FUSED_MAX_GROUP_LORA2`` with ``lora_down``) do not fit
+    a tile: then ``quant_gemm_triton`` (fp32 out) + ``quantize_triton`` (same result)."""
+    R2 = 0 if lora_down is None else lora_down.shape[1]
+    if int(out_group_size) > (FUSED_MAX_GROUP_LORA2 if R2 > 0 else FUSED_MAX_GROUP):
         y = quant_gemm_triton(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, torch.float32)
-        q, s, _ = quantize_triton(y, smooth, None, None, None, out_fmt, out_group_size,
-                                  "gelu_tanh" if epilogue == "gelu_tanh" else "none", 0.0)
-        return q, s
-    outs, args, const, grid, opts = _gemm_quant_launch(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt,
-                                                       group_size, epilogue, out_fmt, out_group_size,
+        return quantize_triton(y, smooth, lora_down, None, None, out_fmt, out_group_size,
+                               "gelu_tanh" if epilogue == "gelu_tanh" else "none", 0.0)
+    outs, args, const, grid, opts = _gemm_quant_launch(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down,
+                                                       fmt, group_size, epilogue, out_fmt, out_group_size,
                                                        cap=_cap(qa.device), config=_config)
     if outs[1].numel() > 0:
         _run_shrinking_stages(_qgemm_quant_kernel, grid, args, const, opts)
@@ -756,7 +792,7 @@ def compile_for_gpu(op: str, cap=(9, 0), *inputs, **kw):
     """Compile (without running: no GPU needed, Triton's bundled ptxas is; not under the
     interpreter, whose language functions are not compilable) the kernel that
     ``quantize_triton`` (op="quantize"), ``quant_gemm_triton`` (op="quant_gemm") or
-    ``quant_gemm_quant_triton`` (op="quant_gemm_quant", groups <= 256) would launch on
+    ``quant_gemm_quant_triton`` (op="quant_gemm_quant", groups <= 256, <= 128 with lora_down) would launch on
     a GPU of compute capability ``cap`` for these (CPU) inputs; returns the compiled kernel
     (``.asm["ptx"]``, ``.metadata``).  Used by the tests to check the GPU-only code paths."""
     from triton.backends.compiler import GPUTarget

@@ -15,17 +15,18 @@
 namespace pydiff {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> quant_gemm_quant_cuda_op(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_gemm_quant_cuda_op(
     const at::Tensor& qa, const at::Tensor& sa, const at::Tensor& qw, const at::Tensor& sw,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& lora_act,
-    const std::optional<at::Tensor>& lora_up, const std::optional<at::Tensor>& smooth, const std::string& fmt,
-    int64_t group_size, const std::string& epilogue, const std::string& out_fmt, int64_t out_group_size) {
+    const std::optional<at::Tensor>& lora_up, const std::optional<at::Tensor>& smooth,
+    const std::optional<at::Tensor>& lora_down, const std::string& fmt, int64_t group_size,
+    const std::string& epilogue, const std::string& out_fmt, int64_t out_group_size) {
   TORCH_CHECK_VALUE(qa.is_cuda(), "qa: expected a CUDA tensor, got ", qa.device());
   c10::cuda::CUDAGuard guard(qa.device());
   void* stream = c10::cuda::getCurrentCUDAStream(qa.device().index()).stream();
   const int dev = qa.device().index();
   return run_quant_gemm_quant(
-      qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, group_size, epilogue, out_fmt, out_group_size,
+      qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, group_size, epilogue, out_fmt, out_group_size,
       [&](const QuantGemmArgs& a) {
         if (a.fmt == QuantFormat::kFp8E4M3) {
           int major = 0, minor = 0;
@@ -45,8 +46,9 @@ std::tuple<at::Tensor, at::Tensor> quant_gemm_quant_cuda_op(
         const int err = quantize_cuda(a, stream);
         TORCH_CHECK(err != int(cudaErrorNotSupported),
                     "out_group_size: the CUDA quantize kernel needs 16 * (N / out_group_size) * 4 bytes of shared "
-                    "memory, more than this GPU offers per block; got N = ", a.K, ", out_group_size = ",
-                    a.group_size, " (use a larger out_group_size, or backend='triton' / 'torch')");
+                    "memory (plus about 64 * max(R2, 256) bytes with lora_down), more than this GPU offers per "
+                    "block; got N = ", a.K, ", out_group_size = ", a.group_size, ", R2 = ", a.rank,
+                    " (use a larger out_group_size, or backend='triton' / 'torch')");
         TORCH_CHECK(err == 0, "pydiff.quant_gemm_quant: CUDA quantize launch failed: ",
                     cudaGetErrorString(cudaError_t(err)));
       });

@@ -31,15 +31,17 @@ at::Tensor quant_gemm_cpu_op(const at::Tensor& qa, const at::Tensor& sa, const a
   return c.out;
 }
 
-// quant_gemm_cpu into an fp32 buffer, then quantize_cpu of it with the epilogue as prologue (quant_fused.h).
-std::tuple<at::Tensor, at::Tensor> quant_gemm_quant_cpu_op(
+// quant_gemm_cpu into an fp32 buffer, then quantize_cpu of it with the epilogue as prologue, the consumer's
+// smoothing and its low-rank down-projection lora_down [N, R2] (quant_fused.h). Deterministic.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_gemm_quant_cpu_op(
     const at::Tensor& qa, const at::Tensor& sa, const at::Tensor& qw, const at::Tensor& sw,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& lora_act,
-    const std::optional<at::Tensor>& lora_up, const std::optional<at::Tensor>& smooth, const std::string& fmt,
-    int64_t group_size, const std::string& epilogue, const std::string& out_fmt, int64_t out_group_size) {
+    const std::optional<at::Tensor>& lora_up, const std::optional<at::Tensor>& smooth,
+    const std::optional<at::Tensor>& lora_down, const std::string& fmt, int64_t group_size,
+    const std::string& epilogue, const std::string& out_fmt, int64_t out_group_size) {
   require_cpu(qa, "qa");
   return run_quant_gemm_quant(
-      qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, group_size, epilogue, out_fmt, out_group_size,
+      qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, group_size, epilogue, out_fmt, out_group_size,
       [](const QuantGemmArgs& a) {
         TORCH_CHECK(quant_gemm_cpu(a) == 0, "pydiff.quant_gemm_quant: the CPU GEMM kernel rejected its arguments");
       },

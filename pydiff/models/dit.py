@@ -20,11 +20,12 @@ Quantized blocks: when :func:`pydiff.quant.quantize_` has replaced a block's lin
 get the raw residual stream with ``prologue="layernorm", shift=, scale=`` (the LayerNorm and adaLN
 modulation happen inside the activation-quantization pass, which writes int4 + scales instead of a
 16-bit tensor).  The MLP runs through :func:`pydiff.quant.layers.quantized_mlp`: when ``fc2`` takes a
-quantized input (no low-rank branch, no splits, no padding; see ``QuantizedLinear.can_feed``),
-``fc1``'s GEMM epilogue applies the tanh-GELU and ``fc2``'s smoothing and writes ``fc2``'s int4 +
-scales directly (``quant_gemm_quant``), so the 16-bit hidden activations never exist; otherwise
-``mlp.fc2`` gets ``fc1``'s output with ``prologue="gelu_tanh"``.  ``DiTBlock.fused_mlp = False``
-turns the first form off (for comparisons).
+quantized input (no splits, no padding; see ``QuantizedLinear.can_feed``; a low-rank branch, such
+as the W4A4 default rank 32, is fine), ``fc1``'s GEMM epilogue applies the tanh-GELU and ``fc2``'s
+smoothing and writes ``fc2``'s int4 + scales, plus the down-projection ``lora_act`` of ``fc2``'s
+low-rank branch, directly (``quant_gemm_quant``), so the 16-bit hidden activations never exist;
+otherwise ``mlp.fc2`` gets ``fc1``'s output with ``prologue="gelu_tanh"``.
+``DiTBlock.fused_mlp = False`` turns the first form off (for comparisons).
 
 Weights are random (PyTorch's default init, adaLN included) unless ``zero_init=True`` (DiT's
 adaLN-Zero training init: zero modulation and output layer, every block the identity), which would
@@ -67,8 +68,8 @@ def norm_modulate_mlp(norm: nn.LayerNorm, mlp: "Mlp", x: torch.Tensor, shift: to
                       fused: bool = True) -> torch.Tensor:
     """``mlp.fc2(GELU_tanh(mlp.fc1(modulate(norm(x), shift, scale))))``.  With both linears quantized and
     ``fused``, :func:`pydiff.quant.layers.quantized_mlp` (LayerNorm/adaLN in fc1's quantize pass when
-    ``norm`` has no affine parameters; GELU + fc2's quantization in fc1's GEMM epilogue when
-    ``fc1.can_feed(fc2)``)."""
+    ``norm`` has no affine parameters; GELU + fc2's quantization and low-rank down-projection in
+    fc1's GEMM epilogue when ``fc1.can_feed(fc2)``)."""
     act = mlp.act
     gelu = isinstance(act, nn.GELU) and act.approximate == "tanh"
     if fused and gelu and _fusable(mlp.fc1) and _fusable(mlp.fc2):
@@ -151,7 +152,7 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block (see the module docstring for the formula)."""
 
-    fused_mlp: bool = True  # quantized MLP: fc1's GEMM writes fc2's quantized input (quant_gemm_quant)
+    fused_mlp: bool = True  # quantized MLP: fc1's GEMM writes fc2's quantized input + lora_act (quant_gemm_quant)
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()

@@ -48,11 +48,11 @@ SCHEMAS = {
         "quant_gemm(Tensor qa, Tensor sa, Tensor qw, Tensor sw, Tensor? bias, Tensor? lora_act, Tensor? lora_up, "
         "str fmt, int group_size, ScalarType out_dtype) -> Tensor"
     ),
-    # quant_gemm with a GELU / smoothing / quantize epilogue: writes the next layer's (q, scales)
+    # quant_gemm with a GELU / smoothing / quantize epilogue: writes the next layer's (q, scales, lora_act)
     "quant_gemm_quant": (
         "quant_gemm_quant(Tensor qa, Tensor sa, Tensor qw, Tensor sw, Tensor? bias, Tensor? lora_act, "
-        "Tensor? lora_up, Tensor? smooth, str fmt, int group_size, str epilogue, str out_fmt, int out_group_size) "
-        "-> (Tensor, Tensor)"
+        "Tensor? lora_up, Tensor? smooth, Tensor? lora_down, str fmt, int group_size, str epilogue, str out_fmt, "
+        "int out_group_size) -> (Tensor, Tensor, Tensor)"
     ),
 }
 for _name, _schema in SCHEMAS.items():

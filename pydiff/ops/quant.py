@@ -11,10 +11,12 @@ Ops (schemas in :mod:`pydiff.ops._library`, definitions in :mod:`pydiff.referenc
 * ``quant_gemm(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_dtype) -> out``:
   ``out = sum_g sa sw (qa qw^T)_g + lora_act @ lora_up + bias``; exact integer group sums (int4,
   int8), fp32 epilogue, output fp32/fp16/bf16.
-* ``quant_gemm_quant(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, group_size, epilogue,
-  out_fmt, out_group_size) -> (q, scales)``: the same GEMM (fp32 result), then ``gelu_tanh`` (or
-  nothing), ``/ smooth[n]`` and per-token, per-group quantization of the output for the next layer
-  (a DiT MLP's fc1 writes fc2's int4 input directly; the 16-bit hidden activations never exist).
+* ``quant_gemm_quant(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, group_size,
+  epilogue, out_fmt, out_group_size) -> (q, scales, lora_act2)``: the same GEMM (fp32 result), then
+  ``gelu_tanh`` (or nothing), ``/ smooth[n]``, the next layer's low-rank down-projection
+  ``lora_act2 = y @ lora_down`` (``[N, R2]``, fp32 ``[M, R2]``) and per-token, per-group
+  quantization of the output for the next layer (a DiT MLP's fc1 writes fc2's int4 input and its
+  SVDQuant branch's activations directly; the 16-bit hidden activations never exist).
 
 Backends: ``cuda`` (csrc/quant/*_cuda.cu: Hopper computes 4-bit data on the INT8 / FP8 tensor
 cores, since sm_90 has no 4-bit MMA), ``triton`` (triton_kernels/quant.py: int8 ``tl.dot``, any
@@ -143,8 +145,8 @@ def check_quant_gemm_args(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_si
         raise TypeError(f"out_dtype: expected {_names(ACT_DTYPES)}, got {out_dtype}")
 
 
-def check_quant_gemm_quant_args(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, group_size, epilogue,
-                                 out_fmt, out_group_size) -> None:
+def check_quant_gemm_quant_args(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, group_size,
+                                 epilogue, out_fmt, out_group_size) -> None:
     check_quant_gemm_args(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, torch.float32)
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue: expected one of {EPILOGUES}, got {epilogue!r}")
@@ -160,6 +162,11 @@ def check_quant_gemm_quant_args(qa, sa, qw, sw, bias, lora_act, lora_up, smooth,
         if tuple(smooth.shape) != (N,):
             raise ValueError(f"smooth: expected shape ({N},) (the output channels, the consumer's smoothing "
                              f"factors), got {tuple(smooth.shape)}")
+    if lora_down is not None:
+        _check_float("lora_down", lora_down, qa.device)
+        if lora_down.dim() != 2 or lora_down.shape[0] != N:
+            raise ValueError(f"lora_down: expected shape [N, R2] with N = {N} (the output channels; the consumer's "
+                             f"low-rank down-projection), got {tuple(lora_down.shape)}")
 
 
 # ---------------------------------------------------------------- torch and Triton implementations
@@ -172,11 +179,11 @@ def _gemm_torch(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_dt
     return quant_gemm_ref(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_dtype).contiguous()
 
 
-def _gemm_quant_torch(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, group_size, epilogue, out_fmt,
-                      out_group_size):
-    q, s = quant_gemm_quant_ref(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, group_size, epilogue, out_fmt,
-                                out_group_size)
-    return q.contiguous(), s.contiguous()
+def _gemm_quant_torch(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, group_size, epilogue,
+                      out_fmt, out_group_size):
+    q, s, la = quant_gemm_quant_ref(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, group_size,
+                                    epilogue, out_fmt, out_group_size)
+    return q.contiguous(), s.contiguous(), la.contiguous()
 
 
 def _tk():
@@ -193,10 +200,10 @@ def _gemm_triton(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_d
     return _tk().quant_gemm_triton(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_dtype)
 
 
-def _gemm_quant_triton(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, group_size, epilogue, out_fmt,
-                       out_group_size):
-    return _tk().quant_gemm_quant_triton(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, group_size, epilogue,
-                                         out_fmt, out_group_size)
+def _gemm_quant_triton(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, group_size, epilogue,
+                       out_fmt, out_group_size):
+    return _tk().quant_gemm_quant_triton(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, group_size,
+                                         epilogue, out_fmt, out_group_size)
 
 
 # ---------------------------------------------------------------- fake kernels
@@ -214,11 +221,13 @@ def _gemm_fake(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_dty
 
 
 @torch.library.register_fake("pydiff::quant_gemm_quant", lib=lib)
-def _gemm_quant_fake(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, group_size, epilogue, out_fmt,
+def _gemm_quant_fake(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, group_size, epilogue, out_fmt,
                      out_group_size):
     M, N = qa.shape[0], qw.shape[0]
+    R2 = 0 if lora_down is None else lora_down.shape[1]
     return (qa.new_empty((M, q_cols(out_fmt, N)), dtype=q_dtype(out_fmt)),
-            qa.new_empty((M, N // out_group_size), dtype=torch.float32))
+            qa.new_empty((M, N // out_group_size), dtype=torch.float32),
+            qa.new_empty((M, R2), dtype=torch.float32))
 
 
 if not _ext.has_cpu_kernels():
@@ -296,39 +305,46 @@ def quant_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.T
 def quant_gemm_quant(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, *, fmt: str = "int4",
                      group_size: int = 64, bias: Optional[torch.Tensor] = None,
                      lora_act: Optional[torch.Tensor] = None, lora_up: Optional[torch.Tensor] = None,
-                     epilogue: str = "none", smooth: Optional[torch.Tensor] = None, out_fmt: Optional[str] = None,
+                     epilogue: str = "none", smooth: Optional[torch.Tensor] = None,
+                     lora_down: Optional[torch.Tensor] = None, out_fmt: Optional[str] = None,
                      out_group_size: Optional[int] = None, backend: Optional[str] = None, check: bool = True):
-    """The quantized GEMM with its output quantized for the next layer: ``(q, scales)`` of::
+    """The quantized GEMM with its output quantized for the next layer: ``(q, scales, lora_act2)`` of::
 
         y = quant_gemm(qa, sa, qw, sw, bias=bias, lora_act=lora_act, lora_up=lora_up)  # fp32 [M, N]
         y = gelu_tanh(y) if epilogue == "gelu_tanh" else y
         y = y / smooth                                   # [N], the consumer layer's smoothing factors
+        lora_act2 = y @ lora_down                        # [N, R2], the consumer's low-rank down-projection
         q, scales = per-token, per-group (out_group_size) quantization of y to out_fmt
 
-    so a DiT MLP runs ``fc1 -> GELU -> fc2`` as ``quant_gemm_quant(..., epilogue="gelu_tanh")``
-    followed by ``quant_gemm(q, scales, fc2 weight)`` without writing the 16-bit hidden activations.
-    ``out_fmt`` defaults to ``fmt`` and ``out_group_size`` (a multiple of 32 dividing N) to
-    ``group_size``.  ``q``: uint8 ``[M, N/2]`` (int4), int8 / float8_e4m3fn ``[M, N]``; ``scales``
-    fp32 ``[M, N / out_group_size]`` (definition: :func:`pydiff.reference.quant.quant_gemm_quant_ref`).
+    so a DiT MLP runs ``fc1 -> GELU -> fc2`` as ``quant_gemm_quant(..., epilogue="gelu_tanh",
+    lora_down=fc2's)`` followed by ``quant_gemm(q, scales, fc2 weight, lora_act=lora_act2,
+    lora_up=fc2's)`` without writing the 16-bit hidden activations.  ``out_fmt`` defaults to ``fmt``
+    and ``out_group_size`` (a multiple of 32 dividing N) to ``group_size``.  ``q``: uint8 ``[M, N/2]``
+    (int4), int8 / float8_e4m3fn ``[M, N]``; ``scales`` fp32 ``[M, N / out_group_size]``;
+    ``lora_act2`` fp32 ``[M, R2]`` (``[M, 0]`` without ``lora_down``), the same value as
+    :func:`quantize`'s ``lora_act`` of ``y`` (definition:
+    :func:`pydiff.reference.quant.quant_gemm_quant_ref`).
 
     Backends: ``triton`` is one fused kernel (the GEMM tile's fp32 accumulator goes through the GELU,
-    the smoothing and the group quantization in registers; groups wider than 256 channels fall back
-    to the GEMM + quantize kernels); ``cpu`` and ``cuda`` compose their GEMM (fp32 result) and
-    quantize kernels; ``torch`` is the reference.  For CUDA tensors the default (``auto``) picks the
+    the smoothing and the group quantization in registers, and each tile adds its ``y_tile @
+    lora_down[tile rows]`` into ``lora_act2`` with fp32 atomics, so the summation order of
+    ``lora_act2`` varies from run to run; groups wider than 256 channels, 128 with ``lora_down``,
+    fall back to the GEMM + quantize kernels); ``cpu`` and ``cuda`` compose their GEMM (fp32 result) and quantize kernels
+    (deterministic); ``torch`` is the reference.  For CUDA tensors the default (``auto``) picks the
     fused Triton kernel when triton is installed: the CUDA composition writes and re-reads an fp32
     intermediate, which is what the fusion exists to avoid.
     """
     out_fmt = fmt if out_fmt is None else out_fmt
     out_group_size = group_size if out_group_size is None else out_group_size
     if check:
-        check_quant_gemm_quant_args(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, group_size, epilogue,
-                                    out_fmt, out_group_size)
+        check_quant_gemm_quant_args(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, group_size,
+                                    epilogue, out_fmt, out_group_size)
     name = _backend.resolve(backend, qa.device)
     if name == "cuda" and (backend or _backend.get_backend()) == "auto" and _backend.triton_available():
         name = "triton"  # the fused kernel; the CUDA registration is a GEMM + quantize composition
     if lora_act is not None and lora_act.shape[1] == 0:
         lora_act = lora_up = None
-    args = (qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, int(group_size), epilogue, out_fmt,
+    args = (qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, int(group_size), epilogue, out_fmt,
             int(out_group_size))
     if name in ("cuda", "cpu"):
         return torch.ops.pydiff.quant_gemm_quant(*args)

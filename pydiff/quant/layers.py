@@ -27,14 +27,17 @@ tensor.  When the fused path cannot apply (LayerNorm over a padded or split K) t
 prologue in fp32 torch first; the result is the same up to rounding ties.
 
 Quantized outputs (a DiT MLP ``fc2(GELU_tanh(fc1(x)))``): :func:`quantized_mlp` runs ``fc1``'s GEMM
-with an epilogue that applies the GELU, divides by ``fc2``'s smoothing factors and quantizes per
-token and group in ``fc2``'s format (:func:`pydiff.ops.quant.quant_gemm_quant`), then ``fc2``'s GEMM
-on that (:meth:`QuantizedLinear.forward_quantized`): the hidden activations exist only as int4 (or
-int8 / fp8) + scales.  It applies when ``fc1.can_feed(fc2)`` (``fc1`` one input part, ``fc2`` no
-low-rank branch, no splits, no K padding: the low-rank down-projection would need the whole
-activated row); otherwise the two layers run as ``fc1(x)`` and ``fc2(h, prologue="gelu_tanh")``.
-The fused path skips the rounding of ``fc1``'s output to its 16-bit dtype, so with an fp32 ``fc1``
-output both paths agree up to rounding ties and with bf16 / fp16 the fused one is the more exact.
+with an epilogue that applies the GELU, divides by ``fc2``'s smoothing factors, computes ``fc2``'s
+low-rank down-projection ``lora_act2 = h_s @ fc2.lora_down`` of the unquantized ``h_s`` (SVDQuant;
+each GEMM tile adds its slice of the N-term sum) and quantizes per token and group in ``fc2``'s
+format (:func:`pydiff.ops.quant.quant_gemm_quant`), then ``fc2``'s GEMM on that with ``+ lora_act2
+@ fc2.lora_up`` in its epilogue (:meth:`QuantizedLinear.forward_quantized`): the hidden activations
+exist only as int4 (or int8 / fp8) + scales + ``[M, R]`` fp32 low-rank activations.  It applies
+when ``fc1.can_feed(fc2)`` (``fc1`` one input part; ``fc2`` one input part, no K padding; either may
+have a low-rank branch, e.g. the W4A4 default rank 32); otherwise the two layers run as ``fc1(x)``
+and ``fc2(h, prologue="gelu_tanh")``.  The fused path skips the rounding of ``fc1``'s output to its
+16-bit dtype, so with an fp32 ``fc1`` output both paths agree up to rounding ties (and the fp32
+summation order of ``lora_act2``) and with bf16 / fp16 the fused one is the more exact.
 
 Split inputs (Q-Diffusion's split-shortcut quantization): ``splits=(c,)`` cuts the input channels
 into ``[0, c)`` and ``[c, Cin)``; each part is padded, grouped, smoothed and quantized on its own
@@ -428,29 +431,33 @@ class QuantizedLinear(QuantizedLayer):
 
     # ------------------------------------------------------------------ quantized outputs (fused MLP)
     def takes_quantized_input(self) -> bool:
-        """Whether :meth:`forward_quantized` applies: one input part, no K padding, no low-rank branch
-        (whose down-projection needs the float input)."""
-        return len(self.part_k) == 1 and self.part_kpad[0] == self.part_k[0] and self.rank == 0
+        """Whether :meth:`forward_quantized` applies: one input part and no K padding.  A low-rank
+        branch is allowed: its down-projection ``lora_act`` of the float input then comes with the
+        quantized input (:meth:`forward_quantized_for` computes it in the producer's epilogue)."""
+        return len(self.part_k) == 1 and self.part_kpad[0] == self.part_k[0]
 
     def can_feed(self, consumer: nn.Module) -> bool:
         """Whether :meth:`forward_quantized_for` can write this layer's output as ``consumer``'s
         quantized input: ``consumer`` a :class:`QuantizedLinear` over these ``out_features`` that
-        :meth:`takes_quantized_input`, and this layer one input part (no splits)."""
+        :meth:`takes_quantized_input` (a low-rank branch included: its down-projection runs in this
+        layer's GEMM epilogue), and this layer one input part (no splits)."""
         return (isinstance(consumer, QuantizedLinear) and consumer.in_features == self.out_features
                 and consumer.takes_quantized_input() and len(self.part_k) == 1)
 
     def forward_quantized_for(self, consumer: "QuantizedLinear", x: torch.Tensor, epilogue: str = "none",
                               prologue: str = "none", shift: Optional[torch.Tensor] = None,
                               scale: Optional[torch.Tensor] = None, eps: float = 1e-6):
-        """``consumer``'s quantized input ``(q, scales)`` of ``epilogue(self(x))``, rows flattened:
-        ``q`` ``[M, N/2]`` (int4) / ``[M, N]`` in ``consumer.fmt``, ``scales`` fp32 ``[M, N / G]``
-        (``G`` the consumer's group), from one :func:`pydiff.ops.quant.quant_gemm_quant` (the GEMM's
-        fp32 result, ``epilogue`` "none" / "gelu_tanh", ``/ consumer.smooth``, quantization) after
-        this layer's usual input quantization (with its ``prologue``).  Needs :meth:`can_feed`."""
+        """``consumer``'s quantized input ``(q, scales, lora_act)`` of ``h = epilogue(self(x))``, rows
+        flattened: ``q`` ``[M, N/2]`` (int4) / ``[M, N]`` in ``consumer.fmt``, ``scales`` fp32
+        ``[M, N / G]`` (``G`` the consumer's group) and ``lora_act = (h / consumer.smooth) @
+        consumer.lora_down`` fp32 ``[M, R]`` (``[M, 0]`` when the consumer has no low-rank branch),
+        from one :func:`pydiff.ops.quant.quant_gemm_quant` (the GEMM's fp32 result, ``epilogue``
+        "none" / "gelu_tanh", ``/ consumer.smooth``, the down-projection, quantization) after this
+        layer's usual input quantization (with its ``prologue``).  Needs :meth:`can_feed`."""
         if not self.can_feed(consumer):
             raise ValueError("consumer: expected a QuantizedLinear over this layer's "
-                             f"{self.out_features} outputs with one input part, no K padding and rank 0 "
-                             f"(see can_feed), got {type(consumer).__name__}")
+                             f"{self.out_features} outputs with one input part and no K padding, fed by a "
+                             f"layer with one input part (see can_feed), got {type(consumer).__name__}")
         xs, prologue, shift, scale, _ = self._inputs(x, prologue, shift, scale, eps)
         x2 = xs[0]
         pad = self.part_kpad[0] - self.part_k[0]
@@ -461,18 +468,37 @@ class QuantizedLinear(QuantizedLayer):
         return qops.quant_gemm_quant(qa, sa, self.qweight, self.wscales, fmt=self.fmt,
                                      group_size=self.part_groups[0], bias=self.bias,
                                      lora_act=la if self.rank else None, lora_up=self.lora_up if self.rank else None,
-                                     epilogue=epilogue, smooth=consumer.smooth, out_fmt=consumer.fmt,
-                                     out_group_size=consumer.part_groups[0])
+                                     epilogue=epilogue, smooth=consumer.smooth,
+                                     lora_down=consumer.lora_down if consumer.rank else None,
+                                     out_fmt=consumer.fmt, out_group_size=consumer.part_groups[0])
 
-    def forward_quantized(self, q: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def forward_quantized(self, q: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype,
+                          lora_act: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``[M, N]`` in ``out_dtype`` from an input already quantized in this layer's format and group
-        (and divided by its smoothing factors), e.g. by :meth:`forward_quantized_for`.  Needs
+        (and divided by its smoothing factors), e.g. by :meth:`forward_quantized_for`:
+        ``quant_gemm(q, scales, qweight) + lora_act @ lora_up + bias``.  With a low-rank branch
+        (``rank > 0``) ``lora_act`` fp32 ``[M, rank]`` is required: the down-projection
+        ``(h / smooth) @ lora_down`` of the float input ``h`` that ``q`` quantizes (the third output
+        of :meth:`forward_quantized_for`); without one it must be None or ``[M, 0]``.  Needs
         :meth:`takes_quantized_input`."""
         if not self.takes_quantized_input():
-            raise ValueError("q: this layer cannot take a quantized input (it has a low-rank branch, split "
-                             "inputs or padded K; see takes_quantized_input)")
+            raise ValueError("q: this layer cannot take a quantized input (it has split inputs or padded K; "
+                             "see takes_quantized_input)")
+        M = q.shape[0] if isinstance(q, torch.Tensor) and q.dim() == 2 else None
+        if self.rank:
+            if not isinstance(lora_act, torch.Tensor) or lora_act.dim() != 2 or lora_act.shape[0] != M \
+                    or lora_act.shape[1] != self.rank:
+                raise ValueError(f"lora_act: this layer has a rank-{self.rank} low-rank branch, so it needs the "
+                                 f"branch's down-projection of its float input, a tensor [{M}, {self.rank}] "
+                                 f"(forward_quantized_for returns it), got {_desc(lora_act)}")
+            lora_up = self.lora_up
+        else:
+            if lora_act is not None and (not isinstance(lora_act, torch.Tensor) or lora_act.numel() != 0):
+                raise ValueError(f"lora_act: this layer has no low-rank branch (rank 0): expected None or an "
+                                 f"empty [M, 0] tensor, got {_desc(lora_act)}")
+            lora_act = lora_up = None
         return qops.quant_gemm(q, scales, self.qweight, self.wscales, fmt=self.fmt, group_size=self.part_groups[0],
-                               bias=self.bias, out_dtype=out_dtype)
+                               bias=self.bias, lora_act=lora_act, lora_up=lora_up, out_dtype=out_dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
@@ -671,8 +697,10 @@ def quantized_mlp(fc1: "QuantizedLinear", fc2: "QuantizedLinear", x: torch.Tenso
 
     When ``fc1.can_feed(fc2)``: ``fc1``'s input quantization (with ``prologue``: LayerNorm / adaLN),
     then one :func:`pydiff.ops.quant.quant_gemm_quant` whose epilogue applies ``activation``
-    ("gelu_tanh" or "none") and writes ``fc2``'s quantized input, then ``fc2``'s GEMM: the hidden
-    activations are never written in 16 bits.  Otherwise ``fc2(fc1(x, prologue), prologue=activation)``.
+    ("gelu_tanh" or "none") and writes ``fc2``'s quantized input and, when ``fc2`` has a low-rank
+    branch (the W4A4 default, rank 32), its down-projection ``lora_act``, then ``fc2``'s GEMM with
+    ``+ lora_act @ fc2.lora_up``: the hidden activations are never written in 16 bits.  Otherwise
+    ``fc2(fc1(x, prologue), prologue=activation)``.
     Output dtype: ``fc2.out_dtype`` or ``fc1.out_dtype`` or ``x``'s (as the unfused chain).
     """
     for name, m in (("fc1", fc1), ("fc2", fc2)):
@@ -685,6 +713,6 @@ def quantized_mlp(fc1: "QuantizedLinear", fc2: "QuantizedLinear", x: torch.Tenso
     if not fc1.can_feed(fc2):
         h = fc1(x, prologue=prologue, shift=shift, scale=scale, eps=eps)
         return fc2(h, prologue=activation)
-    q, s = fc1.forward_quantized_for(fc2, x, activation, prologue, shift, scale, eps)
+    q, s, lora_act = fc1.forward_quantized_for(fc2, x, activation, prologue, shift, scale, eps)
     out_dtype = fc2.out_dtype or fc1._out_dtype(x)
-    return fc2.forward_quantized(q, s, out_dtype).reshape(*x.shape[:-1], fc2.out_features)
+    return fc2.forward_quantized(q, s, out_dtype, lora_act).reshape(*x.shape[:-1], fc2.out_features)

@@ -194,23 +194,34 @@ EPILOGUES = ("none", "gelu_tanh")
 def quant_gemm_quant_ref(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
                          bias: Optional[torch.Tensor] = None, lora_act: Optional[torch.Tensor] = None,
                          lora_up: Optional[torch.Tensor] = None, smooth: Optional[torch.Tensor] = None,
-                         fmt: str = "int4", group_size: int = 64, epilogue: str = "none", out_fmt: str = "int4",
-                         out_group_size: int = 64):
+                         lora_down: Optional[torch.Tensor] = None, fmt: str = "int4", group_size: int = 64,
+                         epilogue: str = "none", out_fmt: str = "int4", out_group_size: int = 64):
     """**quant_gemm_quant**: a quantized GEMM whose output is written quantized for the next layer::
 
         y = quant_gemm(qa, sa, qw, sw, bias, lora_act, lora_up)   # [M, N], float64 rounded to fp32
         y = gelu_tanh(y)                                           # epilogue "gelu_tanh" (fp32); "none": y
         y = y / smooth[n]                                          # optional [N]: the consumer's smoothing
+        lora_act2 = y @ lora_down                                  # optional [N, R2]: the consumer's
+                                                                   #   low-rank down-projection (SVDQuant)
         (q, scales) = quantize_values(y, out_fmt, out_group_size)  # per row, per group of out_group_size
 
-    (DiT MLP: fc1 -> GELU -> int4 + scales consumed by fc2's ``quant_gemm``; the 16-bit fc1 output
-    never exists.)  ``N % out_group_size == 0``.  Returns ``q`` (``out_fmt`` storage, ``[M, N/2]``
-    for int4) and fp32 ``scales [M, N / out_group_size]``.  Kernels compute ``y`` with an fp32
-    epilogue, so ``y`` may differ in the last bits and a quantized value by one step at a tie.
+    (DiT MLP: fc1 -> GELU -> int4 + scales + lora_act2 consumed by fc2's ``quant_gemm``; the 16-bit
+    fc1 output never exists.)  ``lora_act2`` is exactly ``quantize_ref``'s ``lora_act`` of ``y``:
+    the unquantized fp32 ``y`` (after the division by ``smooth``) times ``lora_down``, a float64
+    matmul rounded to fp32.  ``N % out_group_size == 0``.  Returns ``q`` (``out_fmt`` storage,
+    ``[M, N/2]`` for int4), fp32 ``scales [M, N / out_group_size]`` and fp32 ``lora_act2 [M, R2]``
+    (``[M, 0]`` without ``lora_down``).  Kernels compute ``y`` with an fp32 epilogue, so ``y`` may
+    differ in the last bits, a quantized value by one step at a tie, and ``lora_act2`` by the fp32
+    rounding of its N-term sums.
     """
     y = quant_gemm_ref(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, torch.float32)
     if epilogue == "gelu_tanh":
         y = gelu_tanh(y)
     if smooth is not None:
         y = y / smooth.to(torch.float32)
-    return quantize_values(y, out_fmt, out_group_size)
+    if lora_down is not None:
+        lora_act2 = (y.to(torch.float64) @ lora_down.to(torch.float64)).to(torch.float32)
+    else:
+        lora_act2 = y.new_empty((y.shape[0], 0))
+    q, scales = quantize_values(y, out_fmt, out_group_size)
+    return q, scales, lora_act2
