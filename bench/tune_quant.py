@@ -6,7 +6,8 @@ issue's shapes (M = 4096; (K, N) in (3072, 3072), (3072, 12288), (12288, 3072)) 
 int8 and fp8 (per token), and reports per shape the default tile, the best one, and TFLOP/s:
 what a session with a GPU reads to update that table.  Every candidate's output is compared with
 the default tile's, bit for bit (the integer group sums are exact and the epilogue runs in the same
-order whatever the tile, so any difference is a bug, reported as ``equal=False``).
+order whatever the tile, so any difference is a bug, reported as ``equal=False``).  For int4 it
+also tries the fp16 and fp8 (e4m3) tensor cores (``i4dot``) against the default int8 ones.
 
     python bench/tune_quant.py [--budget 50] [--out tune_quant.json]   # GPU
     TRITON_INTERPRET=1 python bench/tune_quant.py --quick                # CPU smoke run (interpreter)
@@ -36,8 +37,14 @@ CANDIDATES = [
     (128, 256, None, 8, 3, 8), (256, 128, None, 8, 3, 8), (128, 128, None, 4, 4, 8), (64, 128, None, 4, 4, 8),
     (128, 64, None, 4, 4, 8), (128, 128, 64, 8, 4, 8), (128, 256, 64, 8, 4, 8), (128, 128, None, 8, 3, 16),
 ]
+# int4 only, tried first: the tensor-core type (``i4dot``: 1 fp16, 2 fp8 e4m3; 0, int8, is the default)
+INT4_CANDIDATES = [
+    dict(i4dot=2), dict(i4dot=1), dict(i4dot=2, BM=128, BN=128, num_warps=8, num_stages=3),
+    dict(i4dot=2, BM=128, BN=128, num_warps=8, num_stages=4), dict(i4dot=2, BM=64, BN=256, num_warps=8, num_stages=4),
+]
 QUICK_SHAPES = [(33, 128, 64)]
 QUICK_CANDIDATES = [(16, 32, None, 4, 1, 8), (32, 64, 32, 4, 1, 4)]
+QUICK_INT4 = [dict(i4dot=1)]
 
 
 def _cfg(c):
@@ -48,7 +55,7 @@ def _cfg(c):
     return d
 
 
-def sweep(device, shapes, candidates, fmts, budget):
+def sweep(device, shapes, candidates, fmts, budget, int4_candidates=()):
     from pydiff.ops import quant as Q
     from pydiff.triton_kernels.quant import _cap, _gemm_config, quant_gemm_triton
 
@@ -73,11 +80,12 @@ def sweep(device, shapes, candidates, fmts, budget):
             t = bench(lambda: run(None), device)
             rows.append(dict(shape=shape, fmt=fmt, config="default " + _short(default), time_us=t * 1e6,
                              tflops=flops / t / 1e12, equal=True))
-            for c in candidates:
+            extra = list(int4_candidates) if fmt == "int4" else []
+            for c in extra + list(candidates):
                 if time.time() > t_end:
                     print(f"budget spent: stopped before {fmt} {shape} {c}")
                     return rows
-                cfg = _cfg(c)
+                cfg = dict(c) if isinstance(c, dict) else _cfg(c)
                 if "BK" in cfg and g % cfg["BK"]:
                     continue
                 try:
@@ -93,8 +101,8 @@ def sweep(device, shapes, candidates, fmts, budget):
 
 
 def _short(cfg) -> str:
-    keys = ("BM", "BN", "BK", "num_warps", "num_stages", "GROUP_M")
-    names = ("BM", "BN", "BK", "w", "s", "GM")
+    keys = ("BM", "BN", "BK", "num_warps", "num_stages", "GROUP_M", "i4dot")
+    names = ("BM", "BN", "BK", "w", "s", "GM", "i4dot")
     return " ".join(f"{n}={cfg[k]}" for k, n in zip(keys, names) if k in cfg)
 
 
@@ -126,11 +134,12 @@ def main(argv=None):
     fmts = [f for f in args.fmts.split(",") if f]
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         fmts = [f for f in fmts if f != "fp8"]
-    shapes, cands = (QUICK_SHAPES, QUICK_CANDIDATES) if args.quick else (SHAPES, CANDIDATES)
+    shapes, cands, i4 = (QUICK_SHAPES, QUICK_CANDIDATES, QUICK_INT4) if args.quick else (SHAPES, CANDIDATES,
+                                                                                          INT4_CANDIDATES)
     import triton
 
     print(f"# quant GEMM tile sweep on {device_name(device)}, torch {torch.__version__}, triton {triton.__version__}")
-    rows = sweep(device, shapes, cands, fmts, args.budget)
+    rows = sweep(device, shapes, cands, fmts, args.budget, i4)
     cols = ["shape", "fmt", "config", "time_us", "tflops", "equal", "error"]
     for r in rows:
         print("  ".join(f"{r[c]:.1f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols))

@@ -283,6 +283,36 @@ def test_gpu_quant_gemm_adversarial_extremes(backend, case):
                 f"{out.flatten()[(out != exact).flatten()][:4].tolist()} != {exact}"
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton backend on this GPU")
+@pytest.mark.parametrize("i4dot", (1, 2))
+def test_gpu_int4_on_f16_and_e4m3_tensor_cores_bit_equal(i4dot):
+    """The Triton int4 GEMM on the f16 (1) or e4m3 (2, sm_89+) tensor cores gives the int8 path's
+    output bit for bit at GPU tile shapes (random operands with bias and low-rank terms, and the
+    fused quant_gemm_quant), and the exact result for all -8 x -8 at K = 16384 (groups of 64 and
+    of 4096, the widest the e4m3 path takes)."""
+    from pydiff.triton_kernels import quant as tq
+
+    M, N, K, R = 257, 384, 3072, 32
+    qa, sa, _ = quantize(_rand((M, K), torch.bfloat16, 1), "int4", 64, backend="triton")
+    qw, sw, _ = quantize(_rand((N, K), torch.bfloat16, 2), "int4", 64, backend="triton")
+    b, la, lu = _rand((N,), torch.bfloat16, 3), _rand((M, R), torch.float32, 4), _rand((R, N), torch.bfloat16, 5)
+    for od in (torch.float32, torch.bfloat16):
+        ref = tq.quant_gemm_triton(qa, sa, qw, sw, b, la, lu, "int4", 64, od)
+        out = tq.quant_gemm_triton(qa, sa, qw, sw, b, la, lu, "int4", 64, od, _config={"i4dot": i4dot})
+        assert torch.equal(out, ref), (od, (out.float() - ref.float()).abs().max().item())
+    args = (qa, sa, qw, sw, b, la, lu, None, None, "int4", 64, "gelu_tanh", "int4", 64)
+    ref = tq.quant_gemm_quant_triton(*args)
+    out = tq.quant_gemm_quant_triton(*args, _config={"i4dot": i4dot})
+    assert all(torch.equal(x, y) for x, y in zip(out, ref))
+    K = 16384
+    q = _filled("int4", -8, 129, K)
+    for G in (64, 4096):
+        ones = torch.ones(129, K // G, device=GPU)
+        out = tq.quant_gemm_triton(q, ones, q[:67], ones[:67], None, None, None, "int4", G, torch.float32,
+                                   _config={"i4dot": i4dot})
+        assert (out == 64.0 * K).all(), (G, out.flatten()[:4].tolist())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gpu_quant_gemm_misaligned_and_noncontiguous(backend, fmt):

@@ -317,6 +317,36 @@ def test_quant_gemm_adversarial(fmt, va, vw, G):
     assert (out == float(K * va * vw)).all(), f"{out.flatten()[:4].tolist()} != {K * va * vw}"
 
 
+@pytest.mark.parametrize("i4dot", (1, 2))
+def test_int4_on_f16_and_e4m3_tensor_cores_equals_int8_path(i4dot):
+    """``i4dot`` 1 / 2 (int4 unpacked to fp16, and on sm_89+ to e4m3, fp32 group sums) give the
+    int8 path's output bit for bit: random operands with bias and low-rank terms, an odd group sum
+    above fp16's exact range (49 * 63 = 3087), all -8 x -8 at K = 4096 in one group, and the fused
+    quant_gemm_quant epilogue.  (In the interpreter 2 runs as 1; the GPU test runs both.)"""
+    for M, N, K, G, R, bias in GEMM_CASES:
+        ops = _operands("int4", M, N, K, G, seed=7 * M + N, R=R, bias=bias)
+        ref = tq.quant_gemm_triton(*ops, "int4", G, torch.float32)
+        out = tq.quant_gemm_triton(*ops, "int4", G, torch.float32, _config={"i4dot": i4dot})
+        assert torch.equal(out, ref), (M, N, K, G)
+    a = torch.full((2, 64), 7, dtype=torch.int8)
+    a[:, -1] = 0
+    w = torch.full((3, 64), 7, dtype=torch.int8)
+    out = tq.quant_gemm_triton(pack_int4(a).to(DEV), torch.ones(2, 1, device=DEV), pack_int4(w).to(DEV),
+                               torch.ones(3, 1, device=DEV), None, None, None, "int4", 64, torch.float32,
+                               _config={"i4dot": i4dot})
+    assert (out == 3087.0).all()
+    a = torch.full((2, 4096), -8, dtype=torch.int8)
+    out = tq.quant_gemm_triton(pack_int4(a).to(DEV), torch.ones(2, 1, device=DEV), pack_int4(a).to(DEV),
+                               torch.ones(2, 1, device=DEV), None, None, None, "int4", 4096, torch.float32,
+                               _config={"i4dot": i4dot})
+    assert (out == 4096.0 * 64).all()
+    qa, sa, qw, sw, b, la, lu = _operands("int4", 37, 128, 192, 64, seed=5, R=3, bias=True)
+    args = (qa, sa, qw, sw, b, la, lu, None, None, "int4", 64, "gelu_tanh", "int4", 64)
+    ref = tq.quant_gemm_quant_triton(*args)
+    out = tq.quant_gemm_quant_triton(*args, _config={"i4dot": i4dot})
+    assert all(torch.equal(x, y) for x, y in zip(out, ref))
+
+
 def test_quant_gemm_fp8_exact():
     """fp8: e4m3 products are exact in fp32 and, for these values (multiples of 1/4 below 2^22),
     so is every partial sum: the output equals the exact dot."""
@@ -366,11 +396,11 @@ x = torch.randn(M, K, dtype=torch.bfloat16)
 ld = torch.randn(K, R)
 res = {}
 
-def gemm(fmt, cap):
+def gemm(fmt, cap, config=None):
     qa, sa, _ = quantize_ref(torch.randn(M, K), fmt=fmt, group_size=64)
     qw, sw, _ = quantize_ref(torch.randn(N, K), fmt=fmt, group_size=64)
     return tq.compile_for_gpu("quant_gemm", cap, qa, sa, qw, sw, torch.randn(N), torch.randn(M, R),
-                              torch.randn(R, N, dtype=torch.bfloat16), fmt, 64, torch.bfloat16)
+                              torch.randn(R, N, dtype=torch.bfloat16), fmt, 64, torch.bfloat16, config=config)
 
 cases = {
     "quantize_sm90": ((9, 0), lambda: tq.compile_for_gpu("quantize", (9, 0), x, torch.rand(K) + 0.5, ld, x[:2], x[:2],
@@ -380,6 +410,8 @@ cases = {
     "gemm_int4_sm90": ((9, 0), lambda: gemm("int4", (9, 0))),
     "gemm_fp8_sm89": ((8, 9), lambda: gemm("fp8", (8, 9))),
     "gemm_int8_sm80": ((8, 0), lambda: gemm("int8", (8, 0))),
+    "gemm_int4_e4m3_sm90": ((9, 0), lambda: gemm("int4", (9, 0), {"i4dot": 2})),
+    "gemm_int4_f16_sm80": ((8, 0), lambda: gemm("int4", (8, 0), {"i4dot": 1})),
 }
 for name, (cap, make) in cases.items():
     k = make()
@@ -421,6 +453,8 @@ def compiled():
     ("gemm_int4_sm90", ["wgmma.mma_async.sync.aligned", ".s32.s8.s8", ".f32.tf32.tf32", "cvt.rn.bf16"]),
     ("gemm_fp8_sm89", ["mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32"]),
     ("gemm_int8_sm80", ["mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32"]),
+    ("gemm_int4_e4m3_sm90", ["wgmma.mma_async.sync.aligned", ".f32.e4m3.e4m3", "cvt.rn.satfinite.e4m3x2.f16x2"]),
+    ("gemm_int4_f16_sm80", ["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"]),
 ])
 def test_gpu_compile(compiled, case, expect):
     """The GPU variants (libdevice rint, int8/fp8 tensor-core dots, native casts, GPU block shapes)

@@ -172,6 +172,19 @@ def _unpack_int4(p, R: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
+def _unpack_int4_f16(p, R: tl.constexpr, C: tl.constexpr):
+    """uint8 ``[R, C]`` (two's-complement nibbles, even channel low) -> fp16 ``[R, 2C]``, exact:
+    the offset-binary nibble ``v + 8 = nibble ^ 8`` goes into the mantissa of 1024.0
+    (``0x6400 | (v + 8)`` is the fp16 ``1024 + v + 8``), then ``- 1032``: two integer ops and one
+    fp16 subtraction per value, no int -> float conversion instruction."""
+    b = p.to(tl.int16)  # zero-extends the byte
+    lo = (b & 0xF) ^ 0x6408
+    hi = (b >> 4) ^ 0x6408
+    h = tl.reshape(tl.join(lo, hi), [R, 2 * C])
+    return h.to(tl.float16, bitcast=True) - 1032.0
+
+
+@triton.jit
 def _gelu_tanh(y):
     """``0.5 y (1 + tanh(u))``, ``u = sqrt(2/pi) (y + 0.044715 y^3)``, computed as ``y / (1 + exp(-2u))``
     (the same function; no libdevice in the interpreter)."""
@@ -455,13 +468,22 @@ def _i32_to_f32(d, MAGIC: tl.constexpr):
 
 @triton.jit
 def _kstep(d, a_ptrs, w_ptrs, rmask, cmask, FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-           KB: tl.constexpr, DOT_FP8: tl.constexpr):
-    """One k-step of ``KB`` stored columns: ``d [BM, BN] += a_tile @ w_tile^T`` (int32, fp32 for fp8)."""
+           KB: tl.constexpr, DOT_FP8: tl.constexpr, I4DOT: tl.constexpr):
+    """One k-step of ``KB`` stored columns: ``d [BM, BN] += a_tile @ w_tile^T`` (int32; fp32 for fp8
+    and for int4 on the f16 / e4m3 tensor cores, I4DOT = 1 / 2: every int4 value and product is
+    exact there, and a group's sum (|D| <= 64 * 128) is exact in the fp32 accumulator)."""
     a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0 if DOT_FP8 else 0)
     w = tl.load(w_ptrs, mask=cmask[:, None], other=0.0 if DOT_FP8 else 0)
     if FMT == 0:
-        a = _unpack_int4(a, BM, KB)
-        w = _unpack_int4(w, BN, KB)
+        if I4DOT == 0:
+            a = _unpack_int4(a, BM, KB)
+            w = _unpack_int4(w, BN, KB)
+        else:
+            a = _unpack_int4_f16(a, BM, KB)
+            w = _unpack_int4_f16(w, BN, KB)
+            if I4DOT == 2:
+                a = a.to(tl.float8e4nv)
+                w = w.to(tl.float8e4nv)
     elif FMT == 2:
         if not DOT_FP8:
             a = _e4m3_decode_f16(a)
@@ -474,31 +496,31 @@ def _qgemm_tile(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr, rows, 
                 N, Gn, R, stride_am, stride_wn,
                 FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, STEPS: tl.constexpr,
                 BR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP8: tl.constexpr,
-                MAGIC: tl.constexpr, LORA_PREC: tl.constexpr):
+                MAGIC: tl.constexpr, LORA_PREC: tl.constexpr, I4DOT: tl.constexpr):
     """The fp32 tile ``acc [BM, BN] = sum_g sa sw D_g + lora_act @ lora_up + bias`` of output rows
     ``rows`` and columns ``cols`` (int64 ``[BM]`` / ``[BN]``, any column indices; masked lanes give 0)."""
     kb = tl.arange(0, KB)
     a_ptrs = qa_ptr + rows[:, None] * stride_am + kb[None, :]
     w_ptrs = qw_ptr + cols[:, None] * stride_wn + kb[None, :]
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    if FMT == 2:
+    if FMT == 2 or I4DOT != 0:
         DT: tl.constexpr = tl.float32
     else:
         DT: tl.constexpr = tl.int32
     for g in range(Gn):
         d = tl.zeros([BM, BN], dtype=DT)
         if STEPS == 1:
-            d = _kstep(d, a_ptrs, w_ptrs, rmask, cmask, FMT, BM, BN, KB, DOT_FP8)
+            d = _kstep(d, a_ptrs, w_ptrs, rmask, cmask, FMT, BM, BN, KB, DOT_FP8, I4DOT)
             a_ptrs += KB
             w_ptrs += KB
         else:
             for _s in range(STEPS):
-                d = _kstep(d, a_ptrs, w_ptrs, rmask, cmask, FMT, BM, BN, KB, DOT_FP8)
+                d = _kstep(d, a_ptrs, w_ptrs, rmask, cmask, FMT, BM, BN, KB, DOT_FP8, I4DOT)
                 a_ptrs += KB
                 w_ptrs += KB
         sa_g = tl.load(sa_ptr + rows * Gn + g, mask=rmask, other=0.0)
         sw_g = tl.load(sw_ptr + cols * Gn + g, mask=cmask, other=0.0)
-        if FMT == 2:
+        if FMT == 2 or I4DOT != 0:
             df = d
         else:
             df = _i32_to_f32(d, MAGIC)
@@ -537,7 +559,7 @@ def _qgemm_kernel(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr, out_
                   KB: tl.constexpr, STEPS: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
                   HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
                   DOT_FP8: tl.constexpr, MAGIC: tl.constexpr, OUT_BF16_BITS: tl.constexpr,
-                  LORA_PREC: tl.constexpr):
+                  LORA_PREC: tl.constexpr, I4DOT: tl.constexpr):
     pid_m, pid_n = _tile_pid(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
     cols = pid_n.to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
@@ -545,7 +567,7 @@ def _qgemm_kernel(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr, out_
     cmask = cols < N
     acc = _qgemm_tile(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr, rows, cols, rmask, cmask,
                       N, Gn, R, stride_am, stride_wn, FMT, BM, BN, KB, STEPS, BR, HAS_BIAS, HAS_LORA, DOT_FP8,
-                      MAGIC, LORA_PREC)
+                      MAGIC, LORA_PREC, I4DOT)
     optrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
     omask = rmask[:, None] & cmask[None, :]
     if OUT_BF16_BITS:
@@ -565,7 +587,7 @@ def _gemm_config(M: int, N: int, K: int, G: int, R: int, fmt: str, cap):
     BK = _pow2_divisor(G, 128)
     if cap is None:  # interpreter: few, large programs
         return dict(BM=max(16, min(64, _np2(M))), BN=max(16, min(64, _np2(N))), BK=BK, BR=min(64, max(16, _np2(R))),
-                    GROUP_M=8, num_warps=4, num_stages=1)
+                    GROUP_M=8, num_warps=4, num_stages=1, i4dot=0)
     if M <= 16:
         BM, BN, warps = 16, 64, 4
     elif M <= 32:
@@ -576,7 +598,21 @@ def _gemm_config(M: int, N: int, K: int, G: int, R: int, fmt: str, cap):
         BM, BN, warps = 64, 256, 8  # 128x128 spills on sm_90 with the int4 unpacking in registers
     else:
         BM, BN, warps = 128, 128, 8
-    return dict(BM=BM, BN=BN, BK=BK, BR=16, GROUP_M=8, num_warps=warps, num_stages=3)
+    return dict(BM=BM, BN=BN, BK=BK, BR=16, GROUP_M=8, num_warps=warps, num_stages=3, i4dot=0)
+
+
+def _i4dot(cfg, fmt: str, G: int, interp: bool, cap) -> int:
+    """The int4 GEMM's tensor-core type (config key ``i4dot``): 0 int8 (``IMMA``; the int32 group
+    sums then need an int -> fp32 conversion per output and group), 1 fp16, 2 fp8 e4m3 (sm_89+;
+    fp16 elsewhere and in the interpreter).  1 and 2 unpack the nibbles straight to fp16 and
+    accumulate each group in fp32, so the per-group epilogue is one multiply-add and a scale
+    product: on Hopper, where that CUDA-core epilogue rivals the int8 MMA time at G = 64, fp8 may
+    be the faster path.  All three give bit-identical outputs (exact group sums, same epilogue).
+    Default 0 until a GPU measurement (bench/tune_quant.py) says otherwise."""
+    mode = int(cfg.get("i4dot", 0)) if fmt == "int4" else 0
+    if mode == 2 and (interp or not _nv(cap, (8, 9)) or G > 4096):
+        mode = 1  # (Hopper's fp8 MMA accumulates with fewer bits: exact group sums measured to K = 12288)
+    return mode
 
 
 def _gemm_operands(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, G, R, interp, cap):
@@ -634,7 +670,7 @@ def _gemm_launch(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_d
     const = dict(FMT=_FMT[fmt], G=G, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
                  KB=cfg["BK"] // 2 if fmt == "int4" else cfg["BK"], STEPS=G // cfg["BK"], BR=BR, GROUP_M=cfg["GROUP_M"],
                  HAS_BIAS=bias is not None, HAS_LORA=has_lora, DOT_FP8=dot_fp8, MAGIC=magic,
-                 OUT_BF16_BITS=bf16_bits, LORA_PREC=_lora_prec(interp, cap))
+                 OUT_BF16_BITS=bf16_bits, LORA_PREC=_lora_prec(interp, cap), I4DOT=_i4dot(cfg, fmt, G, interp, cap))
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
     opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, args, const, grid, opts
@@ -658,7 +694,8 @@ def _qgemm_quant_kernel(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr
                         HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP8: tl.constexpr, MAGIC: tl.constexpr,
                         LORA_PREC: tl.constexpr, GELU: tl.constexpr, HAS_SMOOTH: tl.constexpr,
                         OFMT: tl.constexpr, OQMAX: tl.constexpr, G2: tl.constexpr, GB: tl.constexpr,
-                        GPT: tl.constexpr, INTERP: tl.constexpr, HAS_LD2: tl.constexpr, BR2: tl.constexpr):
+                        GPT: tl.constexpr, INTERP: tl.constexpr, HAS_LD2: tl.constexpr, BR2: tl.constexpr,
+                        I4DOT: tl.constexpr):
     """One ``[BM, GPT * GB]`` output tile: GPT whole output groups of G2 columns, each held in GB =
     next_pow2(G2) lanes (lanes >= G2 masked), so every group's amax is a reduction inside the tile.
     With HAS_LD2: ``lora_act2[rows, :] += y_tile @ lora_down[cols, :]`` (fp32 atomics)."""
@@ -677,7 +714,7 @@ def _qgemm_quant_kernel(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr
         cmask = (cin < G2) & (gl < Gn2)
     acc = _qgemm_tile(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr, rows, cols, rmask, cmask,
                       N, Gn, R, stride_am, stride_wn, FMT, BM, BN, KB, STEPS, BR, HAS_BIAS, HAS_LORA, DOT_FP8,
-                      MAGIC, LORA_PREC)
+                      MAGIC, LORA_PREC, I4DOT)
     y = acc
     if GELU:
         y = _gelu_tanh(y)
@@ -756,7 +793,7 @@ def _gemm_quant_launch(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_dow
                  HAS_LORA=has_lora, DOT_FP8=dot_fp8, MAGIC=magic, LORA_PREC=_lora_prec(interp, cap),
                  GELU=epilogue == "gelu_tanh", HAS_SMOOTH=smooth is not None, OFMT=_FMT[out_fmt],
                  OQMAX=_QMAX[out_fmt], G2=G2, GB=GB, GPT=cfg["GPT"], INTERP=interp, HAS_LD2=R2 > 0,
-                 BR2=cfg["BR2"])
+                 BR2=cfg["BR2"], I4DOT=_i4dot(cfg, fmt, G, interp, cap))
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(Gn2, cfg["GPT"]),)
     opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return (q, s, la2), args, const, grid, opts
