@@ -115,6 +115,20 @@ def gemm_rows(device, shapes):
                 rows.append(_row(shape=shape, impl=f"pydiff {fmt} g{g} ({b})", time_us=t * 1e6,
                                  tflops=flops / t / 1e12, x_bf16=(t_bf16 / t) if t_bf16 else None,
                                  weight_mib=_mib(qw, sw)))
+            if fmt == "int4" and device.type == "cuda" and "triton" in _backends(device):
+                # the same Triton kernel on the fp16 / fp8 tensor cores (i4dot; see triton_kernels/quant.py)
+                from pydiff.triton_kernels.quant import quant_gemm_triton
+
+                for mode, name in ((1, "fp16"), (2, "fp8 e4m3")):
+                    try:
+                        t = bench(lambda: quant_gemm_triton(qa, sa, qw, sw, None, None, None, fmt, g, torch.bfloat16,
+                                                            _config={"i4dot": mode}), device)
+                    except Exception as exc:  # noqa: BLE001
+                        print(f"quant_gemm int4 triton i4dot={mode}: {_why(exc)}")
+                        continue
+                    rows.append(_row(shape=shape, impl=f"pydiff {fmt} g{g} (triton, {name} tensor cores)",
+                                     time_us=t * 1e6, tflops=flops / t / 1e12, x_bf16=(t_bf16 / t) if t_bf16 else None,
+                                     weight_mib=_mib(qw, sw)))
     return rows
 
 

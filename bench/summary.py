@@ -64,10 +64,10 @@ def targets(rows):
     gemm = [r for r in rows if r.get("part") == "quant" and r.get("sub") == "gemm"]
     for shape in dict.fromkeys(r["shape"] for r in gemm):
         fp8 = _find(gemm, shape=shape, impl="torch._scaled_mm fp8")
-        for b in ("cuda", "triton"):
+        for b in ("cuda", "triton", "triton, fp16 tensor cores", "triton, fp8 e4m3 tensor cores"):
             r = _find(gemm, shape=shape, impl=f"pydiff int4 g64 ({b})")
             v = r[0]["time_us"] / fp8[0]["time_us"] if r and fp8 else None
-            lines.append(_line(5, f"W4A4 GEMM {shape} ({b}) time / cuBLAS fp8",
+            lines.append(_line(5, f"W4A4 GEMM {shape} ({b[:14]}) time / cuBLAS fp8",
                                None if v is None else f"{v:.2f}x ({r[0]['tflops']:.0f} TF)", "<= 1.0x",
                                v is not None and v <= 1.0))
     for r in [r for r in rows if r.get("part") == "quant" and r.get("sub") == "quantize"
@@ -77,9 +77,9 @@ def targets(rows):
                            v <= 1.5))
     for r in [r for r in rows if r.get("part") == "quant" and r.get("sub") == "linear" and "speedup" in r
               and str(r.get("impl", "")).startswith("pydiff")]:
-        need = 1.4 if r.get("case") == "linear" else 1.6
         if "unfused" in r["impl"]:
-            need = 1.4
+            continue  # informational: the fused rows carry the target
+        need = 1.4 if r.get("case") == "linear" else 1.6
         lines.append(_line(5, f"{r['case']} {r['shape']} {r['impl'][7:][:30]}", f"{r['speedup']:.2f}x bf16",
                            f">= {need}x", r["speedup"] >= need))
     # issue 6
