@@ -52,6 +52,7 @@ struct Coef {
 
 // m = (u + g (c - u)) * r (M holds c on entry; U may be null), then d, e and the x/m/d/e terms of
 // both outputs. Coefficients arrive by value, so the loops keep them in registers and vectorise.
+// O1 == nullptr: the history output is not written, and not computed.
 PYDIFF_CLONES void chunk_math(const Coef k, int64_t n, const float* __restrict__ X, const float* __restrict__ C,
                               const float* __restrict__ U, float r, float* __restrict__ M, float* __restrict__ O0,
                               float* __restrict__ O1) {
@@ -68,7 +69,13 @@ PYDIFF_CLONES void chunk_math(const Coef k, int64_t n, const float* __restrict__
       d = d < k.lo ? k.lo : (d > k.hi ? k.hi : d);
       const float e = k.ex * X[i] + k.em * M[i] + k.ed * d;
       O0[i] = k.a0[0] * X[i] + k.a0[1] * M[i] + k.a0[2] * d + k.a0[3] * e;
-      O1[i] = k.a1[0] * X[i] + k.a1[1] * M[i] + k.a1[2] * d + k.a1[3] * e;
+      if (O1) O1[i] = k.a1[0] * X[i] + k.a1[1] * M[i] + k.a1[2] * d + k.a1[3] * e;
+    }
+  } else if (!O1) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float d = k.px * X[i] + k.pm * M[i];
+      const float e = k.ex * X[i] + k.em * M[i] + k.ed * d;
+      O0[i] = k.a0[0] * X[i] + k.a0[1] * M[i] + k.a0[2] * d + k.a0[3] * e;
     }
   } else {
     for (int64_t i = 0; i < n; ++i) {
@@ -82,6 +89,10 @@ PYDIFF_CLONES void chunk_math(const Coef k, int64_t n, const float* __restrict__
 
 PYDIFF_CLONES void chunk_axpy2(int64_t n, const float* __restrict__ B, float w0, float w1, float* __restrict__ O0,
                                float* __restrict__ O1) {
+  if (!O1) {
+    for (int64_t i = 0; i < n; ++i) O0[i] += w0 * B[i];
+    return;
+  }
   for (int64_t i = 0; i < n; ++i) {
     O0[i] += w0 * B[i];
     O1[i] += w1 * B[i];
@@ -113,24 +124,27 @@ void run(const SolverStepArgs& a, const float* c) {
   const float z0 = r0[4], z1 = r1[4];
   float w0[kMaxHistory], w1[kMaxHistory];
   for (int j = 0; j < k; ++j) { w0[j] = r0[kRowTerms + j]; w1[j] = r1[kRowTerms + j]; }
-  const int64_t inner = a.inner;
+  // Rows matter only for the per-sample guidance-rescale factor; without it the tensor is one flat
+  // row, so small rows (1-D inputs, [N, 2] point clouds) still run in whole chunks of kChunk.
+  const bool per_row = a.model_cond && a.row_scale;
+  const int64_t inner = per_row ? a.inner : a.numel;
   const int64_t batch = a.numel / inner;
-  const int64_t per_row = (inner + kChunk - 1) / kChunk;
-  const int64_t total = batch * per_row;
+  const int64_t chunks_per_row = (inner + kChunk - 1) / kChunk;
+  const int64_t total = batch * chunks_per_row;
 
 #pragma omp parallel for schedule(static) if (a.numel >= kParallelMin)
   for (int64_t t = 0; t < total; ++t) {
     // fp32 tensors are read and written in place; fp16/bf16 go through fp32 buffers in L1
     alignas(64) float Xb[kChunk], Cb[kChunk], Ub[kChunk], M[kChunk], O0b[kChunk], O1b[kChunk], B[kChunk];
-    const int64_t b = t / per_row;
-    const int64_t lo = b * inner + (t % per_row) * kChunk;
+    const int64_t b = t / chunks_per_row;
+    const int64_t lo = b * inner + (t % chunks_per_row) * kChunk;
     const int64_t n = std::min(kChunk, b * inner + inner - lo);
     const float* X = view<T>(a.x, lo, n, Xb);
     const float* C = a.model_cond ? view<T>(a.model_cond, lo, n, Cb) : nullptr;
     const float* U = (a.model_cond && a.model_uncond) ? view<T>(a.model_uncond, lo, n, Ub) : nullptr;
     float* O0 = out_view<T>(a.out_x, lo, O0b);
-    float* O1 = a.out_h ? out_view<T>(a.out_h, lo, O1b) : O1b;
-    const float r = (a.model_cond && a.row_scale) ? a.row_scale[b] : 1.f;
+    float* O1 = a.out_h ? out_view<T>(a.out_h, lo, O1b) : nullptr;
+    const float r = per_row ? a.row_scale[b] : 1.f;
     chunk_math(co, n, X, C, U, r, M, O0, O1);
     if (a.x0_stats) chunk_x0_stats(co, n, X, M, a.x0_stats + lo, a.x0_stats + a.numel + lo);
     if (a.noise) chunk_axpy2(n, view<T>(a.noise, lo, n, B), z0, z1, O0, O1);

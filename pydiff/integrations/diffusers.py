@@ -157,6 +157,11 @@ def _alpha_bar_betas(n: int, kind: str) -> np.ndarray:
     return np.array([min(1 - ab((i + 1) / n) / ab(i / n), 0.999) for i in range(n)], dtype=np.float64)
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` (no call when it already is: the step's hot path)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class _FusedScheduler(SchedulerMixin, ConfigMixin):
     """Shared plumbing: config checks, timestep lookup, output packing."""
 
@@ -245,8 +250,9 @@ class _FusedScheduler(SchedulerMixin, ConfigMixin):
     # -------------------------------------------------------------- tensors
     def _inputs(self, model_output, sample, model_uncond):
         """Cast the model output(s) to the sample's dtype for the fused op; the dtype to return."""
-        out_dtype = {"promote": torch.promote_types(model_output.dtype, sample.dtype), "model": model_output.dtype,
-                     "sample": sample.dtype}[self._result_dtype]
+        rule = self._result_dtype
+        out_dtype = (model_output.dtype if rule == "model" else sample.dtype if rule == "sample"
+                     else torch.promote_types(model_output.dtype, sample.dtype))
         if model_output.dtype != sample.dtype:
             model_output = model_output.to(sample.dtype)
         if model_uncond is not None and model_uncond.dtype != sample.dtype:
@@ -367,7 +373,7 @@ class DDIMScheduler(_FusedScheduler):
         prev = s.step(m, sample, model_uncond=u, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                       eta=eta, use_clipped_model_output=use_clipped_model_output,
                       noise=variance_noise if eta > 0 else None, generator=generator)
-        prev, x0 = prev.to(out_dtype), s.pred_original_sample
+        prev, x0 = _as(prev, out_dtype), s.pred_original_sample
         if not return_dict:
             return prev, x0
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
@@ -505,7 +511,7 @@ class DDPMScheduler(_FusedScheduler):
             x0 = s.pred_original_sample
         else:
             prev, x0 = self._learned_step(i, m, sample, u, pv, guidance_scale, guidance_rescale, generator)
-        prev = prev.to(out_dtype)
+        prev = _as(prev, out_dtype)
         if not return_dict:
             return prev, x0
         return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
@@ -683,7 +689,7 @@ class PNDMScheduler(_FusedScheduler):
                                  guidance_scale, guidance_rescale, False)
             self._prk_outputs = []
         self.counter += 1
-        out = out.to(out_dtype)
+        out = _as(out, out_dtype)
         return SchedulerOutput(prev_sample=out) if return_dict else (out,)
 
     def step_plms(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True, *,
@@ -715,7 +721,7 @@ class PNDMScheduler(_FusedScheduler):
         if appended:
             self.ets.append(mm if keep else m)
         self.counter += 1
-        out = out.to(out_dtype)
+        out = _as(out, out_dtype)
         return SchedulerOutput(prev_sample=out) if return_dict else (out,)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor):
@@ -767,7 +773,7 @@ class _MultistepVP(_Indexed, _FusedScheduler):
         if self.lower_order_nums < self.config.solver_order:
             self.lower_order_nums += 1
         self._step_index += 1
-        prev = prev.to(out_dtype)
+        prev = _as(prev, out_dtype)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
     def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -1045,7 +1051,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         prev = s.step(m, sample, model_uncond=u, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                       s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, generator=generator)
         self._step_index += 1
-        prev, x0 = prev.to(out_dtype), s.pred_original_sample
+        prev, x0 = _as(prev, out_dtype), s.pred_original_sample
         if not return_dict:
             return prev, x0
         return EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
@@ -1166,7 +1172,7 @@ class HeunDiscreteScheduler(_SigmaScheduler):
         prev = s.step(m, sample, model_uncond=u, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
         x0 = s._hist[1] if first else s.pred_original_sample  # first-order calls keep x0 as history
         self._step_index += 1
-        prev = prev.to(out_dtype)
+        prev = _as(prev, out_dtype)
         if not return_dict:
             return prev, x0
         return HeunDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
@@ -1260,7 +1266,7 @@ class FlowMatchEulerDiscreteScheduler(_Indexed, _FusedScheduler):
         prev = s.step(m, sample, model_uncond=u, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                       generator=generator)
         self._step_index += 1
-        prev = prev.to(out_dtype)
+        prev = _as(prev, out_dtype)
         return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
     def _per_token_step(self, model_output, sample, per_token_timesteps, generator, model_uncond, g):

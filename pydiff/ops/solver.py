@@ -114,9 +114,9 @@ def check_solver_step_args(x, model_cond, model_uncond, history, noise, row_scal
     if coeff_table is None:
         if len(coeffs) != n:
             raise ValueError(f"coeffs: expected {n} values for {len(history)} history entries, got {len(coeffs)}")
-        for i, c in enumerate(coeffs):
-            if not math.isfinite(c):
-                raise ValueError(f"coeffs[{i}]: expected a finite coefficient, got {c}")
+        if not all(map(math.isfinite, coeffs)):
+            i = next(i for i, c in enumerate(coeffs) if not math.isfinite(c))
+            raise ValueError(f"coeffs[{i}]: expected a finite coefficient, got {coeffs[i]}")
         if step is not None:
             raise ValueError("step: only used with coeff_table")
     else:
@@ -257,7 +257,7 @@ def solver_step(
         name = _backend.resolve(backend, x.device)
     if write_history is None:
         base = len(HEAD) + len(ROW) + len(history)
-        write_history = coeff_table is not None or any(c != 0.0 for c in coeffs[base:])
+        write_history = coeff_table is not None or any(coeffs[base:])  # any nonzero (or NaN) coefficient
     args = (x, model_cond, model_uncond, history, noise, row_scale, list(coeffs), coeff_table, step, clip_lo, clip_hi,
             bool(write_history))
     if x0_stats is not None:

@@ -98,13 +98,15 @@ def guidance(model_output, model_uncond, guidance_scale: float, guidance_rescale
     Every stepper uses this one rule: a guidance scale other than 1 (or a rescale other than 0)
     without ``model_uncond`` raises instead of being ignored.
     """
-    from pydiff.ops.solver import cfg_rescale
-
     g, phi = float(guidance_scale), float(guidance_rescale or 0.0)
     if model_uncond is None:
         if g != 1.0 or phi != 0.0:
             raise ValueError(f"guidance_scale={g}, guidance_rescale={phi}: classifier-free guidance needs "
                              "model_uncond (the unconditional output); pass it, or leave both at 1.0 / 0.0")
         return 1.0, None
-    return g, (cfg_rescale(model_output, model_uncond, g, phi, backend=backend) if phi != 0.0 else None)
+    if phi == 0.0:
+        return g, None
+    from pydiff.ops.solver import cfg_rescale
+
+    return g, cfg_rescale(model_output, model_uncond, g, phi, backend=backend)
 
