@@ -20,11 +20,6 @@ input) and the fused DiT MLP built on it.
 * the fused kernel's GPU variants compile for sm_80 / sm_89 / sm_90 without register spills.
 """
 import importlib
-import json
-import os
-import subprocess
-import sys
-import tempfile
 
 import pytest
 import torch
@@ -34,6 +29,7 @@ from pydiff.ops import quant as qops
 from pydiff.ops.quant import quant_gemm, quant_gemm_quant, quantize
 from pydiff.reference.quant import q_dtype, quant_gemm_quant_ref, quantize_ref, unpack_int4
 
+from _aot import ptxas_path, run_script
 from _quant_util import check_lora_act2, step_diff, triton_quant_ok
 from _util import CPU, poison_allocator
 
@@ -423,12 +419,12 @@ def test_dit_fused_mlp_matches_unfused(monkeypatch, rank):
 
 # ---------------------------------------------------------------- GPU variants, compiled ahead of time
 _COMPILE_SCRIPT = r"""
-import json, os, re, subprocess, sys, tempfile
-import torch, triton
+import json, sys
+import torch
+from _aot import assemble
 from pydiff.triton_kernels import quant as tq
 from pydiff.reference.quant import quantize_ref
 
-ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 M, K, N = 4096, 512, 1024
 res = {}
 
@@ -449,38 +445,18 @@ cases = {"int4_sm90": ((9, 0), lambda: make("int4", "int4", 64, (9, 0), False)),
          "int4_lora2_sm89": ((8, 9), lambda: make("int4", "int4", 64, (8, 9), True, 32)),
          "int8_int4_g96_lora2_sm80": ((8, 0), lambda: make("int8", "int4", 96, (8, 0), False, 5))}
 for name, (cap, mk) in cases.items():
-    k = mk()
-    arch = "sm_%d%d" % cap + ("a" if cap == (9, 0) else "")
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.ptx")
-        open(path, "w").write(k.asm["ptx"])
-        r = subprocess.run([ptxas, "-arch=" + arch, "-v", path, "-o", os.path.join(d, "k.cubin")],
-                           capture_output=True, text=True, check=True)
-    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", r.stderr))
-    regs = max([int(n) for n in re.findall(r"Used (\d+) registers", r.stderr)] or [0])
-    res[name] = dict(ptx=k.asm["ptx"], shared=k.metadata.shared, spills=spills, regs=regs)
+    res[name] = assemble(mk(), cap)
 json.dump(res, sys.stdout)
 """
 
 
-def _ptxas():
-    import triton
-
-    p = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    return p if os.path.exists(p) else None
-
-
-@pytest.mark.skipif(not triton_quant_ok() or _ptxas() is None, reason="no Triton / ptxas to compile the GPU kernels")
+@pytest.mark.skipif(not triton_quant_ok() or ptxas_path() is None,
+                    reason="no Triton / ptxas to compile the GPU kernels")
 def test_gpu_compile():
     """The fused kernel's GPU variants (int8 / fp8 tensor-core dots, libdevice rint, NaN-propagating
     group max, the int4 / e4m3 packing of the epilogue) compile with no register spills and within
-    Ada's 99 KB of shared memory.  Compiled in a subprocess without TRITON_INTERPRET."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # run outside the checkout, so the installed pydiff (with pydiff.triton_kernels) is imported
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=300,
-                       cwd=tempfile.gettempdir())
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout)
+    Ada's 99 KB of shared memory.  Compiled in a subprocess (tests/_aot.py)."""
+    res = run_script(_COMPILE_SCRIPT)
     lora2 = ["atom.global.gpu.relaxed.add", "tf32"]  # lora_act2: relaxed fp32 atomics, tf32x3 dot (fp32 accuracy)
     expect = {"int4_sm90": ["wgmma.mma_async", ".s32.s8.s8", "cvt.rni.f32.f32", "max.NaN.f32", "div.rn.f32"],
               "fp8_sm89": ["mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32", "div.rn.f32"],

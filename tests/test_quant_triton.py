@@ -11,14 +11,11 @@ its integer group sums (unit scales: the fp32 output equals the integer dot; adv
 -8x-8, +127/-128 at K = 4096) and within fp32 epilogue rounding of the reference otherwise; every
 output element written (outputs allocated poisoned).
 """
-import json
 import os
-import subprocess
-import sys
-import tempfile
 
 import pytest
 import torch
+from _aot import ptxas_path, run_script
 
 from pydiff.reference.quant import (
     QMAX,
@@ -385,12 +382,12 @@ def test_ops_dispatch_to_triton():
 
 # ---------------------------------------------------------------- GPU code paths, compiled ahead of time
 _COMPILE_SCRIPT = r"""
-import json, os, re, subprocess, sys, tempfile
-import torch, triton
+import json, sys
+import torch
+from _aot import assemble
 from pydiff.triton_kernels import quant as tq
 from pydiff.reference.quant import quantize_ref
 
-ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 M, K, N, R = 256, 1024, 256, 32
 x = torch.randn(M, K, dtype=torch.bfloat16)
 ld = torch.randn(K, R)
@@ -414,39 +411,18 @@ cases = {
     "gemm_int4_f16_sm80": ((8, 0), lambda: gemm("int4", (8, 0), {"i4dot": 1})),
 }
 for name, (cap, make) in cases.items():
-    k = make()
-    arch = "sm_%d%d" % cap + ("a" if cap == (9, 0) else "")
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.ptx")
-        open(path, "w").write(k.asm["ptx"])
-        r = subprocess.run([ptxas, "-arch=" + arch, "-v", path, "-o", os.path.join(d, "k.cubin")],
-                           capture_output=True, text=True, check=True)
-    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", r.stderr))
-    res[name] = dict(ptx=k.asm["ptx"], shared=k.metadata.shared, spills=spills)
+    res[name] = assemble(make(), cap)
 json.dump(res, sys.stdout)
 """
 
 
-def _ptxas():
-    import triton
-
-    p = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    return p if os.path.exists(p) else None
-
-
 @pytest.fixture(scope="module")
 def compiled():
-    """Compile the GPU variants in a subprocess without TRITON_INTERPRET (under the interpreter
-    Triton's own language functions are not compilable)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # run outside the checkout, so the installed pydiff (with pydiff.triton_kernels) is imported
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=300,
-                       cwd=tempfile.gettempdir())
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout)
+    """The GPU variants, compiled in a subprocess (tests/_aot.py)."""
+    return run_script(_COMPILE_SCRIPT)
 
 
-@pytest.mark.skipif(_ptxas() is None, reason="no ptxas to compile the GPU kernels")
+@pytest.mark.skipif(ptxas_path() is None, reason="no ptxas to compile the GPU kernels")
 @pytest.mark.parametrize("case,expect", [
     ("quantize_sm90", ["cvt.rni.f32.f32", "div.rn.f32", "max.NaN.f32", "ld.global.v4"]),
     ("quantize_sm80", ["cvt.rni.f32.f32", "div.rn.f32", "max.NaN.f32"]),

@@ -7,17 +7,13 @@ of time for the H100/H200 (sm_90a) and for Ampere (sm_80) with the specialisatio
 use, assembled by Triton's bundled ptxas, and checked for register spills.  (The quant kernels'
 equivalent lives in tests/test_quant_triton.py and tests/test_quant_fused.py.)
 """
-import json
-import os
-import subprocess
-import sys
-import tempfile
-
 import pytest
+from _aot import ptxas_path, run_script
 
 _SCRIPT = r"""
-import json, os, re, subprocess, sys, tempfile
+import json, sys
 import torch, triton
+from _aot import assemble
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
@@ -26,7 +22,6 @@ from pydiff.triton_kernels import invertible as ti, sampling as tsm, solver as t
 TT = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
       torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
       torch.bool: "i1"}
-ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
 def capture(module, call):
@@ -74,15 +69,9 @@ def compile_launch(fn, args, kw, cap):
     src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", cap[0] * 10 + cap[1], 32),
                        options=dict(num_warps=opts.get("num_warps", 4), num_stages=opts.get("num_stages", 3)))
-    arch = "sm_%d%d" % cap + ("a" if cap == (9, 0) else "")
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.ptx")
-        open(path, "w").write(k.asm["ptx"])
-        r = subprocess.run([ptxas, "-arch=" + arch, "-v", path, "-o", os.path.join(d, "k.cubin")],
-                           capture_output=True, text=True, check=True)
-    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", r.stderr))
-    regs = max([int(n) for n in re.findall(r"Used (\d+) registers", r.stderr)] or [0])
-    return dict(spills=spills, regs=regs, shared=k.metadata.shared)
+    res = assemble(k, cap)
+    res.pop("ptx")
+    return res
 
 
 g = torch.Generator().manual_seed(0)
@@ -133,25 +122,12 @@ json.dump(res, sys.stdout)
 """
 
 
-def _ptxas():
-    try:
-        import triton
-    except ImportError:
-        return None
-    p = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    return p if os.path.exists(p) else None
-
-
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=600,
-                       cwd=tempfile.gettempdir())
-    assert r.returncode == 0, r.stderr[-4000:]
-    return json.loads(r.stdout)
+    return run_script(_SCRIPT)
 
 
-@pytest.mark.skipif(_ptxas() is None, reason="no ptxas to compile the GPU kernels")
+@pytest.mark.skipif(ptxas_path() is None, reason="no ptxas to compile the GPU kernels")
 def test_every_launch_compiles_for_sm90a_and_sm80_without_spills(compiled):
     kernels = {k.split("/")[1] for k in compiled}
     # every Triton kernel of the three families was launched by some case

@@ -138,7 +138,13 @@ def quantize_ref(x: torch.Tensor, smooth: Optional[torch.Tensor] = None, lora_do
                  shift: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None, fmt: str = "int4",
                  group_size: int = 64, prologue: str = "none", eps: float = 1e-6):
     """``(q, scales, lora_act)`` as the module docstring defines them."""
-    y = prologue_ref(x, prologue, shift, scale, eps)
+    return _smooth_down_quantize(prologue_ref(x, prologue, shift, scale, eps), smooth, lora_down, fmt, group_size)
+
+
+def _smooth_down_quantize(y: torch.Tensor, smooth, lora_down, fmt: str, group_size: int):
+    """The shared tail of both quantizing ops: ``y / smooth``, then ``(q, scales)`` of it and its
+    low-rank down-projection ``lora_act = y @ lora_down`` (float64 matmul rounded to fp32; ``[M, 0]``
+    without ``lora_down``)."""
     if smooth is not None:
         y = y / smooth.to(torch.float32)
     if lora_down is not None:
@@ -217,11 +223,4 @@ def quant_gemm_quant_ref(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, s
     y = quant_gemm_ref(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, torch.float32)
     if epilogue == "gelu_tanh":
         y = gelu_tanh(y)
-    if smooth is not None:
-        y = y / smooth.to(torch.float32)
-    if lora_down is not None:
-        lora_act2 = (y.to(torch.float64) @ lora_down.to(torch.float64)).to(torch.float32)
-    else:
-        lora_act2 = y.new_empty((y.shape[0], 0))
-    q, scales = quantize_values(y, out_fmt, out_group_size)
-    return q, scales, lora_act2
+    return _smooth_down_quantize(y, smooth, lora_down, out_fmt, out_group_size)
