@@ -60,6 +60,7 @@ import torch
 
 from pydiff.ops.solver import StepCoeffs, solver_step
 from pydiff.reference.solver import HEAD, ROW, solver_step_ref
+from pydiff.solvers._common import clip_range
 from pydiff.solvers.ddim import DDIMInverseSolver, DDIMSolver
 from pydiff.solvers.ddpm import DDPMSolver
 from pydiff.solvers.edict import EDICTSolver
@@ -158,8 +159,7 @@ def _check_sample(name: str, x) -> None:
 
 
 def _clip(solver) -> Optional[tuple]:
-    c = solver.config
-    return (-c.clip_sample_range, c.clip_sample_range) if c.get("clip_sample") else None
+    return clip_range(solver.config)
 
 
 def _on(ts: torch.Tensor, device) -> torch.Tensor:
@@ -172,7 +172,7 @@ def _on(ts: torch.Tensor, device) -> torch.Tensor:
 
 def _ddim_rows(solver: DDIMSolver) -> List[StepCoeffs]:
     """Deterministic (eta = 0) DDIM coefficient rows of a stepper after ``set_timesteps``."""
-    return solver._table(0.0, False)
+    return solver.coefficient_rows(0.0, False)
 
 
 def _ddim_solver(steps: int, config, overrides=None) -> DDIMSolver:
@@ -274,7 +274,7 @@ def ddim_invert(model: Model, x0: torch.Tensor, steps: int = 50, *, cond=None, u
     for i in range(steps):
         t = ts[i]
         c, u = g(x, t)
-        x, _ = _step(inv._rows[i], x, c, u, g=g.g, clip=clip, backend=backend)
+        x, _ = _step(inv.step_row(i), x, c, u, g=g.g, clip=clip, backend=backend)
         latents.append(x)
     return DDIMInversion(latents, _on(fwd.timesteps, x0.device), cfg, model, cond, uncond, float(guidance_scale),
                          cfg_batch, backend)
@@ -585,7 +585,7 @@ class DDPMInversion:
         ts = self.timesteps
         for i in range(skip, self.steps):
             c, u = g(x, ts[i])
-            x, _ = _step(_derive(s._rows[i], z=self.weights[i]), x, c, u, noise=self.noise_maps[i], g=g.g,
+            x, _ = _step(_derive(s.step_row(i), z=self.weights[i]), x, c, u, noise=self.noise_maps[i], g=g.g,
                          clip=clip, backend=self.backend)
             if trajectory is not None:
                 trajectory.append(x)
@@ -648,7 +648,7 @@ def ddpm_invert(model: Model, x0: torch.Tensor, steps: int = 50, *, cond=None, u
     x = level(0)
     latents, maps, weights = [x], [], []
     for i in range(n):
-        row = s._rows[i]
+        row = s.step_row(i)
         w = _noise_coeff(row)
         w = w if w > ZERO_VARIANCE else 1.0
         c, u = g(x, ts[i])

@@ -314,7 +314,7 @@ def ddim_sample(model: Callable, solver, x: torch.Tensor, *, cond: Sequence = ()
     if int(inverse_iters) < 1:
         raise ValueError(f"inverse_iters: expected >= 1, got {inverse_iters}")
     steps = []
-    for i, c in enumerate(solver._table(0.0, False)):
+    for i, c in enumerate(solver.coefficient_rows(0.0, False)):
         c = fold(c)
         steps.append(_DDIMStep(_row(c, 0, "x"), _row(c, 0, "m"), solver.timesteps[i], int(inverse_iters)))
     return _run_chain(model, steps, (x,), cond, params, state_dtype, reversible, preserve_rng_state,
@@ -386,7 +386,7 @@ def idm_ddim_stack(model: torch.nn.Module, solver, v_init: float = 0.5,
     if solver.config.clip_sample:
         raise ValueError("solver: build the DDIMSolver with clip_sample=False (a clamp is not invertible)")
     blocks = []
-    for i, c in enumerate(solver._table(0.0, False)):
+    for i, c in enumerate(solver.coefficient_rows(0.0, False)):
         c = fold(c)
         blocks.append(ScaledCoupling(DDIMStep(model, _row(c, 0, "x"), _row(c, 0, "m"), solver.timesteps[i]), v_init))
     return ReversibleSequential(blocks, state_dtype=state_dtype)

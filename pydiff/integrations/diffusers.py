@@ -520,8 +520,8 @@ class DDPMScheduler(_FusedScheduler):
         """Learned variance: ``std = sqrt(v)`` (learned) or ``exp((f log b + (1 - f) log var) / 2)`` with
         ``f = (v + 1) / 2`` (learned_range, Nichol & Dhariwal 2021 eq. 15); ``std * z`` goes in as the noise."""
         s = self._solver
-        row = StepCoeffs(history=s._rows[i].k)
-        row.v = list(s._rows[i].v)
+        row = StepCoeffs(history=s.step_row(i).k)
+        row.v = list(s.step_row(i).v)
         z = None
         if s._draws[i]:
             z = randn_like_diffusers(m.shape, generator, m.device, m.dtype)

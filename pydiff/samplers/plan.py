@@ -22,38 +22,17 @@ CUDA graph.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
 from pydiff.reference.solver import HEAD, ROW, num_coeffs
-from pydiff.solvers._common import x0_coeffs
+from pydiff.solvers._common import Eval
 
 __all__ = ["Eval", "Plan", "SAMPLERS", "build_plan", "pad_coeffs", "resolve_sampler"]
 
 ZERO = "0"  # register name of the zero tensor that pads history reads in table mode
-
-
-@dataclass
-class Eval:
-    """One model evaluation followed by one fused solver step (see the module docstring)."""
-
-    t: float
-    in_div: float
-    x0: tuple
-    coeffs: list
-    src: str = "x"
-    reads: tuple = ()
-    write: Optional[str] = None
-    save: tuple = ()
-    noise: bool = False
-    clip: Optional[tuple] = None
-
-    @property
-    def k(self) -> int:
-        return len(self.reads)
 
 
 def pad_coeffs(v, k: int, K: int) -> list:
@@ -211,140 +190,7 @@ def build_plan(sampler: str, steps: int, **options) -> Plan:
     if steps < 1:
         raise ValueError(f"steps: expected >= 1, got {steps}")
     st, opts = make_stepper(name, **options)
-    builder = _BUILDERS[SAMPLERS[name][0]]
-    evals, init_sigma = builder(st, steps, opts)
+    evals, init_sigma = st.eval_plan(steps, opts)
     return Plan(sampler=name, steps=steps, evals=evals, init_noise_sigma=float(init_sigma), stepper=st)
 
 
-# ------------------------------------------------------------------------------------------------
-# Builders: read the stepper's precomputed float64 coefficients (pydiff.solvers owns the math)
-# ------------------------------------------------------------------------------------------------
-def _vp_x0(pred: str, abar: float):
-    return x0_coeffs(pred, math.sqrt(abar), math.sqrt(1.0 - abar)) if pred != "flow_prediction" else (1.0, 0.0)
-
-
-def _clip(st):
-    c = st.config
-    return (-float(c.clip_sample_range), float(c.clip_sample_range)) if c.get("clip_sample") else None
-
-
-def _ddim(st, n, opts):
-    st.set_timesteps(n)
-    eta = float(opts.get("eta", 0.0))
-    if eta < 0:
-        raise ValueError(f"eta: expected >= 0, got {eta}")
-    rows = st._table(eta, bool(opts.get("use_clipped_model_output", False)))
-    pred, clip = st.config.prediction_type, _clip(st)
-    evals = []
-    for i in range(n):
-        t, a, _ = st._alphas(i)
-        evals.append(Eval(t=float(t), in_div=1.0, x0=_vp_x0(pred, a), coeffs=list(rows[i].v), noise=eta > 0,
-                          clip=clip))
-    return evals, 1.0
-
-
-def _ddpm(st, n, opts):
-    st.set_timesteps(n)
-    pred, clip = st.config.prediction_type, _clip(st)
-    evals = []
-    for i, t in enumerate(st.timesteps.tolist()):
-        evals.append(Eval(t=float(t), in_div=1.0, x0=_vp_x0(pred, float(st.alphas_cumprod[t])),
-                          coeffs=list(st._rows[i].v), noise=bool(st._draws[i]), clip=clip))
-    return evals, 1.0
-
-
-def _alpha_sigma_x0(st, i: int):
-    """(px, pm) of the x0 estimate at evaluation i for the sigma-table steppers (DPM-Solver, UniPC)."""
-    c = st.config
-    s = float(st._sig64[i])
-    if c.prediction_type == "flow_prediction":
-        return 1.0, -s
-    if c.get("use_flow_sigmas"):
-        a, sg = 1.0 - s, s
-    else:
-        a = 1.0 / math.sqrt(s * s + 1.0)
-        sg = s * a
-    return x0_coeffs(c.prediction_type, a, sg)
-
-
-def _dpmpp(st, n, opts):
-    st.set_timesteps(n)
-    keep = int(st.config.solver_order) - 1
-    ts = st.timesteps.tolist()
-    evals = []
-    for i in range(len(ts)):
-        k, v = st._coeffs[i]
-        evals.append(Eval(t=float(ts[i]), in_div=1.0, x0=_alpha_sigma_x0(st, i), coeffs=list(v),
-                          reads=tuple(f"h{j}" for j in range(i - k, i)), write=f"h{i}" if keep else None,
-                          noise=bool(st._sde)))
-    return evals, 1.0
-
-
-def _unipc(st, n, opts):
-    st.set_timesteps(n)
-    ts = st.timesteps.tolist()
-    evals = []
-    for i in range(len(ts)):
-        K, _use_corr, direct, _via = st._plan[i]  # a plain loop passes the returned sample back: "direct"
-        evals.append(Eval(t=float(ts[i]), in_div=1.0, x0=_alpha_sigma_x0(st, i), coeffs=list(direct),
-                          reads=tuple(f"h{j}" for j in range(i - K, i)), write=f"h{i}"))
-    return evals, 1.0
-
-
-def _plms(st, n, opts):
-    st.set_timesteps(n)
-    pred = st.config.prediction_type
-    ets: list = []  # register names of the stored model outputs, oldest first (the stepper's ets)
-    evals = []
-    for k, t in enumerate(st.timesteps.tolist()):
-        row = st._rows[k]
-        reads = tuple(ets[::-1][:row.k])  # newest first, as the stepper reads them
-        write = None if k == 1 else f"e{k}"
-        evals.append(Eval(t=float(t), in_div=1.0, x0=_vp_x0(pred, float(st.alphas_cumprod[t])),
-                          coeffs=list(row.v), src="cur" if k == 1 else "x", reads=reads, write=write,
-                          save=(("cur", "x"),) if k == 0 else ()))
-        if k != 1:
-            ets = (ets + [write])[-3:]
-    return evals, 1.0
-
-
-def _euler(st, n, opts):
-    st.set_timesteps(n)
-    churn = (float(opts.get("s_churn", 0.0)), float(opts.get("s_tmin", 0.0)), float(opts.get("s_tmax", float("inf"))),
-             float(opts.get("s_noise", 1.0)))
-    ts = st.timesteps.tolist()
-    evals = []
-    for i in range(n):
-        coeffs, draws = st._coeffs(i, churn)
-        s = float(st._sigmas[i])
-        evals.append(Eval(t=float(ts[i]), in_div=math.sqrt(s * s + 1.0), x0=st._x0(s), coeffs=list(coeffs.v),
-                          noise=bool(draws)))
-    return evals, st.init_noise_sigma
-
-
-def _heun(st, n, opts):
-    st.set_timesteps(n)
-    ts = st.timesteps.tolist()
-    clip = _clip(st)
-    evals = []
-    for i in range(len(ts)):
-        s = float(st._sigmas[i])
-        common = dict(t=float(ts[i]), in_div=math.sqrt(s * s + 1.0), x0=st._x0(s), coeffs=list(st._rows[i].v),
-                      clip=clip)
-        if i % 2 == 0:  # first order: remember the start, history output = d1
-            evals.append(Eval(save=((f"xs{i}", "x"),), write=f"d{i}", **common))
-        else:           # second order: reads (start, d1)
-            evals.append(Eval(reads=(f"xs{i - 1}", f"d{i - 1}"), **common))
-    return evals, st.init_noise_sigma
-
-
-def _flow(st, n, opts):
-    st.set_timesteps(n)
-    ts = st.timesteps.tolist()
-    sig = st.sigmas.tolist()
-    return [Eval(t=float(ts[i]), in_div=1.0, x0=(1.0, -float(sig[i])), coeffs=list(st._coeffs[i]),
-                 noise=bool(st.config.stochastic_sampling)) for i in range(len(ts))], 1.0
-
-
-_BUILDERS = {"DDIMSolver": _ddim, "DDPMSolver": _ddpm, "DPMSolverPPSolver": _dpmpp, "UniPCSolver": _unipc,
-             "PLMSSolver": _plms, "EulerSolver": _euler, "HeunSolver": _heun, "FlowEulerSolver": _flow}

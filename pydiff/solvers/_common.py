@@ -6,6 +6,8 @@ of this touches a device tensor, so a step never synchronises with the host.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -110,3 +112,50 @@ def guidance(model_output, model_uncond, guidance_scale: float, guidance_rescale
 
     return g, cfg_rescale(model_output, model_uncond, g, phi, backend=backend)
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation plans: each stepper describes its model evaluations (pydiff.samplers.plan stacks them)
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Eval:
+    """One model evaluation followed by one fused solver step (see :mod:`pydiff.samplers.plan`)."""
+
+    t: float
+    in_div: float
+    x0: tuple
+    coeffs: list
+    src: str = "x"
+    reads: tuple = ()
+    write: Optional[str] = None
+    save: tuple = ()
+    noise: bool = False
+    clip: Optional[tuple] = None
+
+    @property
+    def k(self) -> int:
+        return len(self.reads)
+
+
+def vp_x0(pred: str, abar: float):
+    """``(px, pm)`` of the x0 estimate of a VP (alphas_cumprod) stepper at ``abar``."""
+    return x0_coeffs(pred, math.sqrt(abar), math.sqrt(1.0 - abar)) if pred != "flow_prediction" else (1.0, 0.0)
+
+
+def clip_range(config) -> Optional[tuple]:
+    """``(lo, hi)`` of diffusers' ``clip_sample`` for a stepper config, or None."""
+    return (-float(config.clip_sample_range), float(config.clip_sample_range)) if config.get("clip_sample") else None
+
+
+def sigma_x0(config, sigma: float):
+    """``(px, pm)`` of the x0 estimate at scheduler sigma ``sigma`` for the sigma-table steppers
+    (DPM-Solver, UniPC)."""
+    s = float(sigma)
+    if config.prediction_type == "flow_prediction":
+        return 1.0, -s
+    if config.get("use_flow_sigmas"):
+        a, sg = 1.0 - s, s
+    else:
+        a = 1.0 / math.sqrt(s * s + 1.0)
+        sg = s * a
+    return x0_coeffs(config.prediction_type, a, sg)

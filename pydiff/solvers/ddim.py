@@ -26,6 +26,7 @@ import torch
 from pydiff.ops.solver import StepCoeffs, solver_step
 from pydiff.solvers import _common
 from pydiff.solvers._common import SolverConfig, randn_like_diffusers
+from pydiff.solvers._common import Eval, clip_range, vp_x0
 
 __all__ = ["DDIMSolver", "DDIMInverseSolver"]
 
@@ -87,6 +88,20 @@ class _SolverBase:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({dict(self.config)})"
+
+    def step_row(self, i: int) -> StepCoeffs:
+        """The float64 coefficients of step ``i`` (after ``set_timesteps``) as the fused op takes them
+        (steppers whose coefficients depend on step options have their own accessor, e.g.
+        :meth:`DDIMSolver.coefficient_rows`)."""
+        return self._rows[i]
+
+    def eval_plan(self, n: int, opts: dict) -> tuple:
+        """``set_timesteps(n)``, then the sampler's model evaluations as a list of
+        :class:`pydiff.solvers._common.Eval` (the float64 coefficients of each fused step, the
+        registers it reads and writes) and the initial noise scale: what
+        :func:`pydiff.samplers.build_plan` stacks into a plan.  ``opts``: the step options
+        (DDIM ``eta``, Euler ``s_churn`` ...)."""
+        raise NotImplementedError(f"{type(self).__name__} has no evaluation plan (not a sampler of pydiff.samplers)")
 
 
 def train_alphas_cumprod(cfg) -> np.ndarray:
@@ -225,7 +240,7 @@ class DDIMSolver(_SolverBase):
         self._ts = ts
         self.timesteps = torch.from_numpy(ts).to(device)
         self._tables = {}
-        self._table(0.0, False)  # the deterministic coefficients now; others on first use
+        self.coefficient_rows(0.0, False)  # the deterministic coefficients now; others on first use
         self.step_index = 0
         self.pred_original_sample = None
 
@@ -235,7 +250,9 @@ class DDIMSolver(_SolverBase):
         return t, float(self.alphas_cumprod[t]), (float(self.alphas_cumprod[prev]) if prev >= 0
                                                    else self.final_alpha_cumprod)
 
-    def _table(self, eta: float, clipped: bool):
+    def coefficient_rows(self, eta: float = 0.0, clipped: bool = False) -> list:
+        """The float64 :class:`StepCoeffs` of every step (after ``set_timesteps``) for ``eta`` and
+        ``use_clipped_model_output`` (``clipped``), as the fused op takes them; cached."""
         key = (float(eta), bool(clipped))
         if key not in self._tables:
             rows = []
@@ -256,13 +273,28 @@ class DDIMSolver(_SolverBase):
             self._tables[key] = rows
         return self._tables[key]
 
+    def eval_plan(self, n: int, opts: dict) -> tuple:
+        """The evaluation plan of ``n`` steps (see ``_SolverBase.eval_plan``)."""
+        self.set_timesteps(n)
+        eta = float(opts.get("eta", 0.0))
+        if eta < 0:
+            raise ValueError(f"eta: expected >= 0, got {eta}")
+        rows = self.coefficient_rows(eta, bool(opts.get("use_clipped_model_output", False)))
+        pred, clip = self.config.prediction_type, clip_range(self.config)
+        evals = []
+        for i in range(n):
+            t, a, _ = self._alphas(i)
+            evals.append(Eval(t=float(t), in_div=1.0, x0=vp_x0(pred, a), coeffs=list(rows[i].v), noise=eta > 0,
+                              clip=clip))
+        return evals, 1.0
+
     def step(self, model_output: torch.Tensor, x: torch.Tensor, *, model_uncond=None, guidance_scale=1.0,
              guidance_rescale=0.0, eta: float = 0.0, use_clipped_model_output: bool = False, noise=None,
              generator=None, backend=None) -> torch.Tensor:
         i = self._need_steps()
         if eta < 0:
             raise ValueError(f"eta: expected >= 0, got {eta}")
-        coeffs = self._table(eta, use_clipped_model_output)[i]
+        coeffs = self.coefficient_rows(eta, use_clipped_model_output)[i]
         z = None
         if eta > 0:
             if noise is not None and generator is not None:

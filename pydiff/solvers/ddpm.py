@@ -21,6 +21,7 @@ import torch
 from pydiff.ops.solver import StepCoeffs
 from pydiff.solvers.ddim import (_BETA_KEYS, _SolverBase, fold, prediction_coeffs, randn_like_diffusers,
                                  run_step, spaced_timesteps, train_alphas_cumprod)
+from pydiff.solvers._common import Eval, clip_range, vp_x0
 
 __all__ = ["DDPMSolver"]
 
@@ -83,6 +84,16 @@ class DDPMSolver(_SolverBase):
         self._rows, self._draws = rows, draws
         self.step_index = 0
         self.pred_original_sample = None
+
+    def eval_plan(self, n: int, opts: dict) -> tuple:
+        """The evaluation plan of ``n`` steps (see ``_SolverBase.eval_plan``)."""
+        self.set_timesteps(n)
+        pred, clip = self.config.prediction_type, clip_range(self.config)
+        evals = []
+        for i, t in enumerate(self.timesteps.tolist()):
+            evals.append(Eval(t=float(t), in_div=1.0, x0=vp_x0(pred, float(self.alphas_cumprod[t])),
+                              coeffs=list(self._rows[i].v), noise=bool(self._draws[i]), clip=clip))
+        return evals, 1.0
 
     def step(self, model_output: torch.Tensor, x: torch.Tensor, *, model_uncond=None, guidance_scale=1.0,
              guidance_rescale=0.0, noise=None, generator=None, backend=None) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch
 from pydiff.ops.solver import StepCoeffs, solver_step
 from pydiff.solvers._common import SolverConfig, eps_coeffs, randn_like_diffusers, x0_coeffs
 from pydiff.solvers._common import guidance as _common_guidance
+from pydiff.solvers._common import Eval, sigma_x0
 
 __all__ = ["DPMSolverPPSolver"]
 
@@ -95,6 +96,10 @@ class ConfiguredSolver:
             raise IndexError(f"{type(self).__name__}: step {self._step_index} past the last of "
                              f"{self.num_inference_steps} steps; call set_timesteps() again")
         return self._step_index
+
+    def eval_plan(self, n: int, opts: dict) -> tuple:
+        """The evaluation plan of ``n`` steps (see ``pydiff.solvers.ddim._SolverBase.eval_plan``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no evaluation plan (not a sampler of pydiff.samplers)")
 
 
 guidance_args = _common_guidance  # one CFG rule for every stepper (pydiff.solvers._common.guidance)
@@ -438,6 +443,19 @@ class DPMSolverPPSolver(ConfiguredSolver):
         return k, sc.tolist()
 
     # ---------------------------------------------------------------- step
+    def eval_plan(self, n: int, opts: dict) -> tuple:
+        """The evaluation plan of ``n`` steps (see ``_SolverBase.eval_plan``)."""
+        self.set_timesteps(n)
+        keep = int(self.config.solver_order) - 1
+        ts = self.timesteps.tolist()
+        evals = []
+        for i in range(len(ts)):
+            k, v = self._coeffs[i]
+            evals.append(Eval(t=float(ts[i]), in_div=1.0, x0=sigma_x0(self.config, self._sig64[i]), coeffs=list(v),
+                              reads=tuple(f"h{j}" for j in range(i - k, i)), write=f"h{i}" if keep else None,
+                              noise=bool(self._sde)))
+        return evals, 1.0
+
     def step(self, model_output: torch.Tensor, x: torch.Tensor, *, model_uncond: Optional[torch.Tensor] = None,
              guidance_scale: float = 1.0, guidance_rescale: float = 0.0, noise: Optional[torch.Tensor] = None,
              generator=None, backend: Optional[str] = None) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch
 from pydiff.ops.solver import StepCoeffs
 from pydiff.solvers.ddim import (_BETA_KEYS, _SolverBase, fold, randn_like_diffusers, run_step,
                                  train_alphas_cumprod)
+from pydiff.solvers._common import Eval, clip_range
 
 __all__ = ["EulerSolver", "HeunSolver"]
 
@@ -188,6 +189,20 @@ class EulerSolver(_SigmaSolver):
                                  .out(1, x=p, z=p * cz, m=q), gamma > 0)
         return self._tables[key]
 
+    def eval_plan(self, n: int, opts: dict) -> tuple:
+        """The evaluation plan of ``n`` steps (see ``_SolverBase.eval_plan``)."""
+        self.set_timesteps(n)
+        churn = (float(opts.get("s_churn", 0.0)), float(opts.get("s_tmin", 0.0)),
+                 float(opts.get("s_tmax", float("inf"))), float(opts.get("s_noise", 1.0)))
+        ts = self.timesteps.tolist()
+        evals = []
+        for i in range(n):
+            coeffs, draws = self._coeffs(i, churn)
+            s = float(self._sigmas[i])
+            evals.append(Eval(t=float(ts[i]), in_div=math.sqrt(s * s + 1.0), x0=self._x0(s), coeffs=list(coeffs.v),
+                              noise=bool(draws)))
+        return evals, self.init_noise_sigma
+
     def step(self, model_output: torch.Tensor, x: torch.Tensor, *, model_uncond=None, guidance_scale=1.0,
              guidance_rescale=0.0, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
              s_noise: float = 1.0, noise=None, generator=None, backend=None) -> torch.Tensor:
@@ -265,6 +280,22 @@ class HeunSolver(_SigmaSolver):
     @property
     def state_in_first_order(self) -> bool:
         return self._hist is None
+
+    def eval_plan(self, n: int, opts: dict) -> tuple:
+        """The evaluation plan of ``n`` steps (see ``_SolverBase.eval_plan``)."""
+        self.set_timesteps(n)
+        ts = self.timesteps.tolist()
+        clip = clip_range(self.config)
+        evals = []
+        for i in range(len(ts)):
+            s = float(self._sigmas[i])
+            common = dict(t=float(ts[i]), in_div=math.sqrt(s * s + 1.0), x0=self._x0(s), coeffs=list(self._rows[i].v),
+                          clip=clip)
+            if i % 2 == 0:  # first order: remember the start, history output = d1
+                evals.append(Eval(save=((f"xs{i}", "x"),), write=f"d{i}", **common))
+            else:           # second order: reads (start, d1)
+                evals.append(Eval(reads=(f"xs{i - 1}", f"d{i - 1}"), **common))
+        return evals, self.init_noise_sigma
 
     def step(self, model_output: torch.Tensor, x: torch.Tensor, *, model_uncond=None, guidance_scale=1.0,
              guidance_rescale=0.0, backend=None) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 from pydiff.ops.solver import StepCoeffs, solver_step
 from pydiff.solvers.dpmpp import (ConfiguredSolver, exponential_sigmas, guidance_args, karras_sigmas,
                                   noise_like, stretch_to_terminal, time_shift, with_guidance)
+from pydiff.solvers._common import Eval
 
 __all__ = ["FlowEulerSolver"]
 
@@ -137,6 +138,14 @@ class FlowEulerSolver(ConfiguredSolver):
                 sc = StepCoeffs().set(px=1.0, pm=-s).out(0, x=1.0, m=dt)
             table.append(sc.tolist())  # no history output: the op then skips that write
         return table
+
+    def eval_plan(self, n: int, opts: dict) -> tuple:
+        """The evaluation plan of ``n`` steps (see ``_SolverBase.eval_plan``)."""
+        self.set_timesteps(n)
+        ts = self.timesteps.tolist()
+        sig = self.sigmas.tolist()
+        return [Eval(t=float(ts[i]), in_div=1.0, x0=(1.0, -float(sig[i])), coeffs=list(self._coeffs[i]),
+                     noise=bool(self.config.stochastic_sampling)) for i in range(len(ts))], 1.0
 
     def step(self, model_output: torch.Tensor, x: torch.Tensor, *, model_uncond: Optional[torch.Tensor] = None,
              guidance_scale: float = 1.0, guidance_rescale: float = 0.0, noise: Optional[torch.Tensor] = None,

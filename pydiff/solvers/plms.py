@@ -22,6 +22,7 @@ import torch
 
 from pydiff.ops.solver import StepCoeffs
 from pydiff.solvers.ddim import _BETA_KEYS, _SolverBase, run_step, spaced_timesteps, train_alphas_cumprod
+from pydiff.solvers._common import Eval, vp_x0
 
 __all__ = ["PLMSSolver"]
 
@@ -77,6 +78,23 @@ class PLMSSolver(_SolverBase):
         self.ets = []
         self.cur_sample = None
         self.step_index = 0
+
+    def eval_plan(self, n: int, opts: dict) -> tuple:
+        """The evaluation plan of ``n`` steps (see ``_SolverBase.eval_plan``)."""
+        self.set_timesteps(n)
+        pred = self.config.prediction_type
+        ets: list = []  # register names of the stored model outputs, oldest first (the stepper's ets)
+        evals = []
+        for k, t in enumerate(self.timesteps.tolist()):
+            row = self._rows[k]
+            reads = tuple(ets[::-1][:row.k])  # newest first, as the stepper reads them
+            write = None if k == 1 else f"e{k}"
+            evals.append(Eval(t=float(t), in_div=1.0, x0=vp_x0(pred, float(self.alphas_cumprod[t])),
+                              coeffs=list(row.v), src="cur" if k == 1 else "x", reads=reads, write=write,
+                              save=(("cur", "x"),) if k == 0 else ()))
+            if k != 1:
+                ets = (ets + [write])[-3:]
+        return evals, 1.0
 
     def step(self, model_output: torch.Tensor, x: torch.Tensor, *, model_uncond=None, guidance_scale=1.0,
              guidance_rescale=0.0, backend=None) -> torch.Tensor:

@@ -37,6 +37,7 @@ from pydiff.solvers._common import eps_coeffs, x0_coeffs
 from pydiff.solvers.dpmpp import (ConfiguredSolver, alpha_sigma, check_finite, exponential_sigmas,
                                   guidance_args, karras_sigmas, log_snr, sigma_to_t, spaced_timesteps,
                                   stretch_to_terminal, time_shift, vp_alphas_cumprod, vp_sigmas, with_guidance)
+from pydiff.solvers._common import Eval, sigma_x0
 
 __all__ = ["UniPCSolver"]
 
@@ -251,6 +252,17 @@ class UniPCSolver(ConfiguredSolver):
         return plan
 
     # ---------------------------------------------------------------- step
+    def eval_plan(self, n: int, opts: dict) -> tuple:
+        """The evaluation plan of ``n`` steps (see ``_SolverBase.eval_plan``)."""
+        self.set_timesteps(n)
+        ts = self.timesteps.tolist()
+        evals = []
+        for i in range(len(ts)):
+            K, _use_corr, direct, _via = self._plan[i]  # a plain loop passes the returned sample back: "direct"
+            evals.append(Eval(t=float(ts[i]), in_div=1.0, x0=sigma_x0(self.config, self._sig64[i]), coeffs=list(direct),
+                              reads=tuple(f"h{j}" for j in range(i - K, i)), write=f"h{i}"))
+        return evals, 1.0
+
     def step(self, model_output: torch.Tensor, x: torch.Tensor, *, model_uncond: Optional[torch.Tensor] = None,
              guidance_scale: float = 1.0, guidance_rescale: float = 0.0, noise: Optional[torch.Tensor] = None,
              generator=None, backend: Optional[str] = None) -> torch.Tensor:
