@@ -48,7 +48,7 @@ tb=$(date +%s)
 # 2. GPU tests (parallel workers where pytest-xdist is there; a per-test limit where pytest-timeout is).
 XD=""; python3 -c "import xdist" 2> /dev/null && XD="-n 8 --dist loadfile"
 TO=""; python3 -c "import pytest_timeout" 2> /dev/null && TO="--timeout 120"
-(cd tests && timeout "$(limit "$T_TESTS")" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider $XD $TO \
+(cd tests && timeout -k 10 "$(limit "$T_TESTS")" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider $XD $TO \
   test_solver_gpu.py test_sampling_gpu.py test_invertible_gpu.py test_quant_gpu.py test_quant_triton.py \
   test_quant_fused.py test_solver_op.py test_sampling.py test_samplers.py::test_gpu_whole_loop_without_host_sync \
   test_samplers.py::test_gpu_cuda_graph_replay_equals_eager \
@@ -63,8 +63,8 @@ for spec in ${PARTS//,/ }; do
   p=${spec%%:*}; tp=${spec#*:}; [ "$tp" = "$spec" ] && tp=60
   lim=$(limit "$tp")
   if [ "$lim" -lt 10 ]; then echo "bench $p: skipped (deadline)"; continue; fi
-  timeout "$lim" python3 bench/run.py --only "$p" --out "/tmp/pydiff_bench/$p" >> "$OUTDIR/bench.log" 2>&1
-  echo "bench $p: rc $? ($(since) s; 124 = stopped at its limit)"
+  timeout -k 10 "$lim" python3 bench/run.py --only "$p" --out "/tmp/pydiff_bench/$p" >> "$OUTDIR/bench.log" 2>&1
+  echo "bench $p: rc $? ($(since) s; 124: stopped at its limit, rows measured until then kept for solver and sampling)"
 done
 python3 - "$OUTDIR" <<'EOF'
 import glob, json, os, sys
@@ -80,7 +80,7 @@ EOF
 # 4. Triton tile sweep of the quantized GEMM (for the tile table in triton_kernels/quant.py).
 tl=$(( T_TUNE > $(left) + 30 ? $(left) + 30 : T_TUNE ))  # the sweep may run 30 s past the deadline
 if [ "$tl" -ge 15 ]; then
-  timeout "$tl" python3 bench/tune_quant.py --budget $(( tl - 10 )) --out "$OUTDIR/tune_quant.json" \
+  timeout -k 10 "$tl" python3 bench/tune_quant.py --budget $(( tl - 10 )) --out "$OUTDIR/tune_quant.json" \
     > /tmp/tune.log 2>&1; echo "tune: rc $? ($(since) s)"; grep -A12 "best tile" /tmp/tune.log; grep MISMATCH /tmp/tune.log
 fi
 

@@ -13,6 +13,7 @@ import argparse
 import inspect
 import json
 import os
+import signal
 import sys
 import time
 
@@ -98,6 +99,14 @@ def _fmt_row(r):
 PARTS = ("solver", "loop", "sampling", "schedulers", "loops", "masked", "invertible", "invertible_ops", "quant")
 
 
+class _Deadline(Exception):
+    """SIGTERM (``timeout`` ran out): stop measuring, still write the rows measured so far."""
+
+
+def _on_term(signum, frame):
+    raise _Deadline()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -111,19 +120,40 @@ def main(argv=None):
     if args.no_loop:
         parts = [p for p in parts if p != "loop"]
     device = torch.device(args.device)
-    import solver as solver_bench
-
     shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     bw = copy_bandwidth(device, (64 << 20) if device.type == "cpu" else (512 << 20))
     info = dict(device=device_name(device), torch=torch.__version__, pydiff=pydiff.build_info(),
                 copy_gbps=bw / 1e9, date=time.strftime("%Y-%m-%d"))
     print(f"# pydiff bench on {info['device']}, torch {torch.__version__}, copy bandwidth {bw / 1e9:.1f} GB/s")
     rows = []
+    signal.signal(signal.SIGTERM, _on_term)
+    try:
+        _run_parts(args, parts, device, shapes, bw, rows)
+    except _Deadline:
+        print(f"\n# stopped by SIGTERM (time limit): writing the {len(rows)} rows measured so far")
+        info["truncated"] = True
+    os.makedirs(args.out, exist_ok=True)
+    tag = "gpu" if device.type == "cuda" else "cpu"
+    with open(os.path.join(args.out, f"bench_{tag}.json"), "w") as f:
+        json.dump(dict(info=info, rows=rows), f, indent=1, default=str)
+    if any(r.get("part") == "kernel" for r in rows):
+        plot(rows, os.path.join(args.out, f"solver_{tag}.png"))
+    return 0
+
+
+def _run_parts(args, parts, device, shapes, bw, rows):
+    """Run the parts, appending to ``rows`` as each finishes (the solver and sampling parts row by row)."""
+    import solver as solver_bench
+
     if "solver" in parts:
-        kr = solver_bench.kernel_rows(device, shapes, compile_baseline=not (args.quick or args.no_compile), bw=bw)
+        kr = []
+        try:
+            solver_bench.kernel_rows(device, shapes, compile_baseline=not (args.quick or args.no_compile), bw=bw,
+                                     out=kr)
+        finally:
+            rows += kr
         print("\n## Solver step with CFG (fp32): one call")
         print(_table(_fmt(kr), ["shape", "config", "impl", "time_us", "call_us", "gbps", "floor_us", "x_floor"]))
-        rows += kr
     if "loop" in parts:
         loop = solver_bench.loop_rows(device, shapes[:1] if device.type == "cpu" else shapes)
         if loop:
@@ -133,12 +163,15 @@ def main(argv=None):
     if "sampling" in parts:
         import sampling as sampling_bench
 
-        sr = sampling_bench.rows(device, [(16, 4096)] if args.quick else None, bw=bw,
-                                 compile_baseline=not (args.quick or args.no_compile))
+        sr = []
+        try:
+            sampling_bench.rows(device, [(16, 4096)] if args.quick else None, bw=bw,
+                                compile_baseline=not (args.quick or args.no_compile), out=sr)
+        finally:
+            rows += sr
         print("\n## Categorical sampling: logits -> tokens + chosen-token probability")
         print(_table([_fmt_row(r) for r in sr],
                      ["shape", "dtype", "impl", "time_us", "gbps", "x_amax", "x_hbm_floor", "peak_extra_mib"]))
-        rows += sr
     for part, title in (("schedulers", "Drop-in diffusers schedulers: scheduler.step per step"),
                         ("loops", "Sampling loops (25 steps)"), ("masked", "Masked-diffusion generation"),
                         ("invertible", "Invertible stack: fwd+bwd and memory"),
@@ -157,13 +190,6 @@ def main(argv=None):
         cols = list(dict.fromkeys(k for r in pr for k in r if k != "part"))
         print(_table([_fmt_row(r) for r in pr], cols))
         rows += [dict(r, part=part, **({"sub": r["part"]} if r.get("part", part) != part else {})) for r in pr]
-    os.makedirs(args.out, exist_ok=True)
-    tag = "gpu" if device.type == "cuda" else "cpu"
-    with open(os.path.join(args.out, f"bench_{tag}.json"), "w") as f:
-        json.dump(dict(info=info, rows=rows), f, indent=1, default=str)
-    if any(r.get("part") == "kernel" for r in rows):
-        plot(rows, os.path.join(args.out, f"solver_{tag}.png"))
-    return 0
 
 
 if __name__ == "__main__":
