@@ -373,3 +373,45 @@ def test_wide_logit_range_keeps_float64_range(backend):
     one = torch.tensor([[0.0, -299.0]])
     r1 = sample_categorical(one, temperature=1.0, seed=1, return_confidence=True, backend=backend)
     assert math.isclose(r1.margin.item(), (1 - math.exp(-299)) / (1 + math.exp(-299)), rel_tol=1e-12)
+
+
+_TDEV = torch.device("cuda") if torch.cuda.is_available() else CPU
+
+
+@pytest.mark.skipif("triton" not in pydiff.available_backends(_TDEV),
+                    reason="needs the Triton backend (a GPU or TRITON_INTERPRET=1)")
+def test_triton_tokens_and_probs_without_statistics_are_bit_identical():
+    """The Triton kernels' tokens + probability path (``want_stats=False``: no second maximum,
+    argmax or entropy sum per logit) gives the same tokens and probabilities bit for bit as the full
+    path, across dtypes, thresholds, masks, invalid rows, chunk boundaries and temperatures; its
+    statistics come back NaN, and temperature 0 computes them regardless."""
+    from pydiff.triton_kernels.sampling import sample_categorical_triton
+
+    dev = _TDEV
+    g = torch.Generator().manual_seed(11)
+    cases = ((5, 1, torch.float32), (7, 4099, torch.bfloat16), (3, 9000, torch.float16), (9, 97, torch.float32))
+    for R, V, dtype in cases:
+        x = (torch.randn(R, V, generator=g) * 4).to(dtype)
+        if V > 2:
+            x[0, 1] = float("-inf")
+            x[-1, 2] = float("nan")  # an invalid row: token -2 on both paths
+        x = x.to(dev)
+        seeds = torch.arange(R, device=dev) * 7 + 3
+        offs = torch.arange(R, device=dev)
+        tau = (x.float().amax(1) - 3.0).contiguous()
+        mask = torch.arange(R, device=dev) % 3 != 1
+        for T in (1.0, 0.7, 1e-3):
+            for thr, rm in ((None, None), (tau, None), (None, mask), (tau, mask)):
+                full = sample_categorical_triton(x, thr, rm, seeds, offs, T)
+                lean = sample_categorical_triton(x, thr, rm, seeds, offs, T, want_stats=False)
+                assert torch.equal(full[0], lean[0]), (R, V, dtype, T)
+                assert torch.equal(full[1].nan_to_num(-1.0), lean[1].nan_to_num(-1.0)), (R, V, dtype, T)
+                assert lean[2].isnan().all()
+        full = sample_categorical_triton(x, None, None, seeds, offs, 0.0)
+        lean = sample_categorical_triton(x, None, None, seeds, offs, 0.0, want_stats=False)
+        assert torch.equal(full[0], lean[0]) and torch.equal(full[2].nan_to_num(-1.0), lean[2].nan_to_num(-1.0))
+    # the public entry takes the lean path unless confidences are asked for, with the same tokens
+    y = torch.randn(4, 300, generator=g).to(dev)
+    a = sample_categorical(y, seed=5, return_probs=True, backend="triton")
+    b = sample_categorical(y, seed=5, return_probs=True, return_confidence=True, backend="triton")
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.probs, b.probs) and not b.top1.isnan().any()

@@ -97,6 +97,9 @@ cases["cfg_rescale"] = (ts, lambda: ts.cfg_rescale_triton(rnd(2, 3, 17), rnd(2, 
 for dt in (torch.float32, torch.bfloat16, torch.float16):
     cases[f"sampling_{dt}"] = (tsm, lambda dt=dt: tsm.sample_categorical_triton(
         rnd(4, 126464, dt=dt), None, None, torch.arange(4), torch.zeros(4, dtype=torch.int64), 1.0))
+cases["sampling_lean_bf16"] = (tsm, lambda: tsm.sample_categorical_triton(
+    rnd(4, 126464, dt=torch.bfloat16), None, None, torch.arange(4), torch.zeros(4, dtype=torch.int64), 1.0,
+    want_stats=False))
 cases["sampling_topk_mask_argmax"] = (tsm, lambda: tsm.sample_categorical_triton(
     rnd(5, 1001), rnd(5), torch.ones(5, dtype=torch.bool), torch.arange(5), torch.zeros(5, dtype=torch.int64), 0.0))
 cases["coupling_fp32"] = (ti, lambda: ti.coupling_update_triton(rnd(1000), rnd(1000), 1.0, 0.5))

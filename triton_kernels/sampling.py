@@ -1,10 +1,12 @@
 """Triton kernels of exact categorical sampling (definition: :mod:`pydiff.reference.sampling`).
 
-Kernel 1, grid (chunks, rows): one read of each chunk of logits; the chunk's max, second max
-(with multiplicity), first argmax, NaN/+inf flag, and the float64 sums of ``e = exp((l - m_c)/T)``
-and ``e * (l - m_c)/T`` (``e`` by :func:`_exp_neg`, as the CUDA and C++ kernels compute it).  Kernel 2, one program per row: combines the chunk partials, draws the
-counter-based float64 uniform, picks the chunk by the cumulative weighted sums and rescans it with
-a float64 prefix sum to pick the token.  Extra memory: ``rows x chunks`` partials.
+Kernel 1, grid (chunks, rows): one read of each chunk of logits; the chunk's max, NaN/+inf flag
+and the float64 sum of ``e = exp((l - m_c)/T)`` (``e`` by :func:`_exp_neg`, as the CUDA and C++
+kernels compute it); with the statistics (``STATS``) also the second max (with multiplicity), the
+first argmax and the float64 sum of ``e * (l - m_c)/T``.  Kernel 2, one program per row: combines
+the chunk partials, draws the counter-based float64 uniform, picks the chunk by the cumulative
+weighted sums and rescans it with a float64 prefix sum to pick the token.  Extra memory:
+``rows x chunks`` partials.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def _exp_neg(x):
 
 @triton.jit
 def _partial_kernel(logits_ptr, thr_ptr, mask_ptr, pm1, pm2, ps, pt, parg, pbad, V, row_stride, nchunks, inv_t,
-                    HAS_T: tl.constexpr, HAS_M: tl.constexpr, CHUNK: tl.constexpr):
+                    HAS_T: tl.constexpr, HAS_M: tl.constexpr, CHUNK: tl.constexpr, STATS: tl.constexpr):
     c = tl.program_id(0)
     r = tl.program_id(1).to(tl.int64)
     offs = c.to(tl.int64) * CHUNK + tl.arange(0, CHUNK).to(tl.int64)
@@ -64,29 +66,30 @@ def _partial_kernel(logits_ptr, thr_ptr, mask_ptr, pm1, pm2, ps, pt, parg, pbad,
     else:
         kv = tl.where(x == x, x, float("-inf"))
     m1 = tl.max(kv, 0)
-    cnt = tl.sum((kv == m1).to(tl.int32), 0)
-    below = tl.max(tl.where(kv < m1, kv, float("-inf")), 0)
-    m2 = tl.where((cnt > 1) & (m1 > float("-inf")), m1, below)
-    arg = tl.min(tl.where((kv == m1) & (kv > float("-inf")), offs, 2 ** 62), 0)
     m1s = tl.where(m1 > float("-inf"), m1, 0.0)
     xs = (kv - m1s) * inv_t
     e = tl.where(kv > float("-inf"), _exp_neg(xs), 0.0)
     s = tl.sum(e, 0)
-    t = tl.sum(tl.where(e > 0, e * xs.to(tl.float64), 0.0), 0)
     i = r * nchunks + c
     tl.store(pm1 + i, m1)
-    tl.store(pm2 + i, m2)
     tl.store(ps + i, s)
-    tl.store(pt + i, t)
-    tl.store(parg + i, arg)
     tl.store(pbad + i, bad)
+    if STATS:  # second max (with multiplicity), first argmax, entropy sum: the statistics and T = 0
+        cnt = tl.sum((kv == m1).to(tl.int32), 0)
+        below = tl.max(tl.where(kv < m1, kv, float("-inf")), 0)
+        m2 = tl.where((cnt > 1) & (m1 > float("-inf")), m1, below)
+        arg = tl.min(tl.where((kv == m1) & (kv > float("-inf")), offs, 2 ** 62), 0)
+        t = tl.sum(tl.where(e > 0, e * xs.to(tl.float64), 0.0), 0)
+        tl.store(pm2 + i, m2)
+        tl.store(pt + i, t)
+        tl.store(parg + i, arg)
 
 
 @triton.jit
 def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, pm2, ps, pt, parg, pbad,
                    tok_ptr, prob_ptr, stats_ptr, V, row_stride, nchunks, t_stat, inv_t,
                    ARGMAX: tl.constexpr, HAS_T: tl.constexpr, HAS_M: tl.constexpr, NCP: tl.constexpr,
-                   CHUNK: tl.constexpr):
+                   CHUNK: tl.constexpr, STATS: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     on = 1
     if HAS_M:
@@ -95,28 +98,30 @@ def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, p
     cv = ci < nchunks
     base = r * nchunks
     m1 = tl.load(pm1 + base + ci, mask=cv, other=float("-inf"))
-    m2 = tl.load(pm2 + base + ci, mask=cv, other=float("-inf"))
     s = tl.load(ps + base + ci, mask=cv, other=0.0)
-    t = tl.load(pt + base + ci, mask=cv, other=0.0)
-    arg = tl.load(parg + base + ci, mask=cv, other=2 ** 62)
     bad = tl.max(tl.load(pbad + base + ci, mask=cv, other=0), 0)
     if HAS_T:
         tau = tl.load(thr_ptr + r)
         bad = bad | (tau != tau).to(tl.int32)
     M = tl.max(m1, 0)
-    cnt = tl.sum((m1 == M).to(tl.int32), 0)
-    M2 = tl.maximum(tl.max(tl.where(m1 < M, m1, float("-inf")), 0), tl.max(tl.where(m1 == M, m2, float("-inf")), 0))
-    M2 = tl.where(cnt > 1, M, M2)
-    first = tl.min(tl.where(m1 == M, arg, 2 ** 62), 0)
     Md = tl.where(M > float("-inf"), M, 0.0).to(tl.float64)
     off = (m1.to(tl.float64) - Md) / t_stat
     w = tl.where(s > 0, tl.exp(off), 0.0)
     inc = s * w
     Z = tl.sum(inc, 0)
-    tsum = tl.sum(tl.where(s > 0, w * (t + s * off), 0.0), 0)
     top1 = 1.0 / Z
-    margin = (1.0 - tl.exp((M2.to(tl.float64) - Md) / t_stat)) / Z
-    ent = tl.log(Z) - tsum / Z
+    if STATS:
+        m2 = tl.load(pm2 + base + ci, mask=cv, other=float("-inf"))
+        t = tl.load(pt + base + ci, mask=cv, other=0.0)
+        arg = tl.load(parg + base + ci, mask=cv, other=2 ** 62)
+        cnt = tl.sum((m1 == M).to(tl.int32), 0)
+        M2 = tl.maximum(tl.max(tl.where(m1 < M, m1, float("-inf")), 0),
+                        tl.max(tl.where(m1 == M, m2, float("-inf")), 0))
+        M2 = tl.where(cnt > 1, M, M2)
+        first = tl.min(tl.where(m1 == M, arg, 2 ** 62), 0)
+        tsum = tl.sum(tl.where(s > 0, w * (t + s * off), 0.0), 0)
+        margin = (1.0 - tl.exp((M2.to(tl.float64) - Md) / t_stat)) / Z
+        ent = tl.log(Z) - tsum / Z
     invalid = (bad != 0) | (M == float("-inf"))
     if ARGMAX:
         tok = first
@@ -159,13 +164,25 @@ def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, p
     keep_stats = (on != 0) & (invalid == 0)
     tl.store(tok_ptr + r, tok)
     tl.store(prob_ptr + r, tl.where(on != 0, prob, nan))
-    tl.store(stats_ptr + 3 * r, tl.where(keep_stats, top1, nan))
-    tl.store(stats_ptr + 3 * r + 1, tl.where(keep_stats, margin, nan))
-    tl.store(stats_ptr + 3 * r + 2, tl.where(keep_stats, ent, nan))
+    if STATS:
+        tl.store(stats_ptr + 3 * r, tl.where(keep_stats, top1, nan))
+        tl.store(stats_ptr + 3 * r + 1, tl.where(keep_stats, margin, nan))
+        tl.store(stats_ptr + 3 * r + 2, tl.where(keep_stats, ent, nan))
+    else:
+        tl.store(stats_ptr + 3 * r, nan)
+        tl.store(stats_ptr + 3 * r + 1, nan)
+        tl.store(stats_ptr + 3 * r + 2, nan)
 
 
-def sample_categorical_triton(logits, threshold, row_mask, seeds, offsets, temperature, chunk: int = CHUNK):
-    """Launch the two kernels; arguments and outputs as ``torch.ops.pydiff.sample_categorical``."""
+def sample_categorical_triton(logits, threshold, row_mask, seeds, offsets, temperature, chunk: int = CHUNK,
+                              want_stats: bool = True):
+    """Launch the two kernels; arguments and outputs as ``torch.ops.pydiff.sample_categorical``.
+
+    ``want_stats=False`` (the tokens + probability path): the partial kernel skips what only the
+    statistics need (second maximum and its count, first argmax, the entropy sum), about a third of
+    its per-logit instructions; the tokens and probabilities are bit-identical and the statistics
+    come back NaN.  Temperature 0 (argmax) always computes them."""
+    want_stats = bool(want_stats) or temperature == 0
     R, V = logits.shape
     dev = logits.device
     if logits.stride(1) != 1:
@@ -193,9 +210,9 @@ def sample_categorical_triton(logits, threshold, row_mask, seeds, offsets, tempe
     seeds, offsets = seeds.contiguous(), offsets.contiguous()
     _partial_kernel[(nchunks, R)](logits, thr, msk, pm1, pm2, ps, pt, parg, pbad, V, row_stride, nchunks,
                                   inv_t, HAS_T=threshold is not None, HAS_M=row_mask is not None,
-                                  CHUNK=chunk)
+                                  CHUNK=chunk, STATS=want_stats)
     _select_kernel[(R,)](logits, thr, msk, seeds, offsets, pm1, pm2, ps, pt, parg, pbad, tokens, prob, stats, V,
                          row_stride, nchunks, t_stat, inv_t, ARGMAX=temperature == 0,
                          HAS_T=threshold is not None, HAS_M=row_mask is not None,
-                         NCP=max(2, triton.next_power_of_2(nchunks)), CHUNK=chunk)
+                         NCP=max(2, triton.next_power_of_2(nchunks)), CHUNK=chunk, STATS=want_stats)
     return tokens, prob, stats

@@ -33,10 +33,10 @@ def _torch_impl(logits, threshold, row_mask, seeds, offsets, temperature):
     return sample_categorical_ref(logits, seeds, offsets, temperature, threshold, row_mask)
 
 
-def _triton_impl(logits, threshold, row_mask, seeds, offsets, temperature):
+def _triton_impl(logits, threshold, row_mask, seeds, offsets, temperature, want_stats=True):
     from pydiff.triton_kernels.sampling import sample_categorical_triton
 
-    return sample_categorical_triton(logits, threshold, row_mask, seeds, offsets, temperature)
+    return sample_categorical_triton(logits, threshold, row_mask, seeds, offsets, temperature, want_stats=want_stats)
 
 
 if not _ext.has_cpu_kernels():
@@ -195,8 +195,8 @@ def sample_categorical(
     args = (lg, tau, row_mask, seeds_r.contiguous(), offsets_r.contiguous(), T)
     if name in ("cuda", "cpu"):
         tokens, prob, stats = torch.ops.pydiff.sample_categorical(*args)
-    elif name == "triton":
-        tokens, prob, stats = _triton_impl(*args)
+    elif name == "triton":  # without return_confidence the kernels skip the statistics
+        tokens, prob, stats = _triton_impl(*args, want_stats=return_confidence)
     else:
         tokens, prob, stats = _torch_impl(*args)
     if on_invalid == "raise" and R > 0 and bool((tokens == -2).any()):
