@@ -72,3 +72,32 @@ def test_gpu_rows_times_vocab_beyond_int32():
         tok = sample_categorical(logits, seed=1, on_invalid="flag", backend=b)
         assert tok[-1].item() == V - 1 and (tok >= 0).all(), b
     del logits
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_tokens_and_probs_without_statistics_are_bit_identical(dtype):
+    """``want_stats=False`` (what ``sample_categorical`` passes unless confidences are asked for):
+    the CUDA and Triton kernels skip the per-logit statistics work and give the same tokens and
+    probabilities bit for bit, NaN statistics; temperature 0 computes them regardless."""
+    g = torch.Generator(device=GPU).manual_seed(4)
+    x = (torch.randn(37, 12289, device=GPU, generator=g) * 3).to(dtype)
+    x[3, 5] = float("nan")
+    x[4] = float("-inf")
+    s = torch.arange(37, device=GPU) * 11 + 1
+    o = torch.arange(37, device=GPU)
+    tau = (x.float().amax(1) - 2.0).contiguous()
+    mask = torch.arange(37, device=GPU) % 5 != 2
+    from pydiff.ops.sampling import _triton_impl
+
+    ops = {"cuda": torch.ops.pydiff.sample_categorical, "triton": _triton_impl}
+    for b in [b for b in ops if b in pydiff.available_backends(GPU)]:
+        for T in (1.0, 0.3, 0.0):
+            for thr, rm in ((None, None), (tau, mask)):
+                full = ops[b](x, thr, rm, s, o, T, True)
+                lean = ops[b](x, thr, rm, s, o, T, False)
+                assert torch.equal(full[0], lean[0]), (b, T)
+                assert torch.equal(full[1].nan_to_num(-1.0), lean[1].nan_to_num(-1.0)), (b, T)
+                if T > 0:
+                    assert lean[2].isnan().all(), (b, T)
+                else:
+                    assert torch.equal(full[2].nan_to_num(-1.0), lean[2].nan_to_num(-1.0)), (b, T)

@@ -12,10 +12,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_categorical_cuda_op(const 
                                                                           const std::optional<at::Tensor>& row_mask,
                                                                           const at::Tensor& seeds,
                                                                           const at::Tensor& offsets,
-                                                                          double temperature) {
+                                                                          double temperature, bool want_stats) {
   TORCH_CHECK_VALUE(logits.is_cuda(), "logits: expected a CUDA tensor, got ", logits.device());
   c10::cuda::CUDAGuard guard(logits.device());
   SampleCall c = make_sample_call(logits, threshold, row_mask, seeds, offsets, temperature);
+  c.args.want_stats = want_stats;
   at::Tensor ws = at::empty({std::max<int64_t>(1, sample_categorical_cuda_workspace(c.args.rows, c.args.vocab))},
                             logits.options().dtype(at::kByte));
   const int err = sample_categorical_cuda(c.args, ws.data_ptr(),

@@ -73,7 +73,9 @@ __device__ __forceinline__ void merge_top2(float& m1, float& m2, int64_t& arg, f
   }
 }
 
-template <typename T>
+// STATS = false (tokens + prob, temperature > 0): per logit only the max, the NaN/+inf flag and the
+// float64 sum; the second max, first argmax and entropy sum (statistics and argmax only) are skipped.
+template <typename T, bool STATS>
 __global__ void __launch_bounds__(kThreads) partial_kernel(SampleArgs a, Partial* __restrict__ part, int nchunks) {
   const int64_t row = blockIdx.y;
   const int c = blockIdx.x;
@@ -95,16 +97,25 @@ __global__ void __launch_bounds__(kThreads) partial_kernel(SampleArgs a, Partial
     }
     const float kv = x >= tau ? x : -INFINITY;
     v[j] = i < a.vocab ? kv : -INFINITY;
-    merge_top2(m1, m2, arg, v[j], -INFINITY, (i < a.vocab && v[j] > -INFINITY) ? i : -1);
+    if (STATS) {
+      merge_top2(m1, m2, arg, v[j], -INFINITY, (i < a.vocab && v[j] > -INFINITY) ? i : -1);
+    } else {
+      m1 = fmaxf(m1, v[j]);
+    }
   }
   // block reduce (m1, m2, arg, bad)
   __shared__ float sm1[kThreads / 32], sm2[kThreads / 32];
   __shared__ int64_t sarg[kThreads / 32];
   __shared__ int sbad[kThreads / 32];
   for (int o = 16; o > 0; o >>= 1) {
-    const float o1 = __shfl_xor_sync(0xffffffffu, m1, o), o2 = __shfl_xor_sync(0xffffffffu, m2, o);
-    const int64_t oa = __shfl_xor_sync(0xffffffffu, arg, o);
-    merge_top2(m1, m2, arg, o1, o2, oa);
+    const float o1 = __shfl_xor_sync(0xffffffffu, m1, o);
+    if (STATS) {
+      const float o2 = __shfl_xor_sync(0xffffffffu, m2, o);
+      const int64_t oa = __shfl_xor_sync(0xffffffffu, arg, o);
+      merge_top2(m1, m2, arg, o1, o2, oa);
+    } else {
+      m1 = fmaxf(m1, o1);
+    }
     bad |= __shfl_xor_sync(0xffffffffu, bad, o);
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -112,7 +123,11 @@ __global__ void __launch_bounds__(kThreads) partial_kernel(SampleArgs a, Partial
   __syncthreads();
   m1 = sm1[0]; m2 = sm2[0]; arg = sarg[0]; bad = sbad[0];
   for (int w = 1; w < kThreads / 32; ++w) {
-    merge_top2(m1, m2, arg, sm1[w], sm2[w], sarg[w]);
+    if (STATS) {
+      merge_top2(m1, m2, arg, sm1[w], sm2[w], sarg[w]);
+    } else {
+      m1 = fmaxf(m1, sm1[w]);
+    }
     bad |= sbad[w];
   }
   // exponentials relative to the chunk max, float64 sums
@@ -125,11 +140,11 @@ __global__ void __launch_bounds__(kThreads) partial_kernel(SampleArgs a, Partial
       const float x = (v[j] - m1) * inv_tf;
       const double e = v[j] > -INFINITY ? exp_neg(x) : 0.0;
       s += e;
-      t += e > 0 ? e * double(x) : 0.0;
+      if (STATS) t += e > 0 ? e * double(x) : 0.0;
     }
   }
   s = warp_sum(s);
-  t = warp_sum(t);
+  if (STATS) t = warp_sum(t);
   __shared__ double ss[kThreads / 32], st[kThreads / 32];
   __syncthreads();
   if (lane == 0) { ss[warp] = s; st[warp] = t; }
@@ -174,20 +189,21 @@ __global__ void select_kernel(SampleArgs a, const Partial* __restrict__ part, in
     return;
   }
   const double t_stat = a.temperature == 0.0 ? 1.0 : a.temperature;
+  const bool stats = a.want_stats || a.temperature == 0.0;  // else m2, arg and t were not computed
   double Z = 0, tsum = 0;
   for (int c = lane; c < nchunks; c += 32) {
     if (P[c].s == 0.0) continue;
     const double off = (double(P[c].m1) - double(M)) / t_stat;
     const double w = exp(off);
     Z += P[c].s * w;
-    tsum += w * (P[c].t + P[c].s * off);
+    if (stats) tsum += w * (P[c].t + P[c].s * off);
   }
   Z = warp_sum(Z);
   tsum = warp_sum(tsum);
   if (lane == 0) {
-    st[0] = 1.0 / Z;
-    st[1] = (1.0 - exp((double(M2) - double(M)) / t_stat)) / Z;
-    st[2] = log(Z) - tsum / Z;
+    st[0] = stats ? 1.0 / Z : nan;
+    st[1] = stats ? (1.0 - exp((double(M2) - double(M)) / t_stat)) / Z : nan;
+    st[2] = stats ? log(Z) - tsum / Z : nan;
   }
   if (a.temperature == 0.0) {
     if (lane == 0) { a.tokens[row] = arg; a.prob[row] = 1.0 / Z; }
@@ -295,13 +311,21 @@ cudaError_t launch(const SampleArgs& a, void* ws, cudaStream_t s) {
     return cudaSuccess;
   }
   const int rows_per_block = 4;
+  const bool stats = a.want_stats || a.temperature == 0.0;
 #ifdef PYDIFF_CUDA_EMU
-  cuda_emu::launch(partial_kernel<T>, dim3(unsigned(nchunks), unsigned(a.rows)), dim3(kThreads), 0, s, a, part,
-                   nchunks);
+  if (stats)
+    cuda_emu::launch(partial_kernel<T, true>, dim3(unsigned(nchunks), unsigned(a.rows)), dim3(kThreads), 0, s, a,
+                     part, nchunks);
+  else
+    cuda_emu::launch(partial_kernel<T, false>, dim3(unsigned(nchunks), unsigned(a.rows)), dim3(kThreads), 0, s, a,
+                     part, nchunks);
   cuda_emu::launch(select_kernel<T>, dim3(unsigned((a.rows + rows_per_block - 1) / rows_per_block)),
                    dim3(32 * rows_per_block), 0, s, a, part, nchunks);
 #else
-  partial_kernel<T><<<dim3(unsigned(nchunks), unsigned(a.rows)), kThreads, 0, s>>>(a, part, nchunks);
+  if (stats)
+    partial_kernel<T, true><<<dim3(unsigned(nchunks), unsigned(a.rows)), kThreads, 0, s>>>(a, part, nchunks);
+  else
+    partial_kernel<T, false><<<dim3(unsigned(nchunks), unsigned(a.rows)), kThreads, 0, s>>>(a, part, nchunks);
   select_kernel<T><<<unsigned((a.rows + rows_per_block - 1) / rows_per_block), 32 * rows_per_block, 0, s>>>(
       a, part, nchunks);
 #endif

@@ -25,7 +25,7 @@ SCHEMAS = {
     "cfg_rescale": "cfg_rescale(Tensor model_cond, Tensor model_uncond, float guidance, float phi) -> Tensor",
     "sample_categorical": (
         "sample_categorical(Tensor logits, Tensor? threshold, Tensor? row_mask, Tensor seeds, Tensor offsets, "
-        "float temperature) -> (Tensor, Tensor, Tensor)"
+        "float temperature, bool want_stats=True) -> (Tensor, Tensor, Tensor)"
     ),
     # invertible blocks (pydiff/ops/invertible.py, pydiff/reference/invertible.py)
     "coupling_update": "coupling_update(Tensor x, Tensor f, float a, float b, Tensor? coeffs=None) -> Tensor",

@@ -23,14 +23,14 @@ from pydiff.reference.sampling import sample_categorical_ref
 
 
 @torch.library.register_fake("pydiff::sample_categorical", lib=lib)
-def _fake(logits, threshold, row_mask, seeds, offsets, temperature):
+def _fake(logits, threshold, row_mask, seeds, offsets, temperature, want_stats=True):
     r = logits.shape[0]
     return (logits.new_empty((r,), dtype=torch.int64), logits.new_empty((r,), dtype=torch.float64),
             logits.new_empty((r, 3), dtype=torch.float64))
 
 
-def _torch_impl(logits, threshold, row_mask, seeds, offsets, temperature):
-    return sample_categorical_ref(logits, seeds, offsets, temperature, threshold, row_mask)
+def _torch_impl(logits, threshold, row_mask, seeds, offsets, temperature, want_stats=True):
+    return sample_categorical_ref(logits, seeds, offsets, temperature, threshold, row_mask)  # statistics always
 
 
 def _triton_impl(logits, threshold, row_mask, seeds, offsets, temperature, want_stats=True):
@@ -192,11 +192,12 @@ def sample_categorical(
         tau = tm if tau is None else torch.maximum(tau, tm)
     row_mask = None if mask is None else mask.reshape(R)
     name = _backend.resolve(backend, dev)
-    args = (lg, tau, row_mask, seeds_r.contiguous(), offsets_r.contiguous(), T)
+    # without return_confidence the CUDA and Triton kernels skip the per-logit statistics work
+    args = (lg, tau, row_mask, seeds_r.contiguous(), offsets_r.contiguous(), T, bool(return_confidence))
     if name in ("cuda", "cpu"):
         tokens, prob, stats = torch.ops.pydiff.sample_categorical(*args)
-    elif name == "triton":  # without return_confidence the kernels skip the statistics
-        tokens, prob, stats = _triton_impl(*args, want_stats=return_confidence)
+    elif name == "triton":
+        tokens, prob, stats = _triton_impl(*args)
     else:
         tokens, prob, stats = _torch_impl(*args)
     if on_invalid == "raise" and R > 0 and bool((tokens == -2).any()):

@@ -26,6 +26,9 @@ struct SampleArgs {
   int64_t* tokens;           // [rows]
   double* prob;              // [rows]
   double* stats;             // [rows, 3]
+  // false: tokens + prob only (the CUDA kernel skips the per-logit statistics work and writes NaN
+  // statistics; the CPU kernel computes them regardless). Temperature 0 always computes them.
+  bool want_stats = true;
 };
 
 #ifdef __CUDACC__
