@@ -415,3 +415,29 @@ def test_triton_tokens_and_probs_without_statistics_are_bit_identical():
     a = sample_categorical(y, seed=5, return_probs=True, backend="triton")
     b = sample_categorical(y, seed=5, return_probs=True, return_confidence=True, backend="triton")
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.probs, b.probs) and not b.top1.isnan().any()
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the compiled CPU kernels")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_op_without_statistics_same_tokens_and_probs(dtype):
+    """The C++ kernel with ``want_stats=False``: no second maximum or entropy sum, the same tokens
+    and probabilities bit for bit (chunk edges, thresholds, masks, invalid rows), NaN statistics;
+    temperature 0 computes them regardless."""
+    g = torch.Generator().manual_seed(12)
+    x = (torch.randn(11, 9000, generator=g) * 4).to(dtype)
+    x[2, 7] = float("nan")
+    x[5] = float("-inf")
+    x[6, :100] = 40.0  # ties at the maximum
+    s, o = torch.arange(11) * 5 + 1, torch.arange(11)
+    tau = (x.float().amax(1) - 3.0).contiguous()
+    mask = torch.arange(11) % 4 != 3
+    for T in (1.0, 0.5, 0.0):
+        for thr, rm in ((None, None), (tau, mask)):
+            full = torch.ops.pydiff.sample_categorical(x, thr, rm, s, o, T, True)
+            lean = torch.ops.pydiff.sample_categorical(x, thr, rm, s, o, T, False)
+            assert torch.equal(full[0], lean[0]), T
+            assert torch.equal(full[1].nan_to_num(-1.0), lean[1].nan_to_num(-1.0)), T
+            if T > 0:
+                assert lean[2].isnan().all()
+            else:
+                assert torch.equal(full[2].nan_to_num(-1.0), lean[2].nan_to_num(-1.0))

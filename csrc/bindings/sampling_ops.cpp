@@ -12,7 +12,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_categorical_cpu_op(const a
                                                                          double temperature, bool want_stats) {
   TORCH_CHECK_VALUE(logits.device().is_cpu(), "logits: expected a CPU tensor, got ", logits.device());
   SampleCall c = make_sample_call(logits, threshold, row_mask, seeds, offsets, temperature);
-  c.args.want_stats = want_stats;  // the CPU kernel computes the statistics regardless
+  c.args.want_stats = want_stats;
   TORCH_CHECK(sample_categorical_cpu(c.args) == 0, "pydiff.sample_categorical: the CPU kernel rejected its arguments");
   return {c.tokens, c.prob, c.stats};
 }

@@ -81,9 +81,10 @@ PYDIFF_CLONES ChunkMax chunk_max(const float* __restrict__ l, int64_t n8, float 
 // exp(x) = p * 2^k: p = e^r by an fp32 polynomial on r = x - k ln2 (|r| <= ln2/2, relative error
 // ~2e-7), 2^k applied in float64, so values down to 1e-308 survive (fp32 would flush at 1e-38).
 // fast: every kept finite e of the chunk is a normal fp32 number (x >= -86), so e = p * 2^k is
-// formed exactly in fp32 and only widened to float64 for the sums.
+// formed exactly in fp32 and only widened to float64 for the sums. with_t = false: t is not summed
+// (the entropy statistic only).
 PYDIFF_CLONES void chunk_exp(const float* __restrict__ l, int64_t n8, float mc, float inv_t, float tau, bool fast,
-                             double* __restrict__ e, double* s_out, double* t_out) {
+                             bool with_t, double* __restrict__ e, double* s_out, double* t_out) {
   const v8f vmc = v8f{} + mc, vinv = v8f{} + inv_t, vtau = v8f{} + tau, lo = v8f{} - 1000.f;
   const v8f zero = v8f{};
   v4d s0 = v4d{}, s1 = v4d{}, t0 = v4d{}, t1 = v4d{};
@@ -124,8 +125,10 @@ PYDIFF_CLONES void chunk_exp(const float* __restrict__ l, int64_t n8, float mc, 
       }
       s0 += e0;
       s1 += e1;
-      t0 += e0 * x0;
-      t1 += e1 * x1;
+      if (with_t) {
+        t0 += e0 * x0;
+        t1 += e1 * x1;
+      }
       continue;
     }
     k = k < -1023 ? v8i{} - 1023 : k;  // biased exponent 0: scale 0
@@ -138,7 +141,7 @@ PYDIFF_CLONES void chunk_exp(const float* __restrict__ l, int64_t n8, float mc, 
       std::memcpy(&scale, &bits, sizeof scale);
       const v4d ev = __builtin_convertvector(ph, v4d) * scale;
       if (e) std::memcpy(e + i + 4 * h, &ev, sizeof ev);
-      const v4d tx = ev * __builtin_convertvector(xh, v4d);
+      const v4d tx = with_t ? ev * __builtin_convertvector(xh, v4d) : v4d{};
       if (h == 0) { s0 += ev; t0 += tx; } else { s1 += ev; t1 += tx; }
     }
   }
@@ -162,6 +165,7 @@ void sample_rows(const SampleArgs& a) {
   const int64_t nchunks = (V + C - 1) / C;
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const bool argmax = a.temperature == 0.0;
+  const bool stats = a.want_stats || argmax;  // else: no second max, no entropy sum, NaN statistics
   const double t_stat = argmax ? 1.0 : a.temperature;
   // clamped: for T < 1 / FLT_MAX, float(1 / T) = inf and (l - M) * inf = NaN at the max itself
   const float inv_t = std::min(float(1.0 / t_stat), std::numeric_limits<float>::max());
@@ -187,7 +191,7 @@ void sample_rows(const SampleArgs& a) {
       for (int64_t c = 0; c < nchunks; ++c) {
         const int64_t lo = c * C, n = std::min(C, V - lo);
         const int64_t n8 = load_chunk<T>(row + lo, n, lbuf.data());
-        const ChunkMax mx = chunk_max(lbuf.data(), n8, tau, M);
+        const ChunkMax mx = chunk_max(lbuf.data(), n8, tau, stats ? M : std::numeric_limits<float>::infinity());
         bad |= mx.bad;
         // merge top-2
         if (mx.m1 > M) {
@@ -203,7 +207,8 @@ void sample_rows(const SampleArgs& a) {
           cs[c] = ct[c] = 0.0;
           continue;
         }
-        chunk_exp(lbuf.data(), n8, mx.m1, inv_t, tau, (mx.mn - mx.m1) * inv_t >= -86.f, nullptr, &cs[c], &ct[c]);
+        chunk_exp(lbuf.data(), n8, mx.m1, inv_t, tau, (mx.mn - mx.m1) * inv_t >= -86.f, stats, nullptr, &cs[c],
+                  &ct[c]);
       }
       if (bad || M == kNegInf) {
         a.tokens[r] = -2;
@@ -221,9 +226,9 @@ void sample_rows(const SampleArgs& a) {
         Z += cs[c] * w;
         tsum += w * (ct[c] + cs[c] * off);
       }
-      st[0] = 1.0 / Z;
-      st[1] = (1.0 - std::exp((double(M2) - double(M)) / t_stat)) / Z;
-      st[2] = std::log(Z) - tsum / Z;
+      st[0] = stats ? 1.0 / Z : nan;
+      st[1] = stats ? (1.0 - std::exp((double(M2) - double(M)) / t_stat)) / Z : nan;
+      st[2] = stats ? std::log(Z) - tsum / Z : nan;
       int64_t tok = -1;
       double etok = 0;
       if (argmax) {
@@ -250,7 +255,7 @@ void sample_rows(const SampleArgs& a) {
         const int64_t n8 = load_chunk<T>(row + lo, n, lbuf.data());
         const ChunkMax mx = chunk_max(lbuf.data(), n8, tau, std::numeric_limits<float>::infinity());
         double s_unused, t_unused;
-        chunk_exp(lbuf.data(), n8, mx.m1, inv_t, tau, (mx.mn - mx.m1) * inv_t >= -86.f, ebuf.data(), &s_unused,
+        chunk_exp(lbuf.data(), n8, mx.m1, inv_t, tau, (mx.mn - mx.m1) * inv_t >= -86.f, false, ebuf.data(), &s_unused,
                   &t_unused);
         const double w = cm[c_sel];
         const double rem = (target - acc) / w;

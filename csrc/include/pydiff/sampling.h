@@ -26,8 +26,8 @@ struct SampleArgs {
   int64_t* tokens;           // [rows]
   double* prob;              // [rows]
   double* stats;             // [rows, 3]
-  // false: tokens + prob only (the CUDA kernel skips the per-logit statistics work and writes NaN
-  // statistics; the CPU kernel computes them regardless). Temperature 0 always computes them.
+  // false: tokens + prob only (the kernels skip the per-logit statistics work and write NaN
+  // statistics; the tokens and probabilities are the same). Temperature 0 always computes them.
   bool want_stats = true;
 };
 
