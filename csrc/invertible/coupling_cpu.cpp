@@ -13,12 +13,6 @@ namespace {
 
 constexpr int64_t kChunk = 1024;
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYDIFF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PYDIFF_CLONES
-#endif
-
 inline double to_double(double v) { return v; }
 template <typename T>
 inline double to_double(T v) { return double(to_float(v)); }

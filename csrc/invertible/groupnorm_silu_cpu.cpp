@@ -39,12 +39,6 @@ struct FtzGuard {
 constexpr int64_t kChunk = 1024;   // elements per buffer
 constexpr int64_t kTask = 8192;    // elements per task
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYDIFF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PYDIFF_CLONES
-#endif
-
 // exp for |x| <= 88: Cephes' expf polynomial after n = round(x log2 e), scaled by 2^n through the
 // exponent bits. Inputs outside [-87.3, 88.3] are clamped (silu and sigmoid saturate there).
 inline float exp_fast(float x) {

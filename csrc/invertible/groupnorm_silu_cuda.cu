@@ -21,6 +21,7 @@
 
 #include <cstdint>
 
+#include "pydiff/cuda_types.cuh"
 #include "pydiff/invertible.h"
 
 namespace pydiff {
@@ -35,10 +36,6 @@ constexpr size_t kEmuShOff = 0, kEmuStOff = 2 * 32 * sizeof(double), kEmuCcOff =
 constexpr size_t kEmuSmem = kEmuCcOff + 2 * sizeof(double);
 #endif
 
-__device__ __forceinline__ float tof(float v) { return v; }
-__device__ __forceinline__ float tof(__half v) { return __half2float(v); }
-__device__ __forceinline__ float tof(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ double tof(double v) { return v; }
 template <typename T> __device__ __forceinline__ T fromf(float v);
 template <typename T> __device__ __forceinline__ T fromf(double v);
 template <> __device__ __forceinline__ float fromf<float>(float v) { return v; }

@@ -30,12 +30,6 @@
 namespace pydiff {
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYDIFF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PYDIFF_CLONES
-#endif
-
 constexpr int64_t kMB = 16;          // rows of a tile
 constexpr int64_t kNB = 64;          // output channels of a tile
 constexpr int64_t kChunk = 1 << 15;  // products summed in int32 before widening to int64

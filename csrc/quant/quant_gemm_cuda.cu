@@ -51,6 +51,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "pydiff/cuda_types.cuh"
 #include "pydiff/quant.h"
 
 namespace pydiff {
@@ -160,14 +161,6 @@ __device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], 
 }
 #endif  // PYDIFF_CUDA_EMU
 
-__device__ __forceinline__ float load_f(const void* p, int64_t i, FloatType t) {
-  switch (t) {
-    case FloatType::kF16: return __half2float(static_cast<const __half*>(p)[i]);
-    case FloatType::kBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    case FloatType::kF64: return float(static_cast<const double*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
 
 template <typename T> __device__ __forceinline__ T from_f(float v);
 template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }

@@ -34,12 +34,6 @@
 namespace pydiff {
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYDIFF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PYDIFF_CLONES
-#endif
-
 // fp32 -> fp8 e4m3fn (bias 7, no infinities, 0x7f / 0xff = NaN, max 448 = 0x7e), round to nearest even.
 // Finite values beyond 448 saturate to +-448 (the kernel clamps first anyway); NaN -> 0x7f | sign.
 inline uint8_t float_to_e4m3(float f) {

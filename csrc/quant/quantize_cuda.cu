@@ -35,6 +35,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "pydiff/cuda_types.cuh"
 #include "pydiff/quant.h"
 
 namespace pydiff {
@@ -46,19 +47,6 @@ constexpr int kRows = kWarps * kRowsPerWarp;  // rows per CTA
 constexpr int kThreads = kWarps * 32;
 constexpr int kVec = 8;                       // channels per lane per chunk
 constexpr int kChunk = 32 * kVec;             // channels per chunk
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-__device__ __forceinline__ float load_f(const void* p, int64_t i, FloatType t) {
-  switch (t) {
-    case FloatType::kF16: return __half2float(static_cast<const __half*>(p)[i]);
-    case FloatType::kBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    case FloatType::kF64: return float(static_cast<const double*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
 
 // 8 consecutive elements -> fp32; vec: p is 16-byte aligned (x base aligned, K % 32 == 0, k % 8 == 0).
 __device__ __forceinline__ void load8(const float* p, bool vec, float (&o)[kVec]) {
@@ -76,10 +64,10 @@ __device__ __forceinline__ void load8(const T* p, bool vec, float (&o)[kVec]) {
     union { uint4 u; T e[8]; } r;
     r.u = *reinterpret_cast<const uint4*>(p);
 #pragma unroll
-    for (int v = 0; v < kVec; ++v) o[v] = to_f(r.e[v]);
+    for (int v = 0; v < kVec; ++v) o[v] = tof(r.e[v]);
   } else {
 #pragma unroll
-    for (int v = 0; v < kVec; ++v) o[v] = to_f(p[v]);
+    for (int v = 0; v < kVec; ++v) o[v] = tof(p[v]);
   }
 }
 
@@ -134,7 +122,7 @@ template <typename TX>
 __device__ __forceinline__ void ln_stats(const QLaunch& L, int64_t m, int lane, double& mean, double& rstd) {
   const int64_t K = L.a.K;
   const TX* row = static_cast<const TX*>(L.a.x) + m * K;
-  const double x0 = double(to_f(row[0]));
+  const double x0 = double(tof(row[0]));
   double s1 = 0.0, s2 = 0.0;
   for (int64_t k = int64_t(lane) * kVec; k < K; k += kChunk) {
     float xv[kVec];
@@ -175,7 +163,7 @@ __device__ __forceinline__ void lora_chunk(const QLaunch& L, int64_t c0, int nk,
 #pragma unroll
     for (int i = 0; i < kRows; ++i) acc[i] = 0.f;
     for (int kk = ks; kk < nk; kk += L.ks) {
-      const float w = to_f(ld[(c0 + kk) * R + r]);  // a warp reads 32 consecutive r: coalesced
+      const float w = tof(ld[(c0 + kk) * R + r]);  // a warp reads 32 consecutive r: coalesced
       const float4* yv = reinterpret_cast<const float4*>(yT_s + kk * kRows);  // broadcast
       const int sw = yt_swizzle(kk);
 #pragma unroll

@@ -13,12 +13,6 @@
 #include "pydiff/cpu_types.h"
 #include "pydiff/sampling.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYDIFF_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define PYDIFF_CLONES
-#endif
-
 namespace pydiff {
 namespace {
 
@@ -42,7 +36,7 @@ __attribute__((always_inline)) inline v8f load8(const float* p) { v8f v; std::me
 __attribute__((always_inline)) inline float hmax(v8f v) { float m = v[0]; for (int j = 1; j < 8; ++j) m = v[j] > m ? v[j] : m; return m; }
 
 // n8: n rounded up to 8, the tail padded with -inf by the caller.
-PYDIFF_CLONES ChunkMax chunk_max(const float* __restrict__ l, int64_t n8, float tau, float need_second_from) {
+PYDIFF_CLONES_AVX2 ChunkMax chunk_max(const float* __restrict__ l, int64_t n8, float tau, float need_second_from) {
   const v8f ninf = v8f{} + kNegInf, pinf = v8f{} - kNegInf, vtau = v8f{} + tau;
   v8f m = ninf, mn = pinf;
   v8i bad = v8i{};
@@ -83,7 +77,7 @@ PYDIFF_CLONES ChunkMax chunk_max(const float* __restrict__ l, int64_t n8, float 
 // fast: every kept finite e of the chunk is a normal fp32 number (x >= -86), so e = p * 2^k is
 // formed exactly in fp32 and only widened to float64 for the sums. with_t = false: t is not summed
 // (the entropy statistic only).
-PYDIFF_CLONES void chunk_exp(const float* __restrict__ l, int64_t n8, float mc, float inv_t, float tau, bool fast,
+PYDIFF_CLONES_AVX2 void chunk_exp(const float* __restrict__ l, int64_t n8, float mc, float inv_t, float tau, bool fast,
                              bool with_t, double* __restrict__ e, double* s_out, double* t_out) {
   const v8f vmc = v8f{} + mc, vinv = v8f{} + inv_t, vtau = v8f{} + tau, lo = v8f{} - 1000.f;
   const v8f zero = v8f{};

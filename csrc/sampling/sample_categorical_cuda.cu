@@ -16,6 +16,7 @@
 #include <cfloat>
 #include <cstdint>
 
+#include "pydiff/cuda_types.cuh"
 #include "pydiff/sampling.h"
 
 namespace pydiff {
@@ -31,10 +32,6 @@ struct Partial {
   int64_t arg;      // first index of m1 in the row (-1 if none kept)
   int bad, pad;     // NaN / +inf seen
 };
-
-__device__ __forceinline__ float tof(float v) { return v; }
-__device__ __forceinline__ float tof(__half v) { return __half2float(v); }
-__device__ __forceinline__ float tof(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 __device__ __forceinline__ double exp_neg(float x) {
   x = fmaxf(x, -1000.f);

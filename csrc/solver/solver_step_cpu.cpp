@@ -37,12 +37,6 @@ inline void store(void* p, int64_t off, int64_t n, const float* __restrict__ src
   for (int64_t i = 0; i < n; ++i) dst[i] = from_float<T>(src[i]);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYDIFF_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define PYDIFF_CLONES
-#endif
-
 struct Coef {
   float g, px, pm, ex, em, ed;
   float a0[4], a1[4];  // x m d e terms of the two outputs
@@ -53,7 +47,7 @@ struct Coef {
 // m = (u + g (c - u)) * r (M holds c on entry; U may be null), then d, e and the x/m/d/e terms of
 // both outputs. Coefficients arrive by value, so the loops keep them in registers and vectorise.
 // O1 == nullptr: the history output is not written, and not computed.
-PYDIFF_CLONES void chunk_math(const Coef k, int64_t n, const float* __restrict__ X, const float* __restrict__ C,
+PYDIFF_CLONES_AVX2 void chunk_math(const Coef k, int64_t n, const float* __restrict__ X, const float* __restrict__ C,
                               const float* __restrict__ U, float r, float* __restrict__ M, float* __restrict__ O0,
                               float* __restrict__ O1) {
   if (!C) {
@@ -87,7 +81,7 @@ PYDIFF_CLONES void chunk_math(const Coef k, int64_t n, const float* __restrict__
   }
 }
 
-PYDIFF_CLONES void chunk_axpy2(int64_t n, const float* __restrict__ B, float w0, float w1, float* __restrict__ O0,
+PYDIFF_CLONES_AVX2 void chunk_axpy2(int64_t n, const float* __restrict__ B, float w0, float w1, float* __restrict__ O0,
                                float* __restrict__ O1) {
   if (!O1) {
     for (int64_t i = 0; i < n; ++i) O0[i] += w0 * B[i];

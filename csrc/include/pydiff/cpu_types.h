@@ -3,6 +3,16 @@
 #include <cstdint>
 #include <cstring>
 
+// Function multi-versioning for the vectorised CPU loops (gcc on x86-64, resolved once at load time):
+// PYDIFF_CLONES adds AVX-512 and AVX2 clones, PYDIFF_CLONES_AVX2 only the AVX2 one.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PYDIFF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define PYDIFF_CLONES_AVX2 __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define PYDIFF_CLONES
+#define PYDIFF_CLONES_AVX2
+#endif
+
 namespace pydiff {
 
 struct half_t { uint16_t bits; };
