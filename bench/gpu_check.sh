@@ -5,6 +5,7 @@
 # so a hang or a crash in one part still returns the others.  Meant for the device machine:
 #   bash bench/gpu_check.sh                  (about 5 minutes; results under ${OUT:-bench/results})
 #   GPU_CHECK_PARTS="solver,quant" bash bench/gpu_check.sh      (a subset of bench/run.py's parts)
+#   GPU_CHECK_TESTS="test_quant_gpu.py" T_TUNE=0 bash bench/gpu_check.sh   (other tests; no tile sweep)
 # What comes back under $OUT (at most 8 files): build.log, gpu_tests.log, bench.log,
 # bench_gpu.json (all parts merged), tune_quant.json, summary.txt.  Deadline: T_TOTAL seconds
 # (default 345, under the 6 minutes issue 2 asks for; the build, when there is no prebuilt wheel,
@@ -48,12 +49,13 @@ tb=$(date +%s)
 # 2. GPU tests (parallel workers where pytest-xdist is there; a per-test limit where pytest-timeout is).
 XD=""; python3 -c "import xdist" 2> /dev/null && XD="-n 8 --dist loadfile"
 TO=""; python3 -c "import pytest_timeout" 2> /dev/null && TO="--timeout 120"
-(cd tests && timeout -k 10 "$(limit "$T_TESTS")" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider $XD $TO \
-  test_solver_gpu.py test_sampling_gpu.py test_invertible_gpu.py test_quant_gpu.py test_quant_triton.py \
-  test_quant_fused.py test_solver_op.py test_sampling.py test_samplers.py::test_gpu_whole_loop_without_host_sync \
-  test_samplers.py::test_gpu_cuda_graph_replay_equals_eager \
+TESTS=${GPU_CHECK_TESTS:-test_solver_gpu.py test_sampling_gpu.py test_invertible_gpu.py test_quant_gpu.py \
+  test_quant_triton.py test_quant_fused.py test_solver_op.py test_sampling.py \
+  test_samplers.py::test_gpu_whole_loop_without_host_sync test_samplers.py::test_gpu_cuda_graph_replay_equals_eager \
   test_samplers.py::test_gpu_cuda_graph_stochastic_matches_eager_with_generator \
-  test_samplers.py::test_gpu_cuda_graph_with_diffusers_unet_and_x0_trajectory) > "$OUTDIR/gpu_tests.log" 2>&1
+  test_samplers.py::test_gpu_cuda_graph_with_diffusers_unet_and_x0_trajectory}
+(cd tests && timeout -k 10 "$(limit "$T_TESTS")" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider $XD $TO \
+  $TESTS) > "$OUTDIR/gpu_tests.log" 2>&1
 echo "tests (rc $?, $(since) s): $(grep -E '(passed|failed|error)' "$OUTDIR/gpu_tests.log" | tail -1)"
 grep -E "^(FAILED|ERROR)" "$OUTDIR/gpu_tests.log" | head -20
 
