@@ -37,3 +37,19 @@ def _reset_backend():
 def pytest_configure(config):
     # the Triton interpreter evaluates masked-off lanes too (1/0 on invalid rows): numpy warns
     config.addinivalue_line("filterwarnings", "ignore::RuntimeWarning:triton.runtime.interpreter")
+
+
+_FAILLOG = os.environ.get("PYDIFF_FAILLOG")
+
+
+def pytest_runtest_logreport(report):
+    """With PYDIFF_FAILLOG=path, append each failure to that file as soon as it happens (the GPU check
+    runs under a hard time limit: a run cut short still says what failed and why). Written by the
+    controlling process only under pytest-xdist."""
+    if not _FAILLOG or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    text = report.longreprtext or ""
+    if len(text) > 2500:
+        text = text[:600] + "\n[...]\n" + text[-1900:]
+    with open(_FAILLOG, "a") as f:
+        f.write(f"=== FAILED {report.nodeid} ({report.when})\n{text}\n")
