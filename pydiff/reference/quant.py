@@ -118,7 +118,9 @@ def quantize_values(y: torch.Tensor, fmt: str, group_size: int):
     g = y.reshape(M, K // group_size, group_size)
     amax = g.abs().amax(dim=2)
     amax = torch.where(g.isnan().any(dim=2), torch.full_like(amax, float("nan")), amax)
-    scales = amax / qmax
+    # a tensor divisor: torch turns division by a Python scalar into a multiply by its reciprocal on
+    # CUDA (not correctly rounded); the kernels divide (IEEE), as this does on every device
+    scales = amax / torch.full_like(amax, qmax)
     ok = torch.isfinite(scales) & (scales > 0)
     scales = torch.where(torch.isfinite(scales), scales, torch.full_like(scales, float("nan")))
     div = torch.where(ok, scales, torch.ones_like(scales))[:, :, None]
