@@ -52,8 +52,9 @@ def _exp_neg(x):
 @triton.jit
 def _partial_kernel(logits_ptr, thr_ptr, mask_ptr, pm1, pm2, ps, pt, parg, pbad, V, row_stride, nchunks, inv_t,
                     HAS_T: tl.constexpr, HAS_M: tl.constexpr, CHUNK: tl.constexpr, STATS: tl.constexpr):
-    c = tl.program_id(0)
-    r = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)  # one grid dimension (y and z stop at 65535 rows)
+    c = pid % nchunks
+    r = (pid // nchunks).to(tl.int64)
     offs = c.to(tl.int64) * CHUNK + tl.arange(0, CHUNK).to(tl.int64)
     valid = offs < V
     if HAS_M:
@@ -208,7 +209,7 @@ def sample_categorical_triton(logits, threshold, row_mask, seeds, offsets, tempe
     thr = threshold.contiguous() if threshold is not None else pm1
     msk = row_mask.contiguous() if row_mask is not None else pbad
     seeds, offsets = seeds.contiguous(), offsets.contiguous()
-    _partial_kernel[(nchunks, R)](logits, thr, msk, pm1, pm2, ps, pt, parg, pbad, V, row_stride, nchunks,
+    _partial_kernel[(nchunks * R,)](logits, thr, msk, pm1, pm2, ps, pt, parg, pbad, V, row_stride, nchunks,
                                   inv_t, HAS_T=threshold is not None, HAS_M=row_mask is not None,
                                   CHUNK=chunk, STATS=want_stats)
     _select_kernel[(R,)](logits, thr, msk, seeds, offsets, pm1, pm2, ps, pt, parg, pbad, tokens, prob, stats, V,
