@@ -30,14 +30,16 @@ from pydiff.ops.quant import quant_gemm, quant_gemm_quant, quantize
 from pydiff.reference.quant import q_dtype, quant_gemm_quant_ref, quantize_ref, unpack_int4
 
 from _aot import ptxas_path, run_script
-from _quant_util import check_lora_act2, step_diff, triton_quant_ok
+from _quant_util import check_lora_act2, fp8_mma_rel, step_diff, triton_quant_ok
 from _util import CPU, poison_allocator
 
 HAS_EXT = pydiff.build_info()["cpu_kernels"]
 
 
 BACKENDS = [b for b in ("cpu", "torch") if b in pydiff.available_backends(CPU)]
-ALL_BACKENDS = BACKENDS + (["triton"] if triton_quant_ok() else [])
+# the CPU-tensor tests run Triton in its interpreter (CI); on a GPU machine test_gpu_matches_reference
+# runs the compiled kernels
+ALL_BACKENDS = BACKENDS + (["triton"] if "triton" in pydiff.available_backends(CPU) else [])
 FMT_PAIRS = [("int4", "int4"), ("int8", "int8"), ("fp8", "fp8"), ("int4", "int8")]
 SIZES_M = (1, 3, 37)
 SIZES_NG = ((64, 32), (64, 64), (160, 32), (192, 32), (192, 64))  # (N, out_group_size); 160: tiles cut at N
@@ -103,15 +105,18 @@ def _compare(backend, args, kw, fmt, G, epilogue, out_fmt, G2, what, stats):
     assert q.dtype == q_dtype(out_fmt) and q.shape == qr.shape, f"{what}: q {q.dtype} {tuple(q.shape)}"
     assert s.dtype == torch.float32 and s.shape == (M, N // G2), f"{what}: scales {s.dtype} {tuple(s.shape)}"
     assert torch.isfinite(s).all() and (s > 0).all(), f"{what}: scales not written or not finite"
+    mma_rel = fp8_mma_rel(backend, fmt, q.device)  # Hopper's fp8 MMA (Triton): y within mma_rel of its magnitude
     rel = ((s.double() - sr.double()).abs() / sr.double()).max().item() if s.numel() else 0.0
-    assert rel <= 2e-6, f"{what}: scales differ by {rel:.3g} relative"
+    assert rel <= 2e-6 + 8 * mma_rel, f"{what}: scales differ by {rel:.3g} relative"
     d = step_diff(q, qr, out_fmt)
     assert d.numel() == 0 or d.max().item() <= 1, f"{what}: q differs by {d.max().item()} steps"
     if backend == "torch":
         assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr), what
         assert torch.equal(la, lr), what
     worst = check_lora_act2(la, lr, *args, kw["bias"], kw["lora_act"], kw["lora_up"], kw["smooth"], kw["lora_down"],
-                            fmt, G, epilogue, what)
+                            fmt, G, epilogue, what, mma_rel=mma_rel)
+    if mma_rel:
+        return  # q one step off near rounding boundaries is then expected (at most 1, checked above)
     stats[0] += int((d > 0).sum())
     stats[1] += d.numel()
     stats[2] = max(stats[2], rel)
@@ -458,10 +463,11 @@ def test_gpu_compile():
     Ada's 99 KB of shared memory.  Compiled in a subprocess (tests/_aot.py)."""
     res = run_script(_COMPILE_SCRIPT)
     lora2 = ["atom.global.gpu.relaxed.add", "tf32"]  # lora_act2: relaxed fp32 atomics, tf32x3 dot (fp32 accuracy)
-    expect = {"int4_sm90": ["wgmma.mma_async", ".s32.s8.s8", "cvt.rni.f32.f32", "max.NaN.f32", "div.rn.f32"],
+    # int4 on sm_90: the e4m3 tensor cores by default (triton_kernels/quant.py: _gemm_config)
+    expect = {"int4_sm90": ["wgmma.mma_async", ".f32.e4m3.e4m3", "cvt.rni.f32.f32", "max.NaN.f32", "div.rn.f32"],
               "fp8_sm89": ["mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32", "div.rn.f32"],
               "int8_int4_g96_sm80": ["mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32", "cvt.rni.f32.f32"],
-              "int4_lora2_sm90": [".s32.s8.s8", "cvt.rni.f32.f32"] + lora2,
+              "int4_lora2_sm90": [".f32.e4m3.e4m3", "cvt.rni.f32.f32"] + lora2,
               "int4_lora2_sm89": ["mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32"] + lora2,
               "int8_int4_g96_lora2_sm80": ["mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32"] + lora2}
     for case, want in expect.items():

@@ -28,8 +28,8 @@ import pydiff
 from pydiff.ops.quant import quant_gemm, quant_gemm_quant, quantize
 from pydiff.reference.quant import FORMATS, QMAX, q_dtype, q_values, quant_gemm_quant_ref, quant_gemm_ref, quantize_ref
 
-from _quant_util import (check_fp8_encoding, check_gemm, check_lora_act2, check_special_groups, codes, fp8_sweep_values,
-                         gemm_magnitude, special_groups_input, step_diff, triton_quant_ok)
+from _quant_util import (check_fp8_encoding, check_gemm, check_lora_act2, check_special_groups, codes, fp8_mma_rel,
+                         fp8_sweep_values, gemm_magnitude, special_groups_input, step_diff, triton_quant_ok)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none present)")
 GPU = torch.device("cuda")
@@ -218,7 +218,8 @@ def test_gpu_quant_gemm_matches_reference(backend, fmt):
         n_terms = K // G + R + (G if fmt == "fp8" else 0)  # fp8: the MMA sums a group in fp32
         assert torch.isfinite(out).all(), f"{backend} {fmt} case {i}: non-finite output"
         check_gemm(out[rows], ref, mag, n_terms, out_dtype,
-                    f"{backend} {fmt} M={M} N={N} K={K} G={G} R={R} bias={has_bias} {out_dtype}")
+                    f"{backend} {fmt} M={M} N={N} K={K} G={G} R={R} bias={has_bias} {out_dtype}",
+                    mma_rel=fp8_mma_rel(backend, fmt, GPU))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -288,25 +289,27 @@ def test_gpu_quant_gemm_adversarial_extremes(backend, case):
 def test_gpu_int4_on_f16_and_e4m3_tensor_cores_bit_equal(i4dot):
     """The Triton int4 GEMM on the f16 (1) or e4m3 (2, sm_89+) tensor cores gives the int8 path's
     output bit for bit at GPU tile shapes (random operands with bias and low-rank terms, and the
-    fused quant_gemm_quant), and the exact result for all -8 x -8 at K = 16384 (groups of 64 and
-    of 4096, the widest the e4m3 path takes)."""
+    fused quant_gemm_quant; groups of 64 and of 128, the widest the e4m3 path takes: Hopper's fp8
+    accumulator keeps ~14 bits, and |D| <= 2^13 there), and the exact result for all -8 x -8 at
+    K = 16384 (groups of 64, 128 and 4096, where the e4m3 request falls back to fp16)."""
     from pydiff.triton_kernels import quant as tq
 
     M, N, K, R = 257, 384, 3072, 32
-    qa, sa, _ = quantize(_rand((M, K), torch.bfloat16, 1), "int4", 64, backend="triton")
-    qw, sw, _ = quantize(_rand((N, K), torch.bfloat16, 2), "int4", 64, backend="triton")
     b, la, lu = _rand((N,), torch.bfloat16, 3), _rand((M, R), torch.float32, 4), _rand((R, N), torch.bfloat16, 5)
-    for od in (torch.float32, torch.bfloat16):
-        ref = tq.quant_gemm_triton(qa, sa, qw, sw, b, la, lu, "int4", 64, od)
-        out = tq.quant_gemm_triton(qa, sa, qw, sw, b, la, lu, "int4", 64, od, _config={"i4dot": i4dot})
-        assert torch.equal(out, ref), (od, (out.float() - ref.float()).abs().max().item())
-    args = (qa, sa, qw, sw, b, la, lu, None, None, "int4", 64, "gelu_tanh", "int4", 64)
-    ref = tq.quant_gemm_quant_triton(*args)
-    out = tq.quant_gemm_quant_triton(*args, _config={"i4dot": i4dot})
-    assert all(torch.equal(x, y) for x, y in zip(out, ref))
+    for G in (64, 128):
+        qa, sa, _ = quantize(_rand((M, K), torch.bfloat16, 1), "int4", G, backend="triton")
+        qw, sw, _ = quantize(_rand((N, K), torch.bfloat16, 2), "int4", G, backend="triton")
+        for od in (torch.float32, torch.bfloat16):
+            ref = tq.quant_gemm_triton(qa, sa, qw, sw, b, la, lu, "int4", G, od, _config={"i4dot": 0})
+            out = tq.quant_gemm_triton(qa, sa, qw, sw, b, la, lu, "int4", G, od, _config={"i4dot": i4dot})
+            assert torch.equal(out, ref), (G, od, (out.float() - ref.float()).abs().max().item())
+        args = (qa, sa, qw, sw, b, la, lu, None, None, "int4", G, "gelu_tanh", "int4", 64)
+        ref = tq.quant_gemm_quant_triton(*args, _config={"i4dot": 0})
+        out = tq.quant_gemm_quant_triton(*args, _config={"i4dot": i4dot})
+        assert all(torch.equal(x, y) for x, y in zip(out, ref)), G
     K = 16384
     q = _filled("int4", -8, 129, K)
-    for G in (64, 4096):
+    for G in (64, 128, 4096):
         ones = torch.ones(129, K // G, device=GPU)
         out = tq.quant_gemm_triton(q, ones, q[:67], ones[:67], None, None, None, "int4", G, torch.float32,
                                    _config={"i4dot": i4dot})
@@ -333,7 +336,8 @@ def test_gpu_quant_gemm_misaligned_and_noncontiguous(backend, fmt):
                      out_dtype=torch.float32, backend=backend)
     ref = quant_gemm_ref(qa, sa, qw, sw, bias, la, lu_t, fmt, G, out_dtype=None)
     mag = gemm_magnitude(qa, sa, qw, sw, bias, la, lu_t, fmt, G)
-    check_gemm(out, ref, mag, K // G + 5 + (G if fmt == "fp8" else 0), torch.float32, f"{backend} {fmt}")
+    check_gemm(out, ref, mag, K // G + 5 + (G if fmt == "fp8" else 0), torch.float32, f"{backend} {fmt}",
+               mma_rel=fp8_mma_rel(backend, fmt, GPU))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -352,7 +356,8 @@ def test_gpu_quantize_then_gemm_end_to_end(backend):
                          backend=backend)
         ref = quant_gemm_ref(qa, sa, qw, sw, None, la, lu, fmt, G, out_dtype=None)
         mag = gemm_magnitude(qa, sa, qw, sw, None, la, lu, fmt, G)
-        check_gemm(out, ref, mag, K // G + R + (G if fmt == "fp8" else 0), torch.float32, f"{backend} {fmt}")
+        check_gemm(out, ref, mag, K // G + R + (G if fmt == "fp8" else 0), torch.float32, f"{backend} {fmt}",
+                   mma_rel=fp8_mma_rel(backend, fmt, GPU))
         full = x.double() @ w.double().T + (x.double() @ ld.double()) @ lu.double()
         rel = ((out.double() - full).norm() / full.norm()).item()
         assert rel < {"int4": 0.2, "int8": 0.02, "fp8": 0.1}[fmt], f"{backend} {fmt}: relative error {rel:.3f}"

@@ -16,6 +16,7 @@ import os
 import pytest
 import torch
 from _aot import ptxas_path, run_script
+from _quant_util import fp8_mma_rel
 
 from pydiff.reference.quant import (
     QMAX,
@@ -259,7 +260,8 @@ def test_quant_gemm(fmt, M, N, K, G, R, bias):
     out = tq.quant_gemm_triton(*ops, fmt, G, torch.float32)
     assert out.dtype == torch.float32 and out.shape == (M, N)
     err = (out.double() - ref).abs()
-    assert (err <= 1e-5 * mag + 1e-30).all(), f"max relative error {(err / (mag + 1e-30)).max().item():.2e}"
+    tol = 1e-5 + fp8_mma_rel("triton", fmt, DEV)
+    assert (err <= tol * mag + 1e-30).all(), f"max relative error {(err / (mag + 1e-30)).max().item():.2e}"
     # fp16 / bf16 outputs: the same fp32 accumulator, rounded to nearest even on the store
     for od in (torch.float16, torch.bfloat16):
         o = tq.quant_gemm_triton(*ops, fmt, G, od)
@@ -404,10 +406,10 @@ cases = {
                                                            "int4", 64, "layernorm", 1e-6)),
     "quantize_sm80": ((8, 0), lambda: tq.compile_for_gpu("quantize", (8, 0), x, None, None, None, None, "fp8", K,
                                                            "gelu_tanh", 1e-6)),
-    "gemm_int4_sm90": ((9, 0), lambda: gemm("int4", (9, 0))),
+    "gemm_int4_sm90": ((9, 0), lambda: gemm("int4", (9, 0), {"i4dot": 0})),
     "gemm_fp8_sm89": ((8, 9), lambda: gemm("fp8", (8, 9))),
     "gemm_int8_sm80": ((8, 0), lambda: gemm("int8", (8, 0))),
-    "gemm_int4_e4m3_sm90": ((9, 0), lambda: gemm("int4", (9, 0), {"i4dot": 2})),
+    "gemm_int4_e4m3_sm90": ((9, 0), lambda: gemm("int4", (9, 0))),  # the sm_90 default
     "gemm_int4_f16_sm80": ((8, 0), lambda: gemm("int4", (8, 0), {"i4dot": 1})),
 }
 for name, (cap, make) in cases.items():

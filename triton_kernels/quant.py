@@ -488,6 +488,14 @@ def _kstep(d, a_ptrs, w_ptrs, rmask, cmask, FMT: tl.constexpr, BM: tl.constexpr,
         if not DOT_FP8:
             a = _e4m3_decode_f16(a)
             w = _e4m3_decode_f16(w)
+    if DOT_FP8 or I4DOT == 2:
+        # Hopper's fp8 MMA keeps ~14 significant bits in its accumulator ("fast accumulation"; Triton's
+        # sm_90 default never promotes): promote into the fp32 ``d`` after every k-step of KB, so the
+        # truncation stays relative to one k-step's partial sum (measured: a 20 % loss at K = 12288
+        # without this).  The int4 group sums (|D| <= 64 G, G <= 128) are exact either way.
+        if FMT == 0:
+            return tl.dot(a, tl.trans(w), d, out_dtype=d.dtype, max_num_imprecise_acc=2 * KB)
+        return tl.dot(a, tl.trans(w), d, out_dtype=d.dtype, max_num_imprecise_acc=KB)
     return tl.dot(a, tl.trans(w), d, out_dtype=d.dtype)
 
 
@@ -598,7 +606,10 @@ def _gemm_config(M: int, N: int, K: int, G: int, R: int, fmt: str, cap):
         BM, BN, warps = 64, 256, 8  # 128x128 spills on sm_90 with the int4 unpacking in registers
     else:
         BM, BN, warps = 128, 128, 8
-    return dict(BM=BM, BN=BN, BK=BK, BR=16, GROUP_M=8, num_warps=warps, num_stages=3, i4dot=0)
+    # int4 on Hopper: the e4m3 tensor cores (i4dot 2) ran 1.15-1.22x faster than int8 (i4dot 0) at
+    # M = 4096, K, N in {3072, 12288} on an H100 (bench/tune_quant.py), same outputs bit for bit
+    i4dot = 2 if fmt == "int4" and _nv(cap, (9, 0)) else 0
+    return dict(BM=BM, BN=BN, BK=BK, BR=16, GROUP_M=8, num_warps=warps, num_stages=3, i4dot=i4dot)
 
 
 def _i4dot(cfg, fmt: str, G: int, interp: bool, cap) -> int:
@@ -608,10 +619,11 @@ def _i4dot(cfg, fmt: str, G: int, interp: bool, cap) -> int:
     accumulate each group in fp32, so the per-group epilogue is one multiply-add and a scale
     product: on Hopper, where that CUDA-core epilogue rivals the int8 MMA time at G = 64, fp8 may
     be the faster path.  All three give bit-identical outputs (exact group sums, same epilogue).
-    Default 0 until a GPU measurement (bench/tune_quant.py) says otherwise."""
+    Default: 2 on sm_90 (measured faster there, see ``_gemm_config``), 0 elsewhere."""
     mode = int(cfg.get("i4dot", 0)) if fmt == "int4" else 0
-    if mode == 2 and (interp or not _nv(cap, (8, 9)) or G > 4096):
-        mode = 1  # (Hopper's fp8 MMA accumulates with fewer bits: exact group sums measured to K = 12288)
+    if mode == 2 and (interp or not _nv(cap, (8, 9)) or G > 128):
+        mode = 1  # Hopper's fp8 MMA accumulates with ~14 bits: group sums of up to 128 int4 products
+        #           (|D| <= 2^13) are exact there, longer ones need not be
     return mode
 
 
