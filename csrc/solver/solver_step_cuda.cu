@@ -40,7 +40,8 @@ __device__ __forceinline__ void store_vec(void* p, int64_t i, const float* in) {
 // Elements [i, i + n) with n == VEC (vector path) or n < VEC at the tail (scalar path).
 template <typename T, int VEC, bool FULL>
 __device__ __forceinline__ void step_elems(const SolverStepArgs& a, const float* __restrict__ c, int64_t i, int n) {
-  float X[VEC], M[VEC], B[VEC], O0[VEC], O1[VEC];
+  constexpr int kPre = kMaxHistory < 3 ? kMaxHistory : 3;  // history entries loaded up front
+  float X[VEC], M[VEC], B[VEC], O0[VEC], O1[VEC], H[kPre][VEC], Z[VEC];
   auto ld = [&](const void* p, float* dst) {
     if (FULL) {
       load_vec<T, VEC>(p, i, dst);
@@ -52,11 +53,17 @@ __device__ __forceinline__ void step_elems(const SolverStepArgs& a, const float*
   const int k = a.num_history;
   const float* r0 = c + kHeadCoeffs;
   const float* r1 = r0 + kRowTerms + k;
+  // Every load first, back to back (the x0-statistics stores below could alias them otherwise, which
+  // keeps the compiler from hoisting later loads): one memory round trip per element, not two.
   ld(a.x, X);
+  if (a.model_cond) ld(a.model_cond, M);
+  if (a.model_cond && a.model_uncond) ld(a.model_uncond, B);
+#pragma unroll
+  for (int h = 0; h < kPre; ++h)
+    if (h < k) ld(a.history[h], H[h]);
+  if (a.noise) ld(a.noise, Z);
   if (a.model_cond) {
-    ld(a.model_cond, M);
     if (a.model_uncond) {
-      ld(a.model_uncond, B);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) M[j] = B[j] + c[0] * (M[j] - B[j]);
     }
@@ -83,17 +90,21 @@ __device__ __forceinline__ void step_elems(const SolverStepArgs& a, const float*
     }
   }
   if (a.noise) {
-    ld(a.noise, B);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) { O0[j] += r0[4] * B[j]; O1[j] += r1[4] * B[j]; }
+    for (int j = 0; j < VEC; ++j) { O0[j] += r0[4] * Z[j]; O1[j] += r1[4] * Z[j]; }
   }
 #pragma unroll
   for (int h = 0; h < kMaxHistory; ++h) {
     if (h < k) {
-      ld(a.history[h], B);
       const float w0 = r0[kRowTerms + h], w1 = r1[kRowTerms + h];
+      if (h < kPre) {
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) { O0[j] += w0 * B[j]; O1[j] += w1 * B[j]; }
+        for (int j = 0; j < VEC; ++j) { O0[j] += w0 * H[h < kPre ? h : 0][j]; O1[j] += w1 * H[h < kPre ? h : 0][j]; }
+      } else {  // longer histories (UniPC / PLMS orders > 3): the rest as before
+        ld(a.history[h], B);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) { O0[j] += w0 * B[j]; O1[j] += w1 * B[j]; }
+      }
     }
   }
   if (FULL) {
@@ -149,7 +160,7 @@ cudaError_t launch(const SolverStepArgs& a, cudaStream_t s) {
   if (ok) {
     const int64_t work = (a.numel / VEC) > 0 ? a.numel / VEC : 1;
     int64_t blocks = (work + threads - 1) / threads;
-    const int64_t cap = int64_t(sms > 0 ? sms : 132) * 8;
+    const int64_t cap = int64_t(sms > 0 ? sms : 132) * 64;  // one vector per thread up to ~8.6M vectors
     if (blocks > cap) blocks = cap;
 #ifdef PYDIFF_CUDA_EMU
     cuda_emu::launch(solver_step_kernel<T, VEC>, dim3(int(blocks)), dim3(threads), kMaxStepCoeffs * sizeof(float), s,
