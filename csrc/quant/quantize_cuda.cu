@@ -8,7 +8,8 @@
 //   q = 0 (and scale := NaN) when scale is not finite, q = 0 when scale == 0, else
 //   int: clamp(rint(y / scale), -QMAX - 1, QMAX); fp8: e4m3_rne(clamp(y / scale, -448, 448)).
 //
-// Organisation: a CTA of 8 warps owns 16 rows (2 per warp). Lanes own 8 consecutive channels of a
+// Organisation: a CTA of 8 warps owns 16 rows (2 per warp) with lora_down, of 4 warps 4 rows (1 per
+// warp: four times the CTAs, more loads in flight) without it. Lanes own 8 consecutive channels of a
 // 256-channel chunk (16-byte loads of bf16/fp16 x when aligned), so every 8-channel vector lies in
 // one group (G % 32 == 0) and a quad of lanes covers 32 channels of one group.
 //   0. LayerNorm only: per row, sums of (x - x0) and (x - x0)^2 in float64 (x0 = the row's first
@@ -41,10 +42,9 @@
 namespace pydiff {
 namespace {
 
-constexpr int kWarps = 8;
-constexpr int kRowsPerWarp = 2;
-constexpr int kRows = kWarps * kRowsPerWarp;  // rows per CTA
-constexpr int kThreads = kWarps * 32;
+constexpr int kLoraRows = 16;                 // rows per CTA of the lora_down instantiation
+constexpr int kLoraThreads = 256;             // its threads (8 warps, 2 rows each)
+constexpr int kRows = kLoraRows;              // (lora_chunk's accumulators)
 constexpr int kVec = 8;                       // channels per lane per chunk
 constexpr int kChunk = 32 * kVec;             // channels per chunk
 
@@ -233,8 +233,14 @@ __device__ __forceinline__ void store_q(const QLaunch& L, int64_t m, int64_t k, 
   }
 }
 
-template <QuantFormat FMT, typename TX>
-__global__ void __launch_bounds__(kThreads, 3) quantize_kernel(const QLaunch L) {
+// RPW rows per warp, WARPS warps: <2, 8> (16 rows a CTA) with lora_down (lora_chunk's layout needs
+// 16 rows); <1, 4> (4 rows a CTA, four times the CTAs) without it, for more loads in flight.
+template <QuantFormat FMT, typename TX, int RPW, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, 24 / WARPS) quantize_kernel(const QLaunch L) {
+  constexpr int kRowsPerWarp = RPW;
+  constexpr int kRows = RPW * WARPS;
+  constexpr int kThreads = WARPS * 32;
+  constexpr bool kLora = kRows == kLoraRows;
 #ifdef PYDIFF_CUDA_EMU
   unsigned char* smem = cuda_emu::dynamic_smem();
 #else
@@ -250,7 +256,7 @@ __global__ void __launch_bounds__(kThreads, 3) quantize_kernel(const QLaunch L) 
   const int64_t m0 = int64_t(blockIdx.x) * kRows;
 
   for (int64_t i = tid; i < kRows * Gn; i += kThreads) amax_s[i] = 0;
-  if (R > 0)
+  if (kLora && R > 0)
     for (int64_t i = tid; i < int64_t(L.ks) * kRows * R; i += kThreads) part_s[i] = 0.f;
 
   double mean[kRowsPerWarp], rstd[kRowsPerWarp];
@@ -285,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, 3) quantize_kernel(const QLaunch L) 
       am = max(am, __shfl_xor_sync(0xffffffffu, am, 1));
       am = max(am, __shfl_xor_sync(0xffffffffu, am, 2));
       if (act && (lane & 3) == 0) atomicMax(amax_s + lr * Gn + k / G, am);
-      if (R > 0) {
+      if (kLora && R > 0) {
 #pragma unroll
         for (int v = 0; v < kVec; ++v) {
           const int kk = lane * kVec + v;
@@ -293,7 +299,7 @@ __global__ void __launch_bounds__(kThreads, 3) quantize_kernel(const QLaunch L) 
         }
       }
     }
-    if (R > 0) {
+    if (kLora && R > 0) {
       __syncthreads();
       const int nk = int(K - c0 < kChunk ? K - c0 : kChunk);
       switch (a.lora_dtype) {
@@ -331,7 +337,7 @@ __global__ void __launch_bounds__(kThreads, 3) quantize_kernel(const QLaunch L) 
   }
 
   // ---- lora_act
-  if (R > 0) {
+  if (kLora && R > 0) {
     for (int64_t o = tid; o < kRows * R; o += kThreads) {
       const int64_t row = o / R, r = o % R, m = m0 + row;
       if (m >= M) continue;
@@ -344,30 +350,38 @@ __global__ void __launch_bounds__(kThreads, 3) quantize_kernel(const QLaunch L) 
 
 // Once per device and instantiation (no attribute call during CUDA-graph capture after a warm-up):
 // opt in to the device's largest dynamic shared memory per block.
-template <QuantFormat FMT, typename TX>
+template <QuantFormat FMT, typename TX, int RPW, int WARPS>
 cudaError_t configure(int dev, int optin) {
   constexpr int kMaxDev = 64;
   static std::atomic<int> ready[kMaxDev];
   if (dev >= 0 && dev < kMaxDev && ready[dev].load(std::memory_order_relaxed)) return cudaSuccess;
-  cudaError_t e = cudaFuncSetAttribute(quantize_kernel<FMT, TX>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+  cudaError_t e = cudaFuncSetAttribute(quantize_kernel<FMT, TX, RPW, WARPS>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
   if (e != cudaSuccess) return e;
   if (dev >= 0 && dev < kMaxDev) ready[dev].store(1, std::memory_order_relaxed);
   return cudaSuccess;
 }
 
-template <QuantFormat FMT, typename TX>
-cudaError_t launch(const QLaunch& L, size_t smem, int dev, int optin, cudaStream_t stream) {
+template <QuantFormat FMT, typename TX, int RPW, int WARPS>
+cudaError_t launch_rows(const QLaunch& L, size_t smem, int dev, int optin, cudaStream_t stream) {
   if (smem > 48 * 1024) {
-    cudaError_t e = configure<FMT, TX>(dev, optin);
+    cudaError_t e = configure<FMT, TX, RPW, WARPS>(dev, optin);
     if (e != cudaSuccess) return e;
   }
-  const int64_t blocks = (L.a.M + kRows - 1) / kRows;
+  constexpr int rows = RPW * WARPS;
+  const int64_t blocks = (L.a.M + rows - 1) / rows;
 #ifdef PYDIFF_CUDA_EMU
-  cuda_emu::launch(quantize_kernel<FMT, TX>, dim3(unsigned(blocks)), dim3(kThreads), smem, stream, L);
+  cuda_emu::launch(quantize_kernel<FMT, TX, RPW, WARPS>, dim3(unsigned(blocks)), dim3(WARPS * 32), smem, stream, L);
 #else
-  quantize_kernel<FMT, TX><<<unsigned(blocks), kThreads, smem, stream>>>(L);
+  quantize_kernel<FMT, TX, RPW, WARPS><<<unsigned(blocks), WARPS * 32, smem, stream>>>(L);
 #endif
   return cudaGetLastError();
+}
+
+template <QuantFormat FMT, typename TX>
+cudaError_t launch(const QLaunch& L, size_t smem, int dev, int optin, cudaStream_t stream) {
+  if (L.a.rank > 0) return launch_rows<FMT, TX, 2, 8>(L, smem, dev, optin, stream);
+  return launch_rows<FMT, TX, 1, 4>(L, smem, dev, optin, stream);
 }
 
 template <QuantFormat FMT>
@@ -388,7 +402,8 @@ int quantize_cuda(const QuantizeArgs& a, void* stream) {
   if (a.M == 0) return 0;
   if (!a.scales || (a.K > 0 && (!a.x || !a.q)) || (a.rank > 0 && (!a.lora_down || !a.lora_act)))
     return int(cudaErrorInvalidValue);
-  if ((a.M + kRows - 1) / kRows > 0x7FFFFFFF) return int(cudaErrorInvalidConfiguration);
+  const int64_t rows = a.rank > 0 ? kLoraRows : 4;  // rows per CTA (see quantize_kernel)
+  if ((a.M + rows - 1) / rows > 0x7FFFFFFF) return int(cudaErrorInvalidConfiguration);
   QLaunch L;
   L.a = a;
   if (a.rank == 0) L.a.lora_down = nullptr;
@@ -396,8 +411,8 @@ int quantize_cuda(const QuantizeArgs& a, void* stream) {
   L.x_vec = reinterpret_cast<uintptr_t>(a.x) % 16 == 0;
   L.q_vec = reinterpret_cast<uintptr_t>(a.q) % 8 == 0;
   L.rp = a.rank <= 32 ? 32 : a.rank <= 64 ? 64 : a.rank <= 128 ? 128 : 256;
-  L.ks = kThreads / L.rp;
-  const size_t smem = size_t(kRows) * size_t(L.Gn) * 4 +
+  L.ks = kLoraThreads / L.rp;
+  const size_t smem = size_t(rows) * size_t(L.Gn) * 4 +
                       (a.rank > 0 ? (size_t(kChunk) * kRows + size_t(L.ks) * kRows * size_t(a.rank)) * 4 : 0);
   int dev = 0, optin = 0;
   cudaError_t e = cudaGetDevice(&dev);

@@ -344,7 +344,7 @@ void host_checks() {
   b.M = 0;
   expect(b, cudaSuccess, "M == 0");
   b = a;
-  b.K = 32 * 3633, b.group_size = 32;  // 16 rows x 3633 groups x 4 bytes > 227 KiB
+  b.K = 32 * 14600, b.group_size = 32;  // 4 rows (no lora_down) x 14600 groups x 4 bytes > 227 KiB
   expect(b, cudaErrorNotSupported, "shared memory above the opt-in limit");
   CHECK(cuda_emu::launches().size() == nl, "host checks: no launch expected");
   std::printf("ok   host-side argument checks and the shared-memory limit\n");
