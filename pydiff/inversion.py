@@ -87,7 +87,8 @@ def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
 class _Guided:
     """Evaluates ``model(x, t, cond)`` with classifier-free guidance; returns ``(cond_out, uncond_out)``."""
 
-    def __init__(self, model: Model, cond, uncond, guidance_scale: float, cfg_batch: bool):
+    def __init__(self, model: Model, cond, uncond, guidance_scale: float, cfg_batch: bool,
+                 model_dtype: Optional[torch.dtype] = None):
         if not callable(model):
             raise TypeError(f"model: expected a callable model(x, t, cond) -> eps, got {type(model).__name__}")
         g = float(guidance_scale)
@@ -105,8 +106,15 @@ class _Guided:
         self.model, self.cond, self.uncond = model, cond, uncond
         self.g = g if uncond is not None else 1.0
         self.guided = uncond is not None and g != 1.0
+        self.model_dtype = model_dtype  # the model sees x in this dtype (a wider state, e.g. EDICT's)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor):
+        if self.model_dtype is not None and x.dtype != self.model_dtype:
+            c, u = self._eval(x.to(self.model_dtype), t)
+            return c.to(x.dtype), (None if u is None else u.to(x.dtype))
+        return self._eval(x, t)
+
+    def _eval(self, x: torch.Tensor, t: torch.Tensor):
         if not self.guided:
             return self._check(self.model(x, t, self.cond), x), None
         if self.both is not None:
@@ -409,6 +417,10 @@ class EDICTLatents:
 
     y: torch.Tensor
     d: torch.Tensor
+    #: the dtype the model is evaluated in when it differs from the pair's (a float64 state of an fp32
+    #: model: ``state_dtype`` of :func:`edict_invert`); carried along, so the latents of one run go
+    #: straight into the next
+    model_dtype: Optional[torch.dtype] = None
 
     @property
     def x(self) -> torch.Tensor:
@@ -452,6 +464,7 @@ class EDICTInversion:
     guidance_scale: float = 1.0
     cfg_batch: bool = False
     backend: Optional[str] = None
+    model_dtype: Optional[torch.dtype] = None
     _recon: Optional[EDICTLatents] = field(default=None, repr=False)
 
     @property
@@ -464,9 +477,11 @@ class EDICTInversion:
         same = model is None and cond is ... and uncond is ... and guidance_scale is None
         g = _Guided(self.model if model is None else model, self.cond if cond is ... else cond,
                     self.uncond if uncond is ... else uncond,
-                    self.guidance_scale if guidance_scale is None else guidance_scale, self.cfg_batch)
+                    self.guidance_scale if guidance_scale is None else guidance_scale, self.cfg_batch,
+                    model_dtype=self.model_dtype)
         s = _edict_solver(self.steps, self.config["mixing_coeff"], self.config)
-        out = EDICTLatents(*_edict_generate(g, self.latents.y, self.latents.d, s, backend=self.backend))
+        out = EDICTLatents(*_edict_generate(g, self.latents.y, self.latents.d, s, backend=self.backend),
+                           self.model_dtype)
         if same:
             self._recon = out
         return out
@@ -478,9 +493,19 @@ class EDICTInversion:
         return self._recon.error_to(self.input)
 
 
+def _edict_state(lat: "EDICTLatents", state_dtype: Optional[torch.dtype]):
+    """(latents in the state dtype, the dtype the model sees or None) for ``state_dtype``."""
+    if state_dtype is not None and state_dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"state_dtype: expected torch.float32 or torch.float64, got {state_dtype}")
+    if state_dtype is None or state_dtype == lat.y.dtype:
+        return lat, lat.model_dtype
+    mdt = lat.model_dtype if lat.model_dtype is not None else lat.y.dtype
+    return EDICTLatents(lat.y.to(state_dtype), lat.d.to(state_dtype), mdt), mdt
+
+
 def edict_invert(model: Model, x0, steps: int = 50, *, mixing: float = 0.93, cond=None, uncond=None,
                  guidance_scale: float = 1.0, cfg_batch: bool = False, config=None, backend: Optional[str] = None,
-                 **overrides) -> EDICTInversion:
+                 state_dtype: Optional[torch.dtype] = None, **overrides) -> EDICTInversion:
     """EDICT exact inversion (Wallace, Gokul, Naik 2022, "EDICT: Exact Diffusion Inversion via Coupled
     Transformations", eq. 12-13), from the clean pair up to the noisiest timestep.
 
@@ -504,18 +529,25 @@ def edict_invert(model: Model, x0, steps: int = 50, *, mixing: float = 0.93, con
     (the fp32 rounding noise of the model, evaluated at recomputed inputs, amplified by the guided
     update).  float64 tensors: ~1e-14.  Classifier-free guidance: ``eps = u + g (c - u)`` wherever
     eps appears.  Two op calls per step plus one to start.
+
+    ``state_dtype=torch.float64`` with an fp32 (fp16, bf16) model: the pair is held and updated in
+    float64 (the reference formula on the host's or GPU's float64 units, not the fused op) while the
+    model still sees its own dtype.  EDICT's exactness needs only that the inverse recomputes the
+    same model inputs, which a float64 state gives back to the last bit of the model dtype, so the
+    guided fp32 round trips that miss 1e-5 in an fp32 state (above) land near 1e-12; the pair
+    (``latents``) comes back in float64.
     """
-    lat = EDICTLatents.of(x0)
-    g = _Guided(model, cond, uncond, guidance_scale, cfg_batch)
+    lat, mdt = _edict_state(EDICTLatents.of(x0), state_dtype)
+    g = _Guided(model, cond, uncond, guidance_scale, cfg_batch, model_dtype=mdt)
     s = _edict_solver(steps, mixing, config, overrides)
-    out = EDICTLatents(*_edict_invert(g, lat.y, lat.d, s, backend=backend))
+    out = EDICTLatents(*_edict_invert(g, lat.y, lat.d, s, backend=backend), mdt)
     return EDICTInversion(lat, out, _on(s.timesteps, lat.y.device), dict(s.config), model, cond, uncond,
-                          float(guidance_scale), cfg_batch, backend)
+                          float(guidance_scale), cfg_batch, backend, mdt)
 
 
 def edict_generate(model: Model, latents, steps: int = 50, *, mixing: float = 0.93, cond=None, uncond=None,
                    guidance_scale: float = 1.0, cfg_batch: bool = False, config=None, backend: Optional[str] = None,
-                   **overrides) -> EDICTLatents:
+                   state_dtype: Optional[torch.dtype] = None, **overrides) -> EDICTLatents:
     """EDICT generation (Wallace et al. 2022, eq. 8-11) from ``latents`` (a tensor: both sequences
     start equal; a pair ``(x, y)``; or :class:`EDICTLatents`)::
 
@@ -525,12 +557,13 @@ def edict_generate(model: Model, latents, steps: int = 50, *, mixing: float = 0.
     held as ``(y, d = y - x)``: ``x_i = a_t (y - d) + b_t eps(y)`` (one op call), then
     ``D = a_t d + b_t (eps(x_i) - eps(y))``, ``y' = x_i + (q + p^2) D``, ``d' = p^2 D`` (one op
     call).  Returns the final :class:`EDICTLatents` (``.x`` and ``.y`` are the paper's pair); pass it
-    to :func:`edict_invert` to recover ``latents``.
+    to :func:`edict_invert` to recover ``latents``.  ``state_dtype``: as in :func:`edict_invert`
+    (float64: the pair in float64, the model in the latents' dtype).
     """
-    lat = EDICTLatents.of(latents)
-    g = _Guided(model, cond, uncond, guidance_scale, cfg_batch)
+    lat, mdt = _edict_state(EDICTLatents.of(latents), state_dtype)
+    g = _Guided(model, cond, uncond, guidance_scale, cfg_batch, model_dtype=mdt)
     s = _edict_solver(steps, mixing, config, overrides)
-    return EDICTLatents(*_edict_generate(g, lat.y, lat.d, s, backend=backend))
+    return EDICTLatents(*_edict_generate(g, lat.y, lat.d, s, backend=backend), mdt)
 
 
 # ----------------------------------------------------------------------------------------------
