@@ -499,3 +499,18 @@ def test_gpu_no_host_sync_and_cuda_graph():
     torch.cuda.synchronize()
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+def test_gpu_auto_backend_of_quant_gemm():
+    """``auto`` (no backend named): the Triton kernel on Hopper (measured faster there), the CUDA
+    kernel elsewhere; bit-identical to naming that backend."""
+    M, N, K, G = 129, 384, 1024, 64
+    hopper = torch.cuda.get_device_capability()[0] == 9 and "triton" in BACKENDS
+    for fmt in FORMATS:
+        if fmt == "fp8" and not _fp8_mma("cuda"):
+            continue
+        qa, sa, qw, sw = _operands(M, N, K, G, fmt, seed=11)
+        out = quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=G, out_dtype=torch.float32)
+        want = quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=G, out_dtype=torch.float32,
+                          backend="triton" if hopper else "cuda")
+        assert torch.equal(out, want), (fmt, hopper)
