@@ -375,11 +375,15 @@ def _quantize_config(M: int, K: int, R: int, G: int, prologue: str, has_lora: bo
         chunk = 512 if has_lora else 1024
         BM, num_warps = max(1, min(64, _np2(M))), 4
     elif has_lora:  # lora_down tile [chunk, BR] and the tf32x3 dot's operands live in shared memory
-        chunk = 64 if BR <= 64 else 32
-        BM, num_warps = 16, 4
+        # H100, [4096, 3072] bf16, rank 32 (bench/tune_quantize.py): BM 8 x 128 channels 82 us, BM 16 x 64 99 us
+        chunk = 128 if BR <= 32 else (64 if BR <= 64 else 32)
+        BM, num_warps = (8 if BR <= 32 else 16), 4
     else:
+        # H100 (bench/tune_quantize.py): 2 rows x 512 channels per program, each row's tiles split over
+        # about 6 programs (see _quantize_launch): [4096, 12288] 66.5 us (1.52x the byte floor; 4 rows,
+        # no split: 80 us), [4096, 3072] 22.3 us
         chunk = 512
-        BM, num_warps = max(1, min(4, _np2(M))), 4
+        BM, num_warps = max(1, min(2, _np2(M))), 4
     if _np2(G) <= max(chunk, 128):  # whole groups in the tile: one pass
         GB, NSUB = _np2(G), 1
         GPC = max(1, min(chunk // GB, _np2(K // G)))
@@ -415,7 +419,7 @@ def _quantize_launch(x, smooth, lora_down, shift, scale, fmt, group_size, prolog
     if has_lora or prologue == "layernorm":
         splits = 1
     else:
-        splits = max(1, min(n_tiles, -(-(1024 if not interp else 1) // n_rb)))
+        splits = max(1, min(n_tiles, -(-(12288 if not interp else 1) // n_rb)))  # ~12k programs on a GPU
     if "SPLITS" in cfg:
         splits = max(1, min(n_tiles, cfg["SPLITS"]))
     tpp = -(-n_tiles // splits) if n_tiles else 1
