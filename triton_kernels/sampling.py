@@ -34,7 +34,8 @@ def _exp_neg(x):
     that, 0).  Much cheaper on a GPU than a float64 ``exp`` per logit, which would cost more than
     the read of the logits itself."""
     x = tl.maximum(x, -1000.0)
-    kf = (x * 1.44269504088896341 + 12582912.0) - 12582912.0  # round to nearest (|k| < 2^22)
+    t = x * 1.44269504088896341 + 12582912.0  # 1.5 * 2^23 + k: rounds x / ln2 to the nearest integer k
+    kf = t - 12582912.0
     r = x - kf * 0.693359375
     r = r + kf * 2.12194440e-4
     p = r * (1.0 / 5040.0) + (1.0 / 720.0)
@@ -44,9 +45,14 @@ def _exp_neg(x):
     p = p * r + 0.5
     p = p * r + 1.0
     p = p * r + 1.0
-    k = tl.maximum(kf.to(tl.int32), -1023)
+    k = tl.maximum(t.to(tl.int32, bitcast=True) - 0x4B400000, -1023)  # = int(kf), without a conversion
     two_k = ((k + 1023).to(tl.int64) << 52).to(tl.float64, bitcast=True)
     return p.to(tl.float64) * two_k
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -60,16 +66,19 @@ def _partial_kernel(logits_ptr, thr_ptr, mask_ptr, pm1, pm2, ps, pt, parg, pbad,
     if HAS_M:
         valid = valid & (tl.load(mask_ptr + r).to(tl.int32) != 0)
     x = tl.load(logits_ptr + r * row_stride + offs, mask=valid, other=float("-inf")).to(tl.float32)
-    bad = tl.max(((x != x) | (x == float("inf"))).to(tl.int32), 0)
+    # NaN or +inf anywhere in the chunk: one NaN-propagating max (the row is then invalid, and its
+    # outputs do not depend on the sums below, so x needs no NaN scrubbing for them)
+    mx = tl.reduce(x, 0, _max_nan)
+    bad = ((mx != mx) | (mx == float("inf"))).to(tl.int32)
     if HAS_T:
         tau = tl.load(thr_ptr + r)
         kv = tl.where(x >= tau, x, float("-inf"))
     else:
-        kv = tl.where(x == x, x, float("-inf"))
+        kv = x
     m1 = tl.max(kv, 0)
     m1s = tl.where(m1 > float("-inf"), m1, 0.0)
     xs = (kv - m1s) * inv_t
-    e = tl.where(kv > float("-inf"), _exp_neg(xs), 0.0)
+    e = _exp_neg(xs)  # exactly 0 where kv = -inf (xs = -inf: 2^k underflows to 0)
     s = tl.sum(e, 0)
     i = r * nchunks + c
     tl.store(pm1 + i, m1)
@@ -149,9 +158,9 @@ def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, p
         if HAS_T:
             kv = tl.where(x >= tau, x, float("-inf"))
         else:
-            kv = tl.where(x == x, x, float("-inf"))
+            kv = x  # (a valid row has no NaN)
         xs = (kv - m_sel) * inv_t
-        e = tl.where(kv > float("-inf"), _exp_neg(xs), 0.0)
+        e = _exp_neg(xs)  # 0 where kv = -inf
         ce = tl.cumsum(e, 0)
         tok = tl.min(tl.where((ce > rem) & (e > 0), offs, 2 ** 62), 0)
         last = tl.max(tl.where(e > 0, offs, -1), 0)
