@@ -1,6 +1,6 @@
 """Triton kernels of exact categorical sampling (definition: :mod:`pydiff.reference.sampling`).
 
-Kernel 1, grid (chunks, rows): one read of each chunk of logits; the chunk's max, NaN/+inf flag
+Kernel 1, one program per (row, chunk): one read of each chunk of logits; the chunk's max, NaN/+inf flag
 and the float64 sum of ``e = exp((l - m_c)/T)`` (``e`` by :func:`_exp_neg`, as the CUDA and C++
 kernels compute it); with the statistics (``STATS``) also the second max (with multiplicity), the
 first argmax and the float64 sum of ``e * (l - m_c)/T``.  Kernel 2, one program per row: combines
