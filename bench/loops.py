@@ -85,14 +85,14 @@ def _plan_table(plan, device):
     return [t[i].clone() for i in range(len(rows))]  # separate tensors: no view offsets to specialise on
 
 
-def rows(device=None, shapes=None, compile_baseline: bool = True, steps: int = STEPS) -> list:
+def rows(device=None, shapes=None, compile_baseline: bool = True, steps: int = STEPS, out=None) -> list:
     import diffusers
 
     from pydiff.samplers import CudaGraphSampler, build_plan, sample
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     shapes = shapes or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
-    out = []
+    out = [] if out is None else out  # appended case by case (a run stopped at its limit keeps them)
     compiled = None
     if compile_baseline:
         torch._dynamo.reset()

@@ -178,10 +178,14 @@ def entropy_rows(device: torch.device, quick: bool = False):
     return rows
 
 
-def rows(device, quick: bool = False):
-    """All three tables as a list of dicts (``part`` says which)."""
+def rows(device, quick: bool = False, out=None):
+    """All three tables as a list of dicts (``part`` says which), appended to ``out`` table by table."""
     device = torch.device(device)
-    return loop_rows(device, quick) + parallel_rows(device, quick) + entropy_rows(device, quick)
+    out = [] if out is None else out
+    out += loop_rows(device, quick)
+    out += parallel_rows(device, quick)
+    out += entropy_rows(device, quick)
+    return out
 
 
 # ------------------------------------------------------------------------------- output

@@ -288,11 +288,14 @@ def _mlp_rows(device, M, D, H):
     return rows
 
 
-def rows(device: torch.device, quick: bool = False, bw=None):
+def rows(device: torch.device, quick: bool = False, bw=None, out=None):
+    """Rows of the three tables, appended to ``out`` table by table (a run stopped at its time limit
+    keeps the finished tables)."""
+    out = [] if out is None else out
     shapes = QUICK_SHAPES if quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     mlp_shapes = MLP_QUICK_SHAPES if quick else (MLP_GPU_SHAPES if device.type == "cuda" else MLP_CPU_SHAPES)
     bw = bw or copy_bandwidth(device, (64 << 20) if device.type == "cpu" else (512 << 20))
-    out = [dict(r, part="gemm") for r in gemm_rows(device, shapes)]
+    out += [dict(r, part="gemm") for r in gemm_rows(device, shapes)]
     out += [dict(r, part="quantize") for r in quantize_rows(device, shapes, bw, compile_baseline=not quick)]
     out += [dict(r, part="linear") for r in linear_rows(device, shapes, mlp_shapes)]
     return out

@@ -181,15 +181,25 @@ def _run_parts(args, parts, device, shapes, bw, rows):
             continue
         try:
             mod = __import__(part)
-            takes_quick = "quick" in inspect.signature(mod.rows).parameters
-            pr = mod.rows(device, quick=args.quick) if takes_quick else mod.rows(device)
+            params = inspect.signature(mod.rows).parameters
         except (ImportError, AttributeError) as exc:
             print(f"\n## {title}: skipped ({exc})")
             continue
+        pr = []
+        kw = dict(quick=args.quick) if "quick" in params else {}
+        if "out" in params:
+            kw["out"] = pr  # filled as it goes: a SIGTERM at the time limit keeps the rows so far
+        try:
+            res = mod.rows(device, **kw)
+            pr = pr if "out" in params else res
+        except (ImportError, AttributeError) as exc:
+            print(f"\n## {title}: skipped ({exc})")
+            continue
+        finally:
+            rows += [dict(r, part=part, **({"sub": r["part"]} if r.get("part", part) != part else {})) for r in pr]
         print(f"\n## {title}")
         cols = list(dict.fromkeys(k for r in pr for k in r if k != "part"))
         print(_table([_fmt_row(r) for r in pr], cols))
-        rows += [dict(r, part=part, **({"sub": r["part"]} if r.get("part", part) != part else {})) for r in pr]
 
 
 if __name__ == "__main__":
