@@ -96,6 +96,18 @@ def _partial_kernel(logits_ptr, thr_ptr, mask_ptr, pm1, pm2, ps, pt, parg, pbad,
 
 
 @triton.jit
+def _rescan_e(row_ptr, offs, valid, tau, m_sel, inv_t, HAS_T: tl.constexpr):
+    """``e = exp((l - m_c) / T)`` of the logits at ``offs`` as the partial kernel computed them (0 where
+    not kept or not ``valid``)."""
+    x = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
+    if HAS_T:
+        kv = tl.where(x >= tau, x, float("-inf"))
+    else:
+        kv = x  # (a valid row has no NaN)
+    return _exp_neg((kv - m_sel) * inv_t)  # 0 where kv = -inf
+
+
+@triton.jit
 def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, pm2, ps, pt, parg, pbad,
                    tok_ptr, prob_ptr, stats_ptr, V, row_stride, nchunks, t_stat, inv_t,
                    ARGMAX: tl.constexpr, HAS_T: tl.constexpr, HAS_M: tl.constexpr, NCP: tl.constexpr,
@@ -110,6 +122,7 @@ def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, p
     m1 = tl.load(pm1 + base + ci, mask=cv, other=float("-inf"))
     s = tl.load(ps + base + ci, mask=cv, other=0.0)
     bad = tl.max(tl.load(pbad + base + ci, mask=cv, other=0), 0)
+    tau = tl.full([], float("-inf"), tl.float32)
     if HAS_T:
         tau = tl.load(thr_ptr + r)
         bad = bad | (tau != tau).to(tl.int32)
@@ -152,20 +165,36 @@ def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, p
         w_sel = tl.sum(tl.where(ci == sel, w, 0.0), 0)
         m_sel = tl.sum(tl.where(ci == sel, m1, 0.0), 0)
         rem = tl.where(beyond, float("inf"), (target - acc) / tl.where(w_sel > 0, w_sel, 1.0))
-        offs = sel.to(tl.int64) * CHUNK + tl.arange(0, CHUNK).to(tl.int64)
-        valid = (offs < V) & (on != 0) & (invalid == 0)
-        x = tl.load(logits_ptr + r * row_stride + offs, mask=valid, other=float("-inf")).to(tl.float32)
-        if HAS_T:
-            kv = tl.where(x >= tau, x, float("-inf"))
-        else:
-            kv = x  # (a valid row has no NaN)
-        xs = (kv - m_sel) * inv_t
-        e = _exp_neg(xs)  # 0 where kv = -inf
-        ce = tl.cumsum(e, 0)
+        # Rescan the chunk in SUB-wide pieces (a 4096-wide float64 prefix sum held every value in
+        # registers: 2 programs per SM on an H100): the pieces' sums find the piece holding the
+        # target, whose prefix sum then finds the token.
+        SUB: tl.constexpr = 512 if CHUNK > 512 else CHUNK
+        row_ptr = logits_ptr + r * row_stride
+        live = (on != 0) & (invalid == 0)
+        run = tl.zeros([], dtype=tl.float64)
+        before = tl.zeros([], dtype=tl.float64)
+        found = tl.full([], -1, dtype=tl.int32)
+        last = tl.full([], -1, dtype=tl.int64)
+        for b in range(CHUNK // SUB):
+            offs = sel.to(tl.int64) * CHUNK + b * SUB + tl.arange(0, SUB).to(tl.int64)
+            e = _rescan_e(row_ptr, offs, (offs < V) & live, tau, m_sel, inv_t, HAS_T)
+            bs = tl.sum(e, 0)
+            hit = (found < 0) & (run + bs > rem) & (bs > 0)
+            found = tl.where(hit, b, found)
+            before = tl.where(hit, run, before)
+            run += bs
+            last = tl.maximum(last, tl.max(tl.where(e > 0, offs, -1), 0))
+        fb = tl.maximum(found, 0)
+        offs = sel.to(tl.int64) * CHUNK + fb * SUB + tl.arange(0, SUB).to(tl.int64)
+        e = _rescan_e(row_ptr, offs, (offs < V) & live & (found >= 0), tau, m_sel, inv_t, HAS_T)
+        ce = before + tl.cumsum(e, 0)
         tok = tl.min(tl.where((ce > rem) & (e > 0), offs, 2 ** 62), 0)
-        last = tl.max(tl.where(e > 0, offs, -1), 0)
-        tok = tl.where(tok == 2 ** 62, last, tok)
-        etok = tl.sum(tl.where(offs == tok, e, 0.0), 0)
+        # not reached (rounding: the piece's prefix ends a hair below the sum that chose it): its last
+        # kept token; no piece chosen (beyond the last cumulative sum): the chunk's last kept token
+        last_b = tl.max(tl.where(e > 0, offs, -1), 0)
+        tok = tl.where(tok == 2 ** 62, tl.where(found >= 0, last_b, last), tok)
+        te = _rescan_e(row_ptr, tok + tl.zeros([2], dtype=tl.int64), (tok >= 0) & live, tau, m_sel, inv_t, HAS_T)
+        etok = tl.max(te, 0)
         prob = etok * w_sel / Z
     nan = float("nan")
     tok = tl.where(invalid, -2, tok)
