@@ -274,32 +274,52 @@ __global__ void select_kernel(SampleArgs a, const Partial* __restrict__ part, in
   const double rem = beyond ? INFINITY : (target - acc) / w_sel;  // beyond: the last kept token
   const int64_t lo = int64_t(c_sel) * kChunk;
   const int64_t hi = lo + kChunk < a.vocab ? lo + kChunk : a.vocab;
+  // kE consecutive logits per lane and step (their loads issued together: a step is one memory
+  // round trip for 32 * kE logits), lane sums scanned across the warp, the hit lane then walks its kE
   double run = 0;
   int64_t tok = -1, last = -1;
   double etok = 0, elast = 0;
-  for (int64_t g = lo; g < hi && tok < 0; g += 32) {
-    const int64_t i = g + lane;
-    double e = 0;
-    if (i < hi) {
-      const float x = tof(lrow[i]);
-      if (x >= tau && x > -INFINITY) e = exp_neg((x - mc) * inv_tf);
+  constexpr int kE = 4;
+  for (int64_t g = lo; g < hi && tok < 0; g += 32 * kE) {
+    const int64_t i0 = g + int64_t(lane) * kE;
+    float xv[kE];
+#pragma unroll
+    for (int q = 0; q < kE; ++q) xv[q] = i0 + q < hi ? tof(lrow[i0 + q]) : -INFINITY;
+    double e[kE], lsum = 0, e_last = 0;
+    int qlast = -1;
+#pragma unroll
+    for (int q = 0; q < kE; ++q) {
+      e[q] = xv[q] >= tau && xv[q] > -INFINITY ? exp_neg((xv[q] - mc) * inv_tf) : 0.0;
+      lsum += e[q];
+      if (e[q] > 0) { qlast = q; e_last = e[q]; }  // (no indexing by a run-time q: e stays in registers)
     }
-    double scan = e;
+    double scan = lsum;
     for (int o = 1; o < 32; o <<= 1) {
       const double y = __shfl_up_sync(0xffffffffu, scan, o);
       if (lane >= o) scan += y;
     }
-    const unsigned hit = __ballot_sync(0xffffffffu, e > 0 && run + scan > rem);
-    const unsigned nz = __ballot_sync(0xffffffffu, e > 0);
+    const unsigned hit = __ballot_sync(0xffffffffu, lsum > 0 && run + scan > rem);
+    const unsigned nz = __ballot_sync(0xffffffffu, qlast >= 0);
     if (nz) {
       const int l = 31 - __clz(nz);
-      last = g + l;
-      elast = __shfl_sync(0xffffffffu, e, l);
+      last = g + int64_t(l) * kE + __shfl_sync(0xffffffffu, qlast, l);
+      elast = __shfl_sync(0xffffffffu, e_last, l);
     }
     if (hit) {
       const int l = __ffs(hit) - 1;
-      tok = g + l;
-      etok = __shfl_sync(0xffffffffu, e, l);
+      // in lane l: the first kept logit whose running sum passes rem (its last kept one if rounding
+      // leaves the walk a hair short of the scan that chose the lane)
+      double p = run + scan - lsum, e_sel = e_last;
+      int qsel = -1;
+#pragma unroll
+      for (int q = 0; q < kE; ++q) {
+        p += e[q];
+        if (qsel < 0 && e[q] > 0 && p > rem) { qsel = q; e_sel = e[q]; }
+      }
+      qsel = qsel < 0 ? qlast : qsel;
+      const int qs = __shfl_sync(0xffffffffu, qsel, l);
+      tok = g + int64_t(l) * kE + qs;
+      etok = __shfl_sync(0xffffffffu, e_sel, l);
     }
     run += __shfl_sync(0xffffffffu, scan, 31);
   }
