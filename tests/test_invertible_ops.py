@@ -172,6 +172,7 @@ GN_CASES = [
     ((3, 4, 5, 7), 2, False),
     ((2, 8, 131), 4, True),
     ((1, 6, 1031), 1, True),
+    ((1, 4, 32, 32), 2, True),  # H*W = 1024: the Triton kernels' one-channel-per-block path
 ]
 
 

@@ -113,6 +113,13 @@ for dt in (torch.float32, torch.bfloat16, torch.float64):
         rnd(2, 64, 9, 9, dt=dt), rnd(2, 64, 9, 9, dt=dt), rnd(64, dt=dt), rnd(64, dt=dt),
         rnd(2, 32, dt=torch.float32 if dt != torch.float64 else dt), rnd(2, 32, dt=torch.float32 if dt != torch.float64 else dt).abs(),
         32, [True, True, True]))
+    # H*W = 1024 = the block: one channel per block (scalar weight / bias loads)
+    cases[f"groupnorm_silu_aligned_{dt}"] = (ti, lambda dt=dt: ti.groupnorm_silu_triton(
+        rnd(1, 8, 32, 32, dt=dt), rnd(8, dt=dt), rnd(8, dt=dt), 4, 1e-5))
+    cases[f"groupnorm_silu_bwd_aligned_{dt}"] = (ti, lambda dt=dt: ti.groupnorm_silu_backward_triton(
+        rnd(1, 8, 32, 32, dt=dt), rnd(1, 8, 32, 32, dt=dt), rnd(8, dt=dt), rnd(8, dt=dt),
+        rnd(1, 4, dt=torch.float32 if dt != torch.float64 else dt), rnd(1, 4, dt=torch.float32 if dt != torch.float64 else dt).abs(),
+        4, [True, True, True]))
 
 res = {}
 for name, (mod, call) in cases.items():

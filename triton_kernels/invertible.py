@@ -99,6 +99,27 @@ def coupling_update_fixed_triton(x, f, scale: float, frac_bits: int, out=None, b
 
 # ---------------------------------------------------------------- GroupNorm + SiLU
 @triton.jit
+def _channel(start, offs, g, Cg, HW, CH_BLOCK: tl.constexpr):
+    """Channel of the elements at ``offs`` of group ``g``: one per block (a scalar) when every block
+    lies inside one channel (``CH_BLOCK``: BLOCK divides HW and the chunk), else per element (a
+    64-bit division each)."""
+    if CH_BLOCK:
+        c = g * Cg + start // HW
+    else:
+        c = g * Cg + offs // HW
+    return c
+
+
+@triton.jit
+def _param(p_ptr, c, m, other, CH_BLOCK: tl.constexpr):
+    if CH_BLOCK:
+        v = tl.load(p_ptr + c)
+    else:
+        v = tl.load(p_ptr + c, mask=m, other=other)
+    return v
+
+
+@triton.jit
 def _gn_stats_kernel(x_ptr, part_ptr, M, S, CHUNK, F64: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     gi = pid // S
@@ -108,8 +129,10 @@ def _gn_stats_kernel(x_ptr, part_ptr, M, S, CHUNK, F64: tl.constexpr, BLOCK: tl.
         shift = tl.load(base).to(tl.float64)
     else:
         shift = tl.load(base).to(tl.float32)
-    s1 = tl.zeros([1], dtype=tl.float64)
-    s2 = tl.zeros([1], dtype=tl.float64)
+    # float64 accumulators per lane, one reduction at the end (a reduction per block made the loop
+    # latency-bound: 331 us on an H100 for 8x256x64x64 fp32, against 48 us for the CUDA kernel)
+    a1 = tl.zeros([BLOCK], dtype=tl.float64)
+    a2 = tl.zeros([BLOCK], dtype=tl.float64)
     lo = j * CHUNK
     hi = tl.minimum(lo + CHUNK, M)
     for start in range(lo, hi, BLOCK):
@@ -119,15 +142,16 @@ def _gn_stats_kernel(x_ptr, part_ptr, M, S, CHUNK, F64: tl.constexpr, BLOCK: tl.
             d = tl.where(m, tl.load(base + offs, mask=m, other=0.0).to(tl.float64) - shift, 0.0)
         else:
             d = tl.where(m, tl.load(base + offs, mask=m, other=0.0).to(tl.float32) - shift, 0.0)
-        s1 += tl.sum(d, 0).to(tl.float64)
-        s2 += tl.sum(d * d, 0).to(tl.float64)
-    tl.store(part_ptr + 2 * pid + tl.arange(0, 1), s1)
-    tl.store(part_ptr + 2 * pid + 1 + tl.arange(0, 1), s2)
+        a1 += d.to(tl.float64)
+        a2 += (d * d).to(tl.float64)
+    tl.store(part_ptr + 2 * pid + tl.arange(0, 1), tl.sum(a1, 0) + tl.zeros([1], dtype=tl.float64))
+    tl.store(part_ptr + 2 * pid + 1 + tl.arange(0, 1), tl.sum(a2, 0) + tl.zeros([1], dtype=tl.float64))
 
 
 @triton.jit
 def _gn_apply_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, HW, Cg, G, S, CHUNK,
-                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr,
+                     CH_BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     gi = pid // S
     j = pid % S
@@ -147,20 +171,20 @@ def _gn_apply_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, HW, Cg, 
     for start in range(lo, hi, BLOCK):
         offs = start + tl.arange(0, BLOCK).to(tl.int64)
         m = offs < hi
-        c = g * Cg + offs // HW
+        c = _channel(start, offs, g, Cg, HW, CH_BLOCK)
         x = tl.load(x_ptr + gi * M + offs, mask=m, other=0.0)
         x = x.to(tl.float64) if F64 else x.to(tl.float32)
         xh = ((x - mh) - ml) * r
         if HAS_W:
-            w = tl.load(w_ptr + c, mask=m, other=1.0)
+            w = _param(w_ptr, c, m, 1.0, CH_BLOCK)
             xh = xh * w
         if HAS_B:
-            xh = xh + tl.load(b_ptr + c, mask=m, other=0.0)
+            xh = xh + _param(b_ptr, c, m, 0.0, CH_BLOCK)
         y = xh / (1.0 + tl.exp(-xh))
         tl.store(y_ptr + gi * M + offs, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
-def _split(NG: int, M: int, block: int, target: int = 264):
+def _split(NG: int, M: int, block: int, target: int = 1056):
     """Splits per group: enough programs to fill a GPU, at least one block of work each."""
     S = max(1, min(-(-target // max(NG, 1)), -(-M // block), 256))
     chunk = -(-M // S)
@@ -199,7 +223,7 @@ def groupnorm_silu_triton(x, weight, bias, groups: int, eps: float, block: int =
     w, b = _gn_param(weight, acc), _gn_param(bias, acc)
     _gn_apply_kernel[(NG * S,)](xx, w if w is not None else mean, b if b is not None else mean, y, mean, rstd,
                                 M, HW, C // groups, groups, S, chunk, HAS_W=w is not None, HAS_B=b is not None,
-                                F64=f64, BLOCK=block)
+                                F64=f64, BLOCK=block, CH_BLOCK=HW % block == 0 and chunk % block == 0)
     return y, mean.to(acc).reshape(N, groups), rstd.to(acc).reshape(N, groups)
 
 
@@ -236,8 +260,8 @@ def _gn_bwd_reduce_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, A_ptr
         b = tl.load(b_ptr + c)
     else:
         b = 0.0
-    sa = tl.zeros([1], dtype=tl.float64)
-    sb = tl.zeros([1], dtype=tl.float64)
+    sa = tl.zeros([BLOCK], dtype=tl.float64)  # per lane, reduced once at the end
+    sb = tl.zeros([BLOCK], dtype=tl.float64)
     for start in range(0, HW, BLOCK):
         offs = start + tl.arange(0, BLOCK).to(tl.int64)
         m = offs < HW
@@ -251,15 +275,16 @@ def _gn_bwd_reduce_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, A_ptr
             dy = dy.to(tl.float32)
         dz, xh = _dz_xhat(x, dy, mh, ml, r, w, b)
         dz = tl.where(m, dz, 0.0)
-        sa += tl.sum(dz, 0).to(tl.float64)
-        sb += tl.sum(dz * xh, 0).to(tl.float64)
-    tl.store(A_ptr + nc + tl.arange(0, 1), sa)
-    tl.store(B_ptr + nc + tl.arange(0, 1), sb)
+        sa += dz.to(tl.float64)
+        sb += (dz * xh).to(tl.float64)
+    tl.store(A_ptr + nc + tl.arange(0, 1), tl.sum(sa, 0) + tl.zeros([1], dtype=tl.float64))
+    tl.store(B_ptr + nc + tl.arange(0, 1), tl.sum(sb, 0) + tl.zeros([1], dtype=tl.float64))
 
 
 @triton.jit
 def _gn_bwd_dx_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, dx_ptr, M, HW, Cg, G, S,
-                      CHUNK, HAS_W: tl.constexpr, HAS_B: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
+                      CHUNK, HAS_W: tl.constexpr, HAS_B: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr,
+                      CH_BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     gi = pid // S
     j = pid % S
@@ -283,7 +308,7 @@ def _gn_bwd_dx_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, c1_ptr, c
     for start in range(lo, hi, BLOCK):
         offs = start + tl.arange(0, BLOCK).to(tl.int64)
         m = offs < hi
-        c = g * Cg + offs // HW
+        c = _channel(start, offs, g, Cg, HW, CH_BLOCK)
         x = tl.load(x_ptr + gi * M + offs, mask=m, other=0.0)
         dy = tl.load(dy_ptr + gi * M + offs, mask=m, other=0.0)
         if F64:
@@ -293,11 +318,11 @@ def _gn_bwd_dx_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, c1_ptr, c
             x = x.to(tl.float32)
             dy = dy.to(tl.float32)
         if HAS_W:
-            w = tl.load(w_ptr + c, mask=m, other=1.0)
+            w = _param(w_ptr, c, m, 1.0, CH_BLOCK)
         else:
             w = 1.0
         if HAS_B:
-            b = tl.load(b_ptr + c, mask=m, other=0.0)
+            b = _param(b_ptr, c, m, 0.0, CH_BLOCK)
         else:
             b = 0.0
         dz, xh = _dz_xhat(x, dy, mh, ml, r, w, b)
@@ -337,5 +362,5 @@ def groupnorm_silu_backward_triton(grad_y, x, weight, bias, mean, rstd, groups: 
         S, chunk = _split(NG, M, block)
         _gn_bwd_dx_kernel[(NG * S,)](xx, dy, w if w is not None else m64, b if b is not None else m64, m64, r64, c1,
                                      c2, gx, M, HW, Cg, G, S, chunk, HAS_W=w is not None, HAS_B=b is not None,
-                                     F64=f64, BLOCK=block)
+                                     F64=f64, BLOCK=block, CH_BLOCK=HW % block == 0 and chunk % block == 0)
     return gx, gw, gb
