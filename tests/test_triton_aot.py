@@ -106,20 +106,16 @@ cases["coupling_fp32"] = (ti, lambda: ti.coupling_update_triton(rnd(1000), rnd(1
 cases["coupling_f64_state"] = (ti, lambda: ti.coupling_update_triton(rnd(1000, dt=torch.float64), rnd(1000), 1.0, 0.5))
 cases["coupling_fixed"] = (ti, lambda: ti.coupling_update_fixed_triton(
     torch.randint(-2**40, 2**40, (1000,), generator=g), rnd(1000), 1.0, 24))
-for dt in (torch.float32, torch.bfloat16, torch.float64):
-    cases[f"groupnorm_silu_{dt}"] = (ti, lambda dt=dt: ti.groupnorm_silu_triton(
-        rnd(2, 64, 9, 9, dt=dt), rnd(64, dt=dt), rnd(64, dt=dt), 32, 1e-5))
-    cases[f"groupnorm_silu_bwd_{dt}"] = (ti, lambda dt=dt: ti.groupnorm_silu_backward_triton(
-        rnd(2, 64, 9, 9, dt=dt), rnd(2, 64, 9, 9, dt=dt), rnd(64, dt=dt), rnd(64, dt=dt),
-        rnd(2, 32, dt=torch.float32 if dt != torch.float64 else dt), rnd(2, 32, dt=torch.float32 if dt != torch.float64 else dt).abs(),
-        32, [True, True, True]))
-    # H*W = 1024 = the block: one channel per block (scalar weight / bias loads)
-    cases[f"groupnorm_silu_aligned_{dt}"] = (ti, lambda dt=dt: ti.groupnorm_silu_triton(
-        rnd(1, 8, 32, 32, dt=dt), rnd(8, dt=dt), rnd(8, dt=dt), 4, 1e-5))
-    cases[f"groupnorm_silu_bwd_aligned_{dt}"] = (ti, lambda dt=dt: ti.groupnorm_silu_backward_triton(
-        rnd(1, 8, 32, 32, dt=dt), rnd(1, 8, 32, 32, dt=dt), rnd(8, dt=dt), rnd(8, dt=dt),
-        rnd(1, 4, dt=torch.float32 if dt != torch.float64 else dt), rnd(1, 4, dt=torch.float32 if dt != torch.float64 else dt).abs(),
-        4, [True, True, True]))
+# (N, C, H, W, groups): odd H*W, and H*W = 1024 = the block (one channel per block: scalar weight loads)
+for tag, (N, C, H, W, G) in (("", (2, 64, 9, 9, 32)), ("aligned_", (1, 8, 32, 32, 4))):
+    for dt in (torch.float32, torch.bfloat16, torch.float64):
+        sdt = torch.float32 if dt != torch.float64 else dt
+        cases[f"groupnorm_silu_{tag}{dt}"] = (ti, lambda dt=dt, s=(N, C, H, W), G=G: ti.groupnorm_silu_triton(
+            rnd(*s, dt=dt), rnd(s[1], dt=dt), rnd(s[1], dt=dt), G, 1e-5))
+        cases[f"groupnorm_silu_bwd_{tag}{dt}"] = (ti, lambda dt=dt, s=(N, C, H, W), G=G, sdt=sdt:
+                                                  ti.groupnorm_silu_backward_triton(
+            rnd(*s, dt=dt), rnd(*s, dt=dt), rnd(s[1], dt=dt), rnd(s[1], dt=dt), rnd(s[0], G, dt=sdt),
+            rnd(s[0], G, dt=sdt).abs(), G, [True, True, True]))
 
 res = {}
 for name, (mod, call) in cases.items():
