@@ -6,6 +6,7 @@
 #   bash bench/gpu_check.sh                  (about 5 minutes; results under ${OUT:-bench/results})
 #   GPU_CHECK_PARTS="solver,quant" bash bench/gpu_check.sh      (a subset of bench/run.py's parts)
 #   GPU_CHECK_TESTS="test_quant_gpu.py" T_TUNE=0 bash bench/gpu_check.sh   (other tests; no tile sweep)
+#   GPU_CHECK_NCU="sampling quantize" bash bench/gpu_check.sh    (also Nsight Compute on those kernels: ncu.txt)
 # What comes back under $OUT (at most 8 files): build.log, gpu_tests.log, fails.txt (if any), bench.log,
 # bench_gpu.json (all parts merged), tune_quant.json, summary.txt.  Deadline: T_TOTAL seconds
 # (default 345, under the 6 minutes issue 2 asks for; the build, when there is no prebuilt wheel,
@@ -90,4 +91,16 @@ fi
 
 # 5. Summary: the targets of the issues, from the merged JSON.
 python3 bench/summary.py "$OUTDIR/bench_gpu.json" | tee "$OUTDIR/summary.txt"
+
+# 6. Optional (GPU_CHECK_NCU="sampling quantize ..."): Nsight Compute on those parts of
+#    bench/gpu_profile.py, the GPU's clocks left as they are; 25 s per part, after the deadline.
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -1)
+for part in ${GPU_CHECK_NCU:-}; do
+  [ -n "$NCU" ] || { echo "ncu: not found"; break; }
+  timeout -k 5 25 "$NCU" --clock-control none \
+    --kernel-name regex:"solver_step|partial_kernel|select_kernel|qgemm|quant_gemm|quantize|gn_" \
+    --section SpeedOfLight --section WarpStateStats --section Occupancy --section ComputeWorkloadAnalysis \
+    python3 bench/gpu_profile.py "$part" >> "$OUTDIR/ncu.txt" 2>&1
+  echo "ncu $part: rc $? ($(since) s)"
+done
 echo "total: $(since) s"

@@ -1,12 +1,14 @@
 """One launch of each headline kernel, for Nsight Compute (a GPU session's profile of where the
 time goes; nothing is timed here):
 
-    ncu --clock-control none --kernel-name regex:"solver_step|partial_kernel|select_kernel|qgemm|quant_gemm" \
-        --section SpeedOfLight --section WarpStateStats --section Occupancy python3 bench/gpu_profile.py
+    ncu --clock-control none --kernel-name regex:"solver_step|partial_kernel|select_kernel|qgemm|quant_gemm|quantize|gn_" \
+        --section SpeedOfLight --section WarpStateStats --section Occupancy python3 bench/gpu_profile.py [part ...]
 
 Kernels: the DPM-Solver++(2M) + CFG step on fp32 1x16x21x90x160 (CUDA, Triton); categorical
 sampling of [4096 x 126464] bf16 logits to tokens + probability (CUDA, Triton); the W4A4 GEMM
-4096 x 3072 x 3072, groups of 64 (CUDA; Triton on int8 and on e4m3 tensor cores).
+4096 x 3072 x 3072, groups of 64 (CUDA; Triton on int8 and on e4m3 tensor cores); activation
+quantization bf16 [4096, 3072] -> int4 g64 (CUDA, Triton); GroupNorm+SiLU 8x256x64x64 fp32 forward
+and backward (CUDA, Triton).  Parts: solver, sampling, gemm, quantize, groupnorm (default: all).
 ``--clock-control none`` keeps the GPU's clocks as they are."""
 import sys
 
@@ -22,7 +24,7 @@ def main():
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     rnd = lambda *s, dt=torch.float32: torch.randn(*s, generator=g, device=dev).to(dt)  # noqa: E731
-    which = sys.argv[1:] or ["solver", "sampling", "gemm"]
+    which = sys.argv[1:] or ["solver", "sampling", "gemm", "quantize", "groupnorm"]
     if "solver" in which:
         shape = (1, 16, 21, 90, 160)
         x, c, u, h = rnd(*shape), rnd(*shape), rnd(*shape), rnd(*shape)
@@ -41,6 +43,18 @@ def main():
         from pydiff.triton_kernels import quant as tq
         for i4 in (0, 2):
             tq.quant_gemm_triton(qa, sa, qw, sw, None, None, None, "int4", G, torch.bfloat16, _config={"i4dot": i4})
+    if "quantize" in which:  # bf16 [4096, 3072] -> int4 g64 (the CUDA kernel ran at 4.6x its byte floor)
+        x = rnd(4096, 3072, dt=torch.bfloat16)
+        for b in ("cuda", "triton"):
+            quantize(x, "int4", 64, backend=b)
+    if "groupnorm" in which:  # GroupNorm+SiLU 8x256x64x64 fp32, forward and backward (CUDA fwd+bwd 302 us)
+        from pydiff.ops import invertible as inv
+
+        x, dy = rnd(8, 256, 64, 64), rnd(8, 256, 64, 64)
+        w, bias = rnd(256), rnd(256)
+        for b in ("cuda", "triton"):
+            y, mean, rstd = inv.groupnorm_silu_forward(x, 32, w, bias, 1e-5, backend=b)
+            inv.groupnorm_silu_backward(dy, x, w, bias, mean, rstd, 32, backend=b)
     torch.cuda.synchronize()
     print("profiled:", which)
 
