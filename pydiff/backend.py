@@ -74,11 +74,16 @@ def available_backends(device: torch.device) -> list[str]:
     return out
 
 
-def resolve(backend: str | None, device: torch.device) -> str:
-    """The backend a call runs on; raises if a forced backend cannot run on ``device``."""
+def resolve(backend: str | None, device: torch.device, *, auto_triton: bool = False) -> str:
+    """The backend a call runs on; raises if a forced backend cannot run on ``device``.
+
+    ``auto_triton``: under ``auto``, CUDA tensors go to Triton when it is installed (an op whose
+    Triton kernel is the faster one there), else as usual."""
     name = backend or _state["backend"]
     if name == "auto":
         if device.type == "cuda":
+            if auto_triton and triton_available():
+                return "triton"
             return "cuda" if _ext.has_cuda_kernels() else ("triton" if triton_available() else "torch")
         return "cpu" if (device.type == "cpu" and _ext.has_cpu_kernels()) else "torch"
     if name not in BACKENDS:

@@ -280,17 +280,11 @@ def quantize(x: torch.Tensor, fmt: str = "int4", group_size: int = 64, *, smooth
 
 
 @functools.lru_cache(maxsize=None)
-def _hopper_triton_idx(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] == 9
-
-
-def _hopper_triton(device: torch.device) -> bool:
+def _is_hopper(index: int) -> bool:
     """``auto`` runs quant_gemm on Triton on Hopper (sm_90): measured on an H100 (bench/, 4096 x 3072
     x 3072 and x 12288), the Triton kernel on wgmma ran int8 at 3.2x, fp8 at 5x and int4 (e4m3 tensor
     cores) at 1.1x the CUDA kernel (mma.sync)."""
-    if not _backend.triton_available():
-        return False
-    return _hopper_triton_idx(device.index if device.index is not None else torch.cuda.current_device())
+    return torch.cuda.get_device_capability(index)[0] == 9
 
 
 def quant_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, *, fmt: str = "int4",
@@ -306,9 +300,9 @@ def quant_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.T
     """
     if check:
         check_quant_gemm_args(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_dtype)
-    name = _backend.resolve(backend, qa.device)
-    if name == "cuda" and (backend or _backend.get_backend()) == "auto" and _hopper_triton(qa.device):
-        name = "triton"
+    dev = qa.device
+    name = _backend.resolve(backend, dev, auto_triton=dev.type == "cuda" and _is_hopper(
+        dev.index if dev.index is not None else torch.cuda.current_device()))
     if lora_act is not None and lora_act.shape[1] == 0:
         lora_act = lora_up = None
     args = (qa, sa, qw, sw, bias, lora_act, lora_up, fmt, int(group_size), out_dtype)
@@ -356,9 +350,8 @@ def quant_gemm_quant(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: t
     if check:
         check_quant_gemm_quant_args(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, group_size,
                                     epilogue, out_fmt, out_group_size)
-    name = _backend.resolve(backend, qa.device)
-    if name == "cuda" and (backend or _backend.get_backend()) == "auto" and _backend.triton_available():
-        name = "triton"  # the fused kernel; the CUDA registration is a GEMM + quantize composition
+    # auto on CUDA tensors: the fused Triton kernel (the CUDA registration is a GEMM + quantize composition)
+    name = _backend.resolve(backend, qa.device, auto_triton=True)
     if lora_act is not None and lora_act.shape[1] == 0:
         lora_act = lora_up = None
     args = (qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, int(group_size), epilogue, out_fmt,
