@@ -179,17 +179,13 @@ def _run_parts(args, parts, device, shapes, bw, rows):
                         ("quant", "W4A4 / W8A8: GEMM, activation quantization, whole linear")):
         if part not in parts:
             continue
+        pr = []
         try:
             mod = __import__(part)
             params = inspect.signature(mod.rows).parameters
-        except (ImportError, AttributeError) as exc:
-            print(f"\n## {title}: skipped ({exc})")
-            continue
-        pr = []
-        kw = dict(quick=args.quick) if "quick" in params else {}
-        if "out" in params:
-            kw["out"] = pr  # filled as it goes: a SIGTERM at the time limit keeps the rows so far
-        try:
+            kw = dict(quick=args.quick) if "quick" in params else {}
+            if "out" in params:
+                kw["out"] = pr  # filled as it goes: a SIGTERM at the time limit keeps the rows so far
             res = mod.rows(device, **kw)
             pr = pr if "out" in params else res
         except (ImportError, AttributeError) as exc:
