@@ -144,8 +144,8 @@ def _gn_stats_kernel(x_ptr, part_ptr, M, S, CHUNK, F64: tl.constexpr, BLOCK: tl.
             d = tl.where(m, tl.load(base + offs, mask=m, other=0.0).to(tl.float32) - shift, 0.0)
         a1 += d.to(tl.float64)
         a2 += (d * d).to(tl.float64)
-    tl.store(part_ptr + 2 * pid + tl.arange(0, 1), tl.sum(a1, 0) + tl.zeros([1], dtype=tl.float64))
-    tl.store(part_ptr + 2 * pid + 1 + tl.arange(0, 1), tl.sum(a2, 0) + tl.zeros([1], dtype=tl.float64))
+    tl.store(part_ptr + 2 * pid, tl.sum(a1, 0))
+    tl.store(part_ptr + 2 * pid + 1, tl.sum(a2, 0))
 
 
 @triton.jit
@@ -184,12 +184,13 @@ def _gn_apply_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, HW, Cg, 
         tl.store(y_ptr + gi * M + offs, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
-def _split(NG: int, M: int, block: int, target: int = 1056):
-    """Splits per group: enough programs to fill a GPU, at least one block of work each."""
+def _split(NG: int, M: int, HW: int, block: int, target: int = 1056):
+    """``(S, chunk, ch_block)``: splits per group (enough programs to fill a GPU, at least one block of
+    work each), their width, and whether every block lies inside one channel (``CH_BLOCK``)."""
     S = max(1, min(-(-target // max(NG, 1)), -(-M // block), 256))
     chunk = -(-M // S)
     chunk = -(-chunk // block) * block
-    return -(-M // chunk), chunk
+    return -(-M // chunk), chunk, HW % block == 0 and chunk % block == 0
 
 
 def _acc(x):
@@ -211,7 +212,7 @@ def groupnorm_silu_triton(x, weight, bias, groups: int, eps: float, block: int =
         return y, e, e.clone()
     NG, M = N * groups, xx.numel() // (N * groups)
     HW = M // (C // groups)
-    S, chunk = _split(NG, M, block)
+    S, chunk, ch_block = _split(NG, M, HW, block)
     part = torch.empty((NG, S, 2), dtype=torch.float64, device=x.device)
     f64 = x.dtype == torch.float64
     _gn_stats_kernel[(NG * S,)](xx, part, M, S, chunk, F64=f64, BLOCK=block)
@@ -223,7 +224,7 @@ def groupnorm_silu_triton(x, weight, bias, groups: int, eps: float, block: int =
     w, b = _gn_param(weight, acc), _gn_param(bias, acc)
     _gn_apply_kernel[(NG * S,)](xx, w if w is not None else mean, b if b is not None else mean, y, mean, rstd,
                                 M, HW, C // groups, groups, S, chunk, HAS_W=w is not None, HAS_B=b is not None,
-                                F64=f64, BLOCK=block, CH_BLOCK=HW % block == 0 and chunk % block == 0)
+                                F64=f64, BLOCK=block, CH_BLOCK=ch_block)
     return y, mean.to(acc).reshape(N, groups), rstd.to(acc).reshape(N, groups)
 
 
@@ -277,8 +278,8 @@ def _gn_bwd_reduce_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, A_ptr
         dz = tl.where(m, dz, 0.0)
         sa += dz.to(tl.float64)
         sb += (dz * xh).to(tl.float64)
-    tl.store(A_ptr + nc + tl.arange(0, 1), tl.sum(sa, 0) + tl.zeros([1], dtype=tl.float64))
-    tl.store(B_ptr + nc + tl.arange(0, 1), tl.sum(sb, 0) + tl.zeros([1], dtype=tl.float64))
+    tl.store(A_ptr + nc, tl.sum(sa, 0))
+    tl.store(B_ptr + nc, tl.sum(sb, 0))
 
 
 @triton.jit
@@ -359,8 +360,8 @@ def groupnorm_silu_backward_triton(grad_y, x, weight, bias, mean, rstd, groups: 
         w64 = weight.to(torch.float64) if weight is not None else torch.ones(C, dtype=torch.float64, device=x.device)
         c1 = (A.reshape(N, G, Cg) * w64.reshape(1, G, Cg)).sum(-1).reshape(NG) * r64 / M
         c2 = (B.reshape(N, G, Cg) * w64.reshape(1, G, Cg)).sum(-1).reshape(NG) * r64 / M
-        S, chunk = _split(NG, M, block)
+        S, chunk, ch_block = _split(NG, M, HW, block)
         _gn_bwd_dx_kernel[(NG * S,)](xx, dy, w if w is not None else m64, b if b is not None else m64, m64, r64, c1,
                                      c2, gx, M, HW, Cg, G, S, chunk, HAS_W=w is not None, HAS_B=b is not None,
-                                     F64=f64, BLOCK=block, CH_BLOCK=HW % block == 0 and chunk % block == 0)
+                                     F64=f64, BLOCK=block, CH_BLOCK=ch_block)
     return gx, gw, gb
