@@ -36,8 +36,11 @@ def has_cpu_kernels() -> bool:
     return _C is not None
 
 
+_HAS_CUDA = _C is not None and bool(_C.built_with_cuda())
+
+
 def has_cuda_kernels() -> bool:
-    return _C is not None and bool(_C.built_with_cuda())
+    return _HAS_CUDA
 
 
 def cuda_archs() -> str:

@@ -90,6 +90,11 @@ def resolve(backend: str | None, device: torch.device, *, auto_triton: bool = Fa
         raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
     if name == "torch":
         return name
+    # the common forced choices without building the list (this runs on every op call)
+    if name == "cpu" and device.type == "cpu" and _ext.has_cpu_kernels():
+        return name
+    if name == "cuda" and device.type == "cuda" and _ext.has_cuda_kernels():
+        return name
     if name not in available_backends(device):
         why = {
             "cuda": "needs CUDA tensors and the CUDA kernels built into pydiff._C",

@@ -253,6 +253,61 @@ def test_groupnorm_silu_autograd_matches_torch(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["x", "w", "b", "x,b", "w,b"])
+@pytest.mark.parametrize("affine", ["both", "w", "b"])
+def test_groupnorm_silu_partial_grads(backend, which, affine):
+    """Any subset of x / weight / bias needing gradients, with either parameter absent (the C++
+    autograd node numbers its input edges over the tensors actually given)."""
+    x, w, b, dy = _gn_inputs((2, 6, 7), 3, True, torch.float64, seed=5)
+    w = w if affine in ("both", "w") else None
+    b = b if affine in ("both", "b") else None
+    names = which.split(",")
+    if (w is None and "w" in names) or (b is None and "b" in names):
+        pytest.skip("parameter absent")
+    ours = {"x": x.clone(), "w": None if w is None else w.clone(), "b": None if b is None else b.clone()}
+    ref = {k: (None if v is None else v.clone()) for k, v in ours.items()}
+    for d in (ours, ref):
+        for k in names:
+            d[k].requires_grad_()
+    y = inv.groupnorm_silu(ours["x"], 3, ours["w"], ours["b"], 1e-5, backend=backend)
+    assert y.requires_grad
+    y.backward(dy)
+    F.silu(F.group_norm(ref["x"], 3, ref["w"], ref["b"], 1e-5)).backward(dy)
+    for k in ("x", "w", "b"):
+        if k in names:
+            assert torch.allclose(ours[k].grad, ref[k].grad, rtol=1e-10, atol=1e-12), k
+        elif ours[k] is not None:
+            assert ours[k].grad is None, k
+    # nothing needs a gradient: no graph
+    with torch.no_grad():
+        assert not inv.groupnorm_silu(ours["x"], 3, ours["w"], ours["b"], backend=backend).requires_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("a,b", [(1.0, 1.0), (1.0, -1.0), (-1.0, 1.0), (0.5, -2.0)])
+def test_coupling_update_grads_with_other_consumers(backend, a, b):
+    """dx = a g, df = b g (for a, b = +-1 the node hands g itself on): correct when x and f are the
+    same tensor, and when the gradients are accumulated with other uses of x and f."""
+    g = torch.Generator().manual_seed(9)
+    x0 = torch.randn(4, 33, dtype=torch.float64, generator=g)
+    f0 = torch.randn(4, 33, dtype=torch.float64, generator=g)
+    w = torch.randn(4, 33, dtype=torch.float64, generator=g)
+    x, f = x0.clone().requires_grad_(), f0.clone().requires_grad_()
+    y = inv.coupling_update(x, f, a, b, backend=backend)
+    ((y * w).sum() + (3 * x).sum() + (f * f).sum()).backward()
+    assert torch.equal(x.grad, a * w + 3) and torch.allclose(f.grad, b * w + 2 * f0, rtol=0, atol=1e-15)
+    s = x0.clone().requires_grad_()
+    (inv.coupling_update(s, s, a, b, backend=backend) * w).sum().backward()
+    assert torch.allclose(s.grad, (a + b) * w, rtol=0, atol=1e-15)
+    # bf16 x with an fp32 f: each gradient in its input's dtype
+    xb, ff = x0.bfloat16().requires_grad_(), f0.float().requires_grad_()
+    inv.coupling_update(xb, ff, a, b, backend=backend).backward(w.bfloat16())
+    assert xb.grad.dtype == torch.bfloat16 and ff.grad.dtype == torch.float32
+    assert torch.equal(xb.grad, (w.bfloat16().float() * a).bfloat16())
+    assert torch.equal(ff.grad, w.bfloat16().float() * b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_groupnorm_silu_gradcheck(backend):
     x, w, b, _ = _gn_inputs((2, 4, 3), 2, True, torch.float64, seed=4)
     args = [t.clone().requires_grad_() for t in (x, w, b)]

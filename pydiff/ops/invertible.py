@@ -261,7 +261,9 @@ def _coupling_backward(ctx, g):
     return gx, gf, None, None, gco
 
 
-torch.library.register_autograd("pydiff::coupling_update", _coupling_backward, setup_context=_coupling_setup, lib=lib)
+if not _ext.has_cpu_kernels():  # the extension registers the same autograd in C++ (bindings/invertible_autograd.cpp)
+    torch.library.register_autograd("pydiff::coupling_update", _coupling_backward, setup_context=_coupling_setup,
+                                    lib=lib)
 
 
 def _gn_setup(ctx, inputs, output):
@@ -282,7 +284,8 @@ def _gn_backward(ctx, grad_y, grad_mean, grad_rstd):
     return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None)
 
 
-torch.library.register_autograd("pydiff::groupnorm_silu", _gn_backward, setup_context=_gn_setup, lib=lib)
+if not _ext.has_cpu_kernels():
+    torch.library.register_autograd("pydiff::groupnorm_silu", _gn_backward, setup_context=_gn_setup, lib=lib)
 
 
 class _GroupNormSiLU(torch.autograd.Function):
