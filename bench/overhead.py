@@ -33,7 +33,8 @@ def _cases(device):
     from solver import _coeffs, eager_step
 
     co = _coeffs(1, False)
-    yield ("solver_step DPM++2M+CFG", {
+    shape = "x".join(map(str, SHAPE))
+    yield ("solver_step DPM++2M+CFG", shape, {
         "pydiff": lambda: pydiff.solver_step(x, c, u, [h], coeffs=co),
         "pydiff[check=False]": lambda: pydiff.solver_step(x, c, u, [h], coeffs=co, check=False),
         "eager torch": lambda: eager_step(x, u, c, [h], None, co.v, 1),
@@ -48,7 +49,7 @@ def _cases(device):
                 return fn()
         return run
 
-    yield ("groupnorm_silu fwd", {
+    yield ("groupnorm_silu fwd", shape, {
         "pydiff": no_grad(lambda: inv.groupnorm_silu(x, 4, w, b)),
         "pydiff[check=False]": no_grad(lambda: inv.groupnorm_silu(x, 4, w, b, check=False)),
         "eager torch": no_grad(lambda: F.silu(F.group_norm(x, 4, w, b))),
@@ -63,20 +64,20 @@ def _cases(device):
                 t.grad = None
         return run
 
-    yield ("groupnorm_silu fwd+bwd", {
+    yield ("groupnorm_silu fwd+bwd", shape, {
         "pydiff": train(lambda: inv.groupnorm_silu(xg, 4, wg, bg), (xg, wg, bg)),
         "pydiff[check=False]": train(lambda: inv.groupnorm_silu(xg, 4, wg, bg, check=False), (xg, wg, bg)),
         "eager torch": train(lambda: F.silu(F.group_norm(xg, 4, wg, bg)), (xg, wg, bg)),
     })
     fg = mk().requires_grad_()
-    yield ("coupling_update fwd+bwd", {
+    yield ("coupling_update fwd+bwd", shape, {
         "pydiff": train(lambda: inv.coupling_update(xg, fg, 1.0, 1.0), (xg, fg)),
         "pydiff[check=False]": train(lambda: inv.coupling_update(xg, fg, 1.0, 1.0, check=False), (xg, fg)),
         "eager torch": train(lambda: xg + fg, (xg, fg)),
     })
     logits = torch.randn(4, 64, device=device, generator=gen)
     sgen = torch.Generator(device=device).manual_seed(1)
-    yield ("sample_categorical 4x64", {
+    yield ("sample_categorical", "4x64", {
         "pydiff": lambda: sample_categorical(logits, generator=sgen),
         "eager torch": lambda: torch.multinomial(torch.softmax(logits, -1), 1, generator=sgen),
     })
@@ -86,11 +87,11 @@ def rows(device, quick: bool = False, out=None) -> list:
     device = torch.device(device)
     res = out if out is not None else []
     calls = 200 if quick else 2000
-    for op, impls in _cases(device):
+    for op, shape, impls in _cases(device):
         for impl, fn in impls.items():
             fn()
             t = min(call_time(fn, device, calls=calls) for _ in range(1 if quick else 3))
-            res.append(dict(op=op, shape="x".join(map(str, SHAPE)), impl=impl, us_per_call=t * 1e6))
+            res.append(dict(op=op, shape=shape, impl=impl, us_per_call=t * 1e6))
     return res
 
 

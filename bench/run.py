@@ -96,7 +96,8 @@ def _fmt_row(r):
     return q
 
 
-PARTS = ("solver", "loop", "sampling", "schedulers", "loops", "masked", "invertible", "invertible_ops", "quant")
+PARTS = ("solver", "loop", "sampling", "schedulers", "loops", "masked", "invertible", "invertible_ops", "quant",
+         "overhead")
 
 
 class _Deadline(Exception):
@@ -176,7 +177,8 @@ def _run_parts(args, parts, device, shapes, bw, rows):
                         ("loops", "Sampling loops (25 steps)"), ("masked", "Masked-diffusion generation"),
                         ("invertible", "Invertible stack: fwd+bwd and memory"),
                         ("invertible_ops", "Coupling and GroupNorm+SiLU kernels"),
-                        ("quant", "W4A4 / W8A8: GEMM, activation quantization, whole linear")):
+                        ("quant", "W4A4 / W8A8: GEMM, activation quantization, whole linear"),
+                        ("overhead", "Per-call host overhead (tiny tensors, back-to-back calls)")):
         if part not in parts:
             continue
         pr = []
