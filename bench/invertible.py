@@ -5,8 +5,9 @@
     python bench/invertible.py --out DIR       # also writes invertible_<cpu|gpu>.json and .png there
 
 The stack (../shared/ANCHORS.md, "Invertible stack"): 16 blocks of GroupNorm-SiLU-conv3x3 x2 on a
-``[B, C, H, W]`` fp32 activation (GPU: C=256, 64x64, batch 8; CPU: C=32, 16x16, batch 2), loss
-``sum(y * w)``, one forward + backward per timing.  Methods, same input shape:
+``[B, C, H, W]`` fp32 activation (GPU: C=256, 64x64, batch 8; CPU: C=64, 32x32, batch 2; at C=32,
+16x16 the CPU time was mostly per-op host overhead, not the network), loss ``sum(y * w)``, one
+forward + backward per timing.  Methods, same input shape:
 
 * ``plain``: ``x <- x + R(x)`` with plain autograd (R = the block at width C).
 * ``checkpoint``: the same, each block under ``torch.utils.checkpoint`` (non-reentrant).
@@ -41,7 +42,7 @@ from _timing import bench, device_name, sync  # noqa: E402
 from pydiff.testing.memory import saved_bytes as _saved_bytes
 
 GPU_CFG = dict(C=256, H=64, B=8)
-CPU_CFG = dict(C=32, H=16, B=2)
+CPU_CFG = dict(C=64, H=32, B=2)
 QUICK_CFG = dict(C=16, H=8, B=2)
 METHODS = ("plain", "checkpoint", "coupling-plain", "reversible", "reversible-f64", "reversible-fixed")
 
