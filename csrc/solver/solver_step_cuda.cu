@@ -37,52 +37,88 @@ __device__ __forceinline__ void store_vec(void* p, int64_t i, const float* in) {
   *reinterpret_cast<Vec<T, VEC>*>(static_cast<T*>(p) + i) = r;
 }
 
-// Elements [i, i + n) with n == VEC (vector path) or n < VEC at the tail (scalar path).
-template <typename T, int VEC, bool FULL>
-__device__ __forceinline__ void step_elems(const SolverStepArgs& a, const float* __restrict__ c, int64_t i, int n) {
-  constexpr int kPre = kMaxHistory < 3 ? kMaxHistory : 3;  // history entries loaded up front
-  float X[VEC], M[VEC], B[VEC], O0[VEC], O1[VEC], H[kPre][VEC], Z[VEC];
-  auto ld = [&](const void* p, float* dst) {
+// Coefficients as fp32: host values travel as a kernel argument (read from the constant bank at
+// compile-time offsets: no registers, no shared memory, no barrier); a device table row is staged
+// in shared memory once per block.
+struct CoeffsF {
+  float v[kMaxStepCoeffs];
+};
+
+// The loaded inputs of VEC consecutive elements, kept in their storage type until used (half the
+// registers of fp32 copies for fp16 / bf16). K (the history length) is a template parameter, so
+// every index below is a compile-time constant and the arrays live in registers.
+template <typename T, int VEC, int K>
+struct StepIn {
+  Vec<T, VEC> X, M, B, Z, H[K > 0 ? K : 1];
+};
+
+// Elements [i, i + n): n == VEC (FULL: one 16-byte access per tensor) or n < VEC at the tail.
+template <typename T, int VEC, int K, bool FULL>
+__device__ __forceinline__ void step_load(const SolverStepArgs& a, int64_t i, int n, StepIn<T, VEC, K>& in) {
+  auto ld = [&](const void* p, Vec<T, VEC>& dst) {
+    const T* q = static_cast<const T*>(p) + i;
     if (FULL) {
-      load_vec<T, VEC>(p, i, dst);
+      dst = *reinterpret_cast<const Vec<T, VEC>*>(q);
     } else {
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) dst[j] = j < n ? tof(static_cast<const T*>(p)[i + j]) : 0.f;
+      for (int j = 0; j < VEC; ++j) dst.v[j] = j < n ? q[j] : fromf<T>(0.f);
     }
   };
-  const int k = a.num_history;
-  const float* r0 = c + kHeadCoeffs;
-  const float* r1 = r0 + kRowTerms + k;
-  // Every load first, back to back (the x0-statistics stores below could alias them otherwise, which
-  // keeps the compiler from hoisting later loads): one memory round trip per element, not two.
-  ld(a.x, X);
-  if (a.model_cond) ld(a.model_cond, M);
-  if (a.model_cond && a.model_uncond) ld(a.model_uncond, B);
+  // every load back to back, before any store: one memory round trip per element
+  ld(a.x, in.X);
+  if (a.model_cond) ld(a.model_cond, in.M);
+  if (a.model_cond && a.model_uncond) ld(a.model_uncond, in.B);
 #pragma unroll
-  for (int h = 0; h < kPre; ++h)
-    if (h < k) ld(a.history[h], H[h]);
-  if (a.noise) ld(a.noise, Z);
+  for (int h = 0; h < K; ++h) ld(a.history[h], in.H[h]);
+  if (a.noise) ld(a.noise, in.Z);
+}
+
+template <bool TABLE>
+__device__ __forceinline__ float coef(const float* sc, const CoeffsF& hc, int q) {
+  return TABLE ? sc[q] : hc.v[q];
+}
+
+template <typename T, int VEC, int K, bool TABLE, bool FULL>
+__device__ __forceinline__ void step_compute(const SolverStepArgs& a, const float* sc, const CoeffsF& hc, int64_t i,
+                                             int n, StepIn<T, VEC, K>& in) {
+  constexpr int R0 = kHeadCoeffs, R1 = kHeadCoeffs + kRowTerms + K;
+  auto c = [&](int q) { return coef<TABLE>(sc, hc, q); };
+  float M[VEC];
   if (a.model_cond) {
-    if (a.model_uncond) {
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) M[j] = B[j] + c[0] * (M[j] - B[j]);
+    for (int j = 0; j < VEC; ++j) M[j] = tof(in.M.v[j]);
+    if (a.model_uncond) {
+      const float g = c(0);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float u = tof(in.B.v[j]);
+        M[j] = u + g * (M[j] - u);
+      }
     }
     if (a.row_scale) {
+      // one 64-bit division per vector: elements past the row boundary (inner >= VEC) are in the next row
+      const int64_t r = i / a.inner, next = (r + 1) * a.inner;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) M[j] *= a.row_scale[(i + j < a.numel ? i + j : i) / a.inner];
+      for (int j = 0; j < VEC; ++j) {
+        const int64_t e = (FULL || j < n) ? i + j : i;
+        const int64_t row = a.inner >= VEC ? (e < next ? r : r + 1) : e / a.inner;
+        M[j] *= a.row_scale[row];
+      }
     }
   } else {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) M[j] = 0.f;
   }
   const bool clip = a.clip_lo < a.clip_hi;
+  float O0[VEC], O1[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    float d = c[1] * X[j] + c[2] * M[j];
+    const float X = tof(in.X.v[j]);
+    float d = c(1) * X + c(2) * M[j];
     if (clip) d = d < a.clip_lo ? a.clip_lo : (d > a.clip_hi ? a.clip_hi : d);
-    const float e = c[3] * X[j] + c[4] * M[j] + c[5] * d;
-    O0[j] = r0[0] * X[j] + r0[1] * M[j] + r0[2] * d + r0[3] * e;
-    O1[j] = r1[0] * X[j] + r1[1] * M[j] + r1[2] * d + r1[3] * e;
+    const float e = c(3) * X + c(4) * M[j] + c(5) * d;
+    O0[j] = c(R0) * X + c(R0 + 1) * M[j] + c(R0 + 2) * d + c(R0 + 3) * e;
+    O1[j] = c(R1) * X + c(R1 + 1) * M[j] + c(R1 + 2) * d + c(R1 + 3) * e;
     if (a.x0_stats && (FULL || j < n)) {  // x0 statistics in float64: S1 += d, S2 += d^2
       const double dd = double(d);
       a.x0_stats[i + j] += dd;
@@ -91,93 +127,142 @@ __device__ __forceinline__ void step_elems(const SolverStepArgs& a, const float*
   }
   if (a.noise) {
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) { O0[j] += r0[4] * Z[j]; O1[j] += r1[4] * Z[j]; }
+    for (int j = 0; j < VEC; ++j) {
+      const float z = tof(in.Z.v[j]);
+      O0[j] += c(R0 + 4) * z;
+      O1[j] += c(R1 + 4) * z;
+    }
   }
 #pragma unroll
-  for (int h = 0; h < kMaxHistory; ++h) {
-    if (h < k) {
-      const float w0 = r0[kRowTerms + h], w1 = r1[kRowTerms + h];
-      if (h < kPre) {
+  for (int h = 0; h < K; ++h) {
+    const float w0 = c(R0 + kRowTerms + h), w1 = c(R1 + kRowTerms + h);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) { O0[j] += w0 * H[h < kPre ? h : 0][j]; O1[j] += w1 * H[h < kPre ? h : 0][j]; }
-      } else {  // longer histories (UniPC / PLMS orders > 3): the rest as before
-        ld(a.history[h], B);
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) { O0[j] += w0 * B[j]; O1[j] += w1 * B[j]; }
-      }
+    for (int j = 0; j < VEC; ++j) {
+      const float hv = tof(in.H[h].v[j]);
+      O0[j] += w0 * hv;
+      O1[j] += w1 * hv;
     }
   }
   if (FULL) {
     store_vec<T, VEC>(a.out_x, i, O0);
     if (a.out_h) store_vec<T, VEC>(a.out_h, i, O1);
   } else {
-    for (int j = 0; j < n; ++j) {
-      static_cast<T*>(a.out_x)[i + j] = fromf<T>(O0[j]);
-      if (a.out_h) static_cast<T*>(a.out_h)[i + j] = fromf<T>(O1[j]);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      if (j < n) {
+        static_cast<T*>(a.out_x)[i + j] = fromf<T>(O0[j]);
+        if (a.out_h) static_cast<T*>(a.out_h)[i + j] = fromf<T>(O1[j]);
+      }
     }
   }
 }
 
-template <typename T, int VEC>
-__global__ void __launch_bounds__(256) solver_step_kernel(const SolverStepArgs a) {
+// One vector of VEC elements per thread and loop trip (grid-stride when the grid is capped). The
+// first vector's loads are issued before the table row is staged and the block synchronises, so
+// the coefficient fetch and the barrier overlap the memory round trip; with host coefficients
+// there is no barrier at all (each warp runs on its own).
+template <typename T, int VEC, int K, bool TABLE>
+__global__ void __launch_bounds__(256) solver_step_kernel(const SolverStepArgs a, const CoeffsF hc) {
 #ifdef PYDIFF_CUDA_EMU
-  float* c = reinterpret_cast<float*>(cuda_emu::dynamic_smem());  // static shared memory: not emulated
+  float* sc = reinterpret_cast<float*>(cuda_emu::dynamic_smem());  // static shared memory: not emulated
 #else
-  __shared__ float c[kMaxStepCoeffs];
+  __shared__ float sc[TABLE ? kMaxStepCoeffs : 1];
 #endif
-  const int nc = kHeadCoeffs + 2 * (kRowTerms + a.num_history);
-  if (threadIdx.x < nc) {
-    if (a.coeff_table) {
-      int64_t row = *a.step;
-      row = row < 0 ? 0 : (row >= a.table_rows ? a.table_rows - 1 : row);
-      c[threadIdx.x] = float(a.coeff_table[row * nc + threadIdx.x]);
-    } else {
-      c[threadIdx.x] = float(a.coeffs[threadIdx.x]);
-    }
-  }
-  __syncthreads();
   const int64_t nvec = a.numel / VEC;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v < nvec; v += stride)
-    step_elems<T, VEC, true>(a, c, v * VEC, VEC);
+  int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  StepIn<T, VEC, K> in;
+  if (v < nvec) step_load<T, VEC, K, true>(a, v * VEC, VEC, in);
+  if (TABLE) {
+    constexpr int nc = kHeadCoeffs + 2 * (kRowTerms + K);
+    if (threadIdx.x < nc) {
+      int64_t row = *a.step;
+      row = row < 0 ? 0 : (row >= a.table_rows ? a.table_rows - 1 : row);
+      sc[threadIdx.x] = float(a.coeff_table[row * nc + threadIdx.x]);
+    }
+    __syncthreads();
+  }
+  for (; v < nvec; v += stride) {
+    if (v >= nvec) break;
+    step_compute<T, VEC, K, TABLE, true>(a, sc, hc, v * VEC, VEC, in);
+    if (v + stride < nvec) step_load<T, VEC, K, true>(a, (v + stride) * VEC, VEC, in);
+  }
   const int64_t tail = a.numel - nvec * VEC;
-  if (tail > 0 && blockIdx.x == 0 && threadIdx.x == 0) step_elems<T, VEC, false>(a, c, nvec * VEC, int(tail));
+  if (tail > 0 && blockIdx.x == 0 && threadIdx.x == 0) {
+    step_load<T, VEC, K, false>(a, nvec * VEC, int(tail), in);
+    step_compute<T, VEC, K, TABLE, false>(a, sc, hc, nvec * VEC, int(tail), in);
+  }
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-template <typename T>
-cudaError_t launch(const SolverStepArgs& a, cudaStream_t s) {
-  constexpr int VEC = 16 / sizeof(T);
+using StepKernel = void (*)(const SolverStepArgs, const CoeffsF);
+
+template <typename T, int VEC, bool TABLE>
+StepKernel pick_k(int k) {
+  switch (k) {
+    case 0: return solver_step_kernel<T, VEC, 0, TABLE>;
+    case 1: return solver_step_kernel<T, VEC, 1, TABLE>;
+    case 2: return solver_step_kernel<T, VEC, 2, TABLE>;
+    case 3: return solver_step_kernel<T, VEC, 3, TABLE>;
+    case 4: return solver_step_kernel<T, VEC, 4, TABLE>;
+    case 5: return solver_step_kernel<T, VEC, 5, TABLE>;
+    default: return solver_step_kernel<T, VEC, 6, TABLE>;
+  }
+}
+static_assert(kMaxHistory == 6, "pick_k instantiates history lengths 0..6");
+
+template <typename T, int VEC>
+StepKernel pick(int k, bool table) {
+  return table ? pick_k<T, VEC, true>(k) : pick_k<T, VEC, false>(k);
+}
+
+// The kernel a call with these arguments runs (vector: all pointers 16-byte aligned), exposed for
+// the emulator test; null for an unknown dtype.
+StepKernel solver_step_kernel_for(const SolverStepArgs& a, bool vec) {
+  const int k = a.num_history;
+  const bool table = a.coeff_table != nullptr;
+  switch (a.dtype) {
+    case DType::kF32: return vec ? pick<float, 4>(k, table) : pick<float, 1>(k, table);
+    case DType::kF16: return vec ? pick<__half, 8>(k, table) : pick<__half, 1>(k, table);
+    case DType::kBF16: return vec ? pick<__nv_bfloat16, 8>(k, table) : pick<__nv_bfloat16, 1>(k, table);
+  }
+  return nullptr;
+}
+
+bool all_aligned(const SolverStepArgs& a) {
   bool ok = aligned16(a.x) && aligned16(a.out_x) && (!a.out_h || aligned16(a.out_h)) &&
             (!a.model_cond || aligned16(a.model_cond)) && (!a.model_uncond || aligned16(a.model_uncond)) &&
             (!a.noise || aligned16(a.noise));
   for (int h = 0; h < a.num_history; ++h) ok = ok && aligned16(a.history[h]);
+  return ok;
+}
+
+cudaError_t launch(const SolverStepArgs& a, cudaStream_t s) {
+  const int vec_width = a.dtype == DType::kF32 ? 4 : 8;
+  const bool vec = all_aligned(a);
+  const int VEC = vec ? vec_width : 1;
+  StepKernel kern = solver_step_kernel_for(a, vec);
+  if (!kern) return cudaErrorInvalidValue;
+  CoeffsF hc{};
+  if (!a.coeff_table) {
+    const int nc = num_step_coeffs(a.num_history);
+    for (int q = 0; q < nc; ++q) hc.v[q] = float(a.coeffs[q]);
+  }
   int dev = 0, sms = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   const int threads = 256;
-  if (ok) {
-    const int64_t work = (a.numel / VEC) > 0 ? a.numel / VEC : 1;
-    int64_t blocks = (work + threads - 1) / threads;
-    const int64_t cap = int64_t(sms > 0 ? sms : 132) * 64;  // one vector per thread up to ~8.6M vectors
-    if (blocks > cap) blocks = cap;
+  const int64_t work = (a.numel / VEC) > 0 ? a.numel / VEC : 1;
+  int64_t blocks = (work + threads - 1) / threads;
+  // one vector per thread up to ~8.6M vectors (vector path); the scalar path loops more
+  const int64_t cap = int64_t(sms > 0 ? sms : 132) * (vec ? 64 : 8);
+  if (blocks > cap) blocks = cap;
 #ifdef PYDIFF_CUDA_EMU
-    cuda_emu::launch(solver_step_kernel<T, VEC>, dim3(int(blocks)), dim3(threads), kMaxStepCoeffs * sizeof(float), s,
-                     a);
+  cuda_emu::launch(kern, dim3(int(blocks)), dim3(threads), kMaxStepCoeffs * sizeof(float), s, a, hc);
 #else
-    solver_step_kernel<T, VEC><<<int(blocks), threads, 0, s>>>(a);
+  kern<<<int(blocks), threads, 0, s>>>(a, hc);
 #endif
-  } else {
-    int64_t blocks = (a.numel + threads - 1) / threads;
-    const int64_t cap = int64_t(sms > 0 ? sms : 132) * 8;
-    if (blocks > cap) blocks = cap;
-#ifdef PYDIFF_CUDA_EMU
-    cuda_emu::launch(solver_step_kernel<T, 1>, dim3(int(blocks)), dim3(threads), kMaxStepCoeffs * sizeof(float), s, a);
-#else
-    solver_step_kernel<T, 1><<<int(blocks), threads, 0, s>>>(a);
-#endif
-  }
   return cudaGetLastError();
 }
 
@@ -187,12 +272,7 @@ int solver_step_cuda(const SolverStepArgs& a, void* stream) {
   if (a.num_history < 0 || a.num_history > kMaxHistory || a.inner <= 0) return int(cudaErrorInvalidValue);
   if (a.numel == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (a.dtype) {
-    case DType::kF32: return int(launch<float>(a, s));
-    case DType::kF16: return int(launch<__half>(a, s));
-    case DType::kBF16: return int(launch<__nv_bfloat16>(a, s));
-  }
-  return int(cudaErrorInvalidValue);
+  return int(launch(a, s));
 }
 
 // ---- guidance rescale: per-sample sums in float64, two kernels (partials, then finish) ----

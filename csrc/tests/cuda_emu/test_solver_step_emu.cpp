@@ -149,9 +149,11 @@ void run_case(const Case& C, Rng& rng) {
   CHECK(rc == 0, "%s: solver_step_cuda returned %d", tag.c_str(), rc);
   CHECK(cuda_emu::launches().size() == nlaunch + 1, "%s: expected one launch", tag.c_str());
   if (cuda_emu::launches().size() == nlaunch + 1) {
-    const bool vec_kernel = cuda_emu::launches().back().func == reinterpret_cast<const void*>(
-        C.dt == DType::kF32 ? &pydiff::solver_step_kernel<float, 4> :
-        C.dt == DType::kF16 ? &pydiff::solver_step_kernel<__half, 8> : &pydiff::solver_step_kernel<__nv_bfloat16, 8>);
+    // the instantiation for this dtype, history length and coefficient source, vector or scalar
+    const void* ran = cuda_emu::launches().back().func;
+    const bool vec_kernel = ran == reinterpret_cast<const void*>(pydiff::solver_step_kernel_for(a, true));
+    const bool scalar_kernel = ran == reinterpret_cast<const void*>(pydiff::solver_step_kernel_for(a, false));
+    CHECK(vec_kernel || scalar_kernel, "%s: an unexpected kernel ran", tag.c_str());
     CHECK(vec_kernel == (C.misalign == 0), "%s: the %s kernel ran", tag.c_str(), vec_kernel ? "vector" : "scalar");
   }
 
@@ -298,6 +300,10 @@ int main(int argc, char** argv) {
        .stats = true, .sms = 1},
       {.what = "grid capped, scalar", .dt = F16, .numel = 256 * 8 * 3 + 1, .batch = 1, .hist = 1, .misalign = 1,
        .sms = 1},
+      {.what = "grid capped, table (loads before the barrier)", .dt = BF16, .numel = 256 * 8 * 2 * 2 + 3, .hist = 1,
+       .table = true, .step = 1, .table_rows = 3, .sms = 1},
+      {.what = "rows narrower than a vector (row_scale)", .dt = F16, .numel = 50 * 3, .batch = 50, .hist = 1},
+      {.what = "rows narrower than a vector, fp32", .dt = F32, .numel = 41 * 2, .batch = 41, .hist = 2},
   };
   for (const Case& c : cases) run_case(c, rng);
   for (int s = 0; s < sweep; ++s) {
