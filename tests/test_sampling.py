@@ -234,6 +234,34 @@ def test_vocab_one_and_near_zero_temperature(backend):
     assert torch.allclose(res.top1, torch.softmax(logits.double(), -1).max(-1).values, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_argmax_first_of_tied_maxima_and_margin(backend, dtype):
+    """Temperature 0 returns the first maximal index wherever the ties sit (same SIMD lane, other
+    lanes, later lanes first, other chunks of the C++ kernel's 2048 and the GPU kernels' 4096), and
+    the top-2 margin counts a tied maximum twice (margin 0)."""
+    V = 3 * 4096 + 37
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(8, V, generator=g)
+    ties = [[8, 16], [10, 3], [15, 16], [5000, 100], [4100, 2050, 9000], [V - 1, V - 2], [0, V - 1], [4095, 4096]]
+    for r, pos in enumerate(ties):
+        x[r, pos] = 9.0
+    x = x.to(dtype)
+    want = x.float().argmax(-1)
+    assert want.tolist() == [min(p) for p in ties]
+    res = sample_categorical(x, temperature=0.0, return_confidence=True, backend=backend)
+    assert torch.equal(res.tokens, want)
+    assert torch.equal(res.margin, torch.zeros_like(res.margin))
+    # a single maximum: margin = p1 - p2 of softmax(x) (T = 1 for the confidences at T = 0)
+    y = x.clone()
+    for r, pos in enumerate(ties):
+        y[r, pos[1:]] = 8.0
+    p = torch.softmax(y.double(), -1).topk(2, -1).values
+    res = sample_categorical(y, temperature=0.0, return_confidence=True, backend=backend)
+    assert torch.equal(res.tokens, y.float().argmax(-1))
+    assert torch.allclose(res.margin, p[:, 0] - p[:, 1], rtol=1e-6, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", FAST)
 def test_large_vocab(backend):
     g = torch.Generator().manual_seed(5)

@@ -2,7 +2,8 @@
 // kSampleChunk logits converted to fp32 in L1: chunk max, then the exponentials relative to it
 // (a vectorised exp: fp32 polynomial on a reduced argument, scaled by 2^k in float64 so nothing
 // underflows above 1e-308), summed in float64. A float64 uniform picks the chunk by the
-// cumulative chunk sums and a rescan of that chunk picks the token. Definition:
+// cumulative chunk sums and a rescan of that chunk picks the token; at T = 0 the first argmax is
+// tracked in the first pass (no rescan). Definition:
 // pydiff/reference/sampling.py; declarations: csrc/include/pydiff/sampling.h.
 #include <algorithm>
 #include <cmath>
@@ -22,6 +23,7 @@ struct ChunkMax {
   float m1, m2;  // largest and second-largest kept value (with multiplicity)
   float mn;      // smallest kept finite value
   bool bad;      // NaN or +inf seen
+  int arg;       // first index of m1 in the chunk (want_arg; -1 when nothing is kept)
 };
 
 // GCC/Clang vector extensions: 8 lanes; the avx2 clone maps them to 256-bit registers.
@@ -35,15 +37,24 @@ typedef long long v4l __attribute__((vector_size(32)));
 __attribute__((always_inline)) inline v8f load8(const float* p) { v8f v; std::memcpy(&v, p, sizeof v); return v; }
 __attribute__((always_inline)) inline float hmax(v8f v) { float m = v[0]; for (int j = 1; j < 8; ++j) m = v[j] > m ? v[j] : m; return m; }
 
-// n8: n rounded up to 8, the tail padded with -inf by the caller.
-PYDIFF_CLONES_AVX2 ChunkMax chunk_max(const float* __restrict__ l, int64_t n8, float tau, float need_second_from) {
+// n8: n rounded up to 8, the tail padded with -inf by the caller. One pass: per lane the two
+// largest kept values with multiplicity (m2 = max(m2, min(m1, v)), then m1 = max(m1, v)) and, with
+// want_arg, the first index of the lane's maximum; the lanes' 16 values give the chunk's top two
+// with multiplicity, the smallest index among the lanes holding m1 its first argmax.
+PYDIFF_CLONES_AVX2 ChunkMax chunk_max(const float* __restrict__ l, int64_t n8, float tau, bool want_m2, bool want_arg) {
   const v8f ninf = v8f{} + kNegInf, pinf = v8f{} - kNegInf, vtau = v8f{} + tau;
-  v8f m = ninf, mn = pinf;
-  v8i bad = v8i{};
+  const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  v8f m = ninf, m2 = ninf, mn = pinf;
+  v8i bad = v8i{}, arg = v8i{} - 1;
   for (int64_t i = 0; i < n8; i += 8) {
     const v8f v = load8(l + i);
     bad |= (v != v) | (v == pinf);
     const v8f kv = v >= vtau ? v : ninf;
+    if (want_arg) arg = kv > m ? lane + int(i) : arg;  // strict: the lane's first occurrence stays
+    if (want_m2) {
+      const v8f lo = kv < m ? kv : m;
+      m2 = lo > m2 ? lo : m2;
+    }
     m = kv > m ? kv : m;
     const v8f fv = kv > ninf ? kv : pinf;
     mn = fv < mn ? fv : mn;
@@ -53,21 +64,19 @@ PYDIFF_CLONES_AVX2 ChunkMax chunk_max(const float* __restrict__ l, int64_t n8, f
   int any_bad = 0;
   for (int j = 0; j < 8; ++j) any_bad |= bad[j];
   const float m1 = hmax(m);
-  if (m1 < need_second_from) return {m1, kNegInf, vmin, any_bad != 0};  // the caller needs only m1
-  // second largest with multiplicity: count of m1, and max of the values below m1
-  const v8f vm1 = v8f{} + m1;
-  v8i cnt = v8i{};
-  v8f below = ninf;
-  for (int64_t i = 0; i < n8; i += 8) {
-    const v8f v = load8(l + i);
-    const v8f kv = v >= vtau ? v : ninf;
-    cnt -= (kv == vm1);  // true lanes are -1
-    const v8f b = kv < vm1 ? kv : ninf;
-    below = b > below ? b : below;
+  int count = 0, first = -1;
+  float below = kNegInf;
+  for (int j = 0; j < 8; ++j) {
+    if (m[j] == m1) {
+      ++count;
+      if (arg[j] >= 0 && (first < 0 || arg[j] < first)) first = arg[j];
+    } else if (m[j] > below) {
+      below = m[j];
+    }
+    if (m2[j] > below) below = m2[j];
   }
-  int count = 0;
-  for (int j = 0; j < 8; ++j) count += cnt[j];
-  return {m1, (count > 1 && m1 > kNegInf) ? m1 : hmax(below), vmin, any_bad != 0};
+  const float second = want_m2 ? ((count > 1 && m1 > kNegInf) ? m1 : below) : kNegInf;
+  return {m1, second, vmin, any_bad != 0, m1 > kNegInf ? first : -1};
 }
 
 // e[i] = exp(x[i]) with x[i] = (l[i] - mc) * inv_t for kept tokens (l[i] >= tau), else 0, and
@@ -180,13 +189,15 @@ void sample_rows(const SampleArgs& a) {
       const T* row = static_cast<const T*>(a.logits) + r * a.row_stride;
       const float tau = a.threshold ? a.threshold[r] : kNegInf;
       float M = kNegInf, M2 = kNegInf;
+      int64_t first_arg = -1;  // first index of M in the row (argmax)
       bool bad = std::isnan(tau);
       // pass 1: per chunk max (kept), exponentials relative to it, float64 sums
       for (int64_t c = 0; c < nchunks; ++c) {
         const int64_t lo = c * C, n = std::min(C, V - lo);
         const int64_t n8 = load_chunk<T>(row + lo, n, lbuf.data());
-        const ChunkMax mx = chunk_max(lbuf.data(), n8, tau, stats ? M : std::numeric_limits<float>::infinity());
+        const ChunkMax mx = chunk_max(lbuf.data(), n8, tau, stats, argmax);
         bad |= mx.bad;
+        if (argmax && mx.m1 > M) first_arg = lo + mx.arg;  // an equal M in a later chunk is not first
         // merge top-2
         if (mx.m1 > M) {
           M2 = std::max(M, mx.m2);
@@ -226,12 +237,7 @@ void sample_rows(const SampleArgs& a) {
       int64_t tok = -1;
       double etok = 0;
       if (argmax) {
-        for (int64_t c = 0; c < nchunks && tok < 0; ++c) {
-          const int64_t lo = c * C, n = std::min(C, V - lo);
-          load_chunk<T>(row + lo, n, lbuf.data());
-          for (int64_t i = 0; i < n; ++i)
-            if (lbuf[i] == M) { tok = lo + i; break; }
-        }
+        tok = first_arg;
         etok = 1.0;
       } else {
         const double target = uniform53(a.seeds[r], a.offsets[r]) * Z;
@@ -247,7 +253,7 @@ void sample_rows(const SampleArgs& a) {
         if (c_sel < 0) c_sel = c_last;  // rounding: u Z beyond the last cumulative sum
         const int64_t lo = c_sel * C, n = std::min(C, V - lo);
         const int64_t n8 = load_chunk<T>(row + lo, n, lbuf.data());
-        const ChunkMax mx = chunk_max(lbuf.data(), n8, tau, std::numeric_limits<float>::infinity());
+        const ChunkMax mx = chunk_max(lbuf.data(), n8, tau, false, false);
         double s_unused, t_unused;
         chunk_exp(lbuf.data(), n8, mx.m1, inv_t, tau, (mx.mn - mx.m1) * inv_t >= -86.f, false, ebuf.data(), &s_unused,
                   &t_unused);
