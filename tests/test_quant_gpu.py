@@ -527,3 +527,29 @@ def test_gpu_auto_backend_of_quantize():
         other = quantize(x, fmt, 64, backend="cuda")
         for a, b, c in zip(got[:2], want[:2], other[:2]):
             assert torch.equal(a, b) and torch.equal(a, c), (fmt, hopper)
+
+
+@pytest.mark.skipif("cuda" not in BACKENDS, reason="needs the compiled CUDA kernels")
+@pytest.mark.parametrize("M,N,K,G,R", [(130, 131, 320, 64, 5), (7, 3072, 3072, 3072, 0), (257, 129, 12288, 128, 32)])
+def test_gpu_native_int4_mma_equals_int8_path(monkeypatch, M, N, K, G, R):
+    """The CUDA kernel's native 4-bit MMA (mma.sync m16n8k64 .s4: the default on sm_8x; forced here
+    with PYDIFF_CUDA_INT4_MMA=1, on Hopper it runs emulated and slow) against the unpacked int8 path
+    (PYDIFF_CUDA_INT4_MMA=0): the same exact group sums, so the outputs are equal bit for bit; and
+    both against the reference.  This is how the fragment layout of the .s4 path is checked on
+    hardware (the CPU emulator checks it against the PTX ISA's description in CI)."""
+    qa, sa, qw, sw = _operands(M, N, K, G, "int4", seed=31)
+    g = torch.Generator(device="cuda").manual_seed(32)
+    bias = torch.randn(N, device="cuda", generator=g)
+    la = torch.randn(M, R, device="cuda", generator=g) if R else None
+    lu = torch.randn(R, N, device="cuda", generator=g) if R else None
+    outs = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("PYDIFF_CUDA_INT4_MMA", mode)
+        outs[mode] = quant_gemm(qa, sa, qw, sw, fmt="int4", group_size=G, bias=bias, lora_act=la, lora_up=lu,
+                                out_dtype=torch.float32, backend="cuda")
+    torch.cuda.synchronize()
+    assert torch.equal(outs["1"], outs["0"])
+    ref = quant_gemm_ref(qa[:64].cpu(), sa[:64].cpu(), qw.cpu(), sw.cpu(), fmt="int4", group_size=G,
+                         bias=bias.cpu(), lora_act=None if la is None else la[:64].cpu(),
+                         lora_up=None if lu is None else lu.cpu(), out_dtype=None)
+    assert torch.allclose(outs["1"][:64].cpu().double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

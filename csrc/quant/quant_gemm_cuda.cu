@@ -14,6 +14,14 @@
 // 13.0): int4 and int8 -> IMMA.16832.S8.S8; fp8 -> F2FP.F16.E4M3.UNPACK_B + HMMA.16816.F32 (Hopper's
 // mma.sync has no native e4m3 path, only wgmma does; e4m3 -> f16 is exact, so the result is too).
 //
+// Native int4 (sm_80 / 86 / 87 / 89, groups of a multiple of 64 channels): Ampere and Ada have a real
+// 4-bit MMA, mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32, whose fragments are the 8-bit ones
+// with twice the elements per register (element i of a register in bits 4i .. 4i + 3, lower index in
+// the less significant bits). The packed layout (even channel in the low nibble) is exactly that,
+// so the ldmatrix results feed the MMA as they are: no unpacking, one k-step of 64 channels per
+// 32-byte slice. Hopper keeps the int8 path (.s4 is emulated there); PYDIFF_CUDA_INT4_MMA=1 / 0
+// forces the choice (the tests run the native path on any GPU and on the CPU emulator).
+//
 // Tiling (one configuration): CTA tile 128 (M) x 128 (N), 256 threads = 8 warps as 2 (M) x 4 (N),
 // warp tile 64 x 32 = 4 m16 tiles x 4 n8 tiles. The K loop walks k-tiles of 64 *bytes* per row
 // (int8/fp8: 64 channels = 2 MMA k-steps; int4: 128 channels = 4 k-steps), 4-stage cp.async
@@ -49,6 +57,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include "pydiff/cuda_types.cuh"
@@ -146,6 +155,14 @@ __device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], cons
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+__device__ __forceinline__ void mma_s4(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
 __device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
   asm volatile(
@@ -223,8 +240,11 @@ __device__ __forceinline__ void load_tile(unsigned char* stage, const GemmLaunch
   }
 }
 
-template <QuantFormat FMT, typename TOut>
+// NATIVE4 (int4 only): the 4-bit MMA on the packed data, k-steps of 64 channels (G % 64 == 0).
+template <QuantFormat FMT, typename TOut, bool NATIVE4 = false>
 __global__ void __launch_bounds__(kThreads, 1) quant_gemm_kernel(const GemmLaunch L) {
+  static_assert(!NATIVE4 || FMT == QuantFormat::kInt4, "the native 4-bit MMA is for int4 data");
+  constexpr int kStepCh = NATIVE4 ? 64 : 32;  // channels per MMA k-step
   using DAcc = typename std::conditional<FMT == QuantFormat::kFp8E4M3, float, int>::type;
 #ifdef PYDIFF_CUDA_EMU
   unsigned char* smem = cuda_emu::dynamic_smem();
@@ -257,12 +277,12 @@ __global__ void __launch_bounds__(kThreads, 1) quant_gemm_kernel(const GemmLaunc
   const float* sa_base = L.a.sa + (m0 + rb) * Gn;  // + (16 mt + 8 h) Gn + g (only dereferenced when valid)
   const float* sw_base = L.a.sw + (n0 + cb) * Gn;  // + (8 nt + j) Gn + g
 
-  // K-steps are visited in order (k-tile, half, j); a group is G / 32 consecutive k-steps.
-  const int steps_per_group = int(G / 32);  // the host checks K / 32 < 2^31
+  // K-steps are visited in order (k-tile, half, j); a group is G / kStepCh consecutive k-steps.
+  const int steps_per_group = int(G / kStepCh);  // the host checks K / 32 < 2^31
   int step_in_group = 0;                    // k-steps of group g done so far
   int64_t g = 0;                            // current group
 
-  // One MMA k-step (32 channels) on fragments a[mt], b[nt]; flush after the last k-step of a group,
+  // One MMA k-step (kStepCh channels) on fragments a[mt], b[nt]; flush after the last k-step of a group,
   // and every kMaxFlushSteps k-steps inside huge groups (keeps |D| < 2^31 for int8: the partial
   // sums of one group are then scaled and added separately, the same sum).
   auto kstep = [&](const uint32_t (&af)[4][4], const uint32_t (&bf)[4][2]) {
@@ -291,6 +311,8 @@ __global__ void __launch_bounds__(kThreads, 1) quant_gemm_kernel(const GemmLaunc
       for (int nt = 0; nt < 4; ++nt) {
         if constexpr (FMT == QuantFormat::kFp8E4M3)
           mma_e4m3(dacc[mt][nt], af[mt], bf[nt]);
+        else if constexpr (NATIVE4)
+          mma_s4(dacc[mt][nt], af[mt], bf[nt]);
         else
           mma_s8(dacc[mt][nt], af[mt], bf[nt]);
       }
@@ -339,7 +361,7 @@ __global__ void __launch_bounds__(kThreads, 1) quant_gemm_kernel(const GemmLaunc
 #pragma unroll
       for (int p = 0; p < 2; ++p)
         ldsm_x4(br[p], sB + (wn * 32 + p * 16 + b_ldm_row(lane)) * kSRow + half * 32 + b_ldm_byte(lane));
-      if constexpr (FMT == QuantFormat::kInt4) {
+      if constexpr (FMT == QuantFormat::kInt4 && !NATIVE4) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {  // two k-steps of 32 channels
           const int64_t s = chan0 / 32 + j;
@@ -351,7 +373,7 @@ __global__ void __launch_bounds__(kThreads, 1) quant_gemm_kernel(const GemmLaunc
           for (int nt = 0; nt < 4; ++nt) frag4_b(br, nt, j, bf[nt]);
           kstep(af, bf);
         }
-      } else {
+      } else {  // 8-bit data (32 channels), or native int4 (64 channels): the ldmatrix words as they are
         uint32_t bf[4][2];
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) frag8_b(br, nt, bf[nt]);
@@ -441,7 +463,7 @@ __global__ void __launch_bounds__(kThreads, 1) quant_gemm_kernel(const GemmLaunc
 // Per-device, once per kernel instantiation (so that no attribute call happens during CUDA-graph
 // capture after a warm-up): the dynamic shared-memory opt-in, and for fp8 whether the kernel image
 // has the e4m3 MMA. state: 0 unknown, 1 ready, 2 fp8 not supported by the image.
-template <QuantFormat FMT, typename TOut>
+template <QuantFormat FMT, typename TOut, bool NATIVE4>
 cudaError_t configure() {
   constexpr int kMaxDev = 64;
   static std::atomic<int> state[kMaxDev];
@@ -451,7 +473,7 @@ cudaError_t configure() {
   const int st = dev >= 0 && dev < kMaxDev ? state[dev].load(std::memory_order_relaxed) : 0;
   if (st == 1) return cudaSuccess;
   if (st == 2) return cudaErrorNotSupported;
-  auto kernel = quant_gemm_kernel<FMT, TOut>;
+  auto kernel = quant_gemm_kernel<FMT, TOut, NATIVE4>;
   if (FMT == QuantFormat::kFp8E4M3) {
     // The e4m3 MMA exists only in code compiled for sm_89+ (see mma_e4m3). ptxVersion: the virtual
     // architecture the image was compiled from (a PTX JIT from compute_80 reports 80).
@@ -470,27 +492,42 @@ cudaError_t configure() {
   return cudaSuccess;
 }
 
-template <QuantFormat FMT, typename TOut>
+template <QuantFormat FMT, typename TOut, bool NATIVE4>
 cudaError_t launch(const GemmLaunch& L, cudaStream_t stream) {
-  cudaError_t e = configure<FMT, TOut>();
+  cudaError_t e = configure<FMT, TOut, NATIVE4>();
   if (e != cudaSuccess) return e;
   const dim3 grid(unsigned((L.a.M + kBM - 1) / kBM), unsigned((L.a.N + kBN - 1) / kBN));
 #ifdef PYDIFF_CUDA_EMU
-  cuda_emu::launch(quant_gemm_kernel<FMT, TOut>, grid, dim3(kThreads), kSmemBytes, stream, L);
+  cuda_emu::launch(quant_gemm_kernel<FMT, TOut, NATIVE4>, grid, dim3(kThreads), kSmemBytes, stream, L);
 #else
-  quant_gemm_kernel<FMT, TOut><<<grid, kThreads, kSmemBytes, stream>>>(L);
+  quant_gemm_kernel<FMT, TOut, NATIVE4><<<grid, kThreads, kSmemBytes, stream>>>(L);
 #endif
   return cudaGetLastError();
 }
 
-template <QuantFormat FMT>
+template <QuantFormat FMT, bool NATIVE4 = false>
 cudaError_t dispatch_out(const GemmLaunch& L, cudaStream_t s) {
   switch (L.a.out_dtype) {
-    case FloatType::kF32: return launch<FMT, float>(L, s);
-    case FloatType::kF16: return launch<FMT, __half>(L, s);
-    case FloatType::kBF16: return launch<FMT, __nv_bfloat16>(L, s);
+    case FloatType::kF32: return launch<FMT, float, NATIVE4>(L, s);
+    case FloatType::kF16: return launch<FMT, __half, NATIVE4>(L, s);
+    case FloatType::kBF16: return launch<FMT, __nv_bfloat16, NATIVE4>(L, s);
     default: return cudaErrorInvalidValue;
   }
+}
+
+// int4 on the native 4-bit MMA? Groups of a multiple of 64 channels (a k-step must not straddle two
+// groups), and an Ampere / Ada GPU (compute capability 8.x; Hopper emulates .s4); the environment
+// variable PYDIFF_CUDA_INT4_MMA=1 / 0 overrides the GPU test (not the group condition).
+bool use_native_int4(int64_t group_size) {
+  if (group_size % 64 != 0) return false;
+  if (const char* env = std::getenv("PYDIFF_CUDA_INT4_MMA")) {
+    if (env[0] == '1') return true;
+    if (env[0] == '0') return false;
+  }
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  return major == 8;
 }
 
 }  // namespace
@@ -509,14 +546,18 @@ int quant_gemm_cuda(const QuantGemmArgs& a, void* stream) {
   L.row_bytes = a.fmt == QuantFormat::kInt4 ? a.K / 2 : a.K;
   L.Gn = a.K / a.group_size;
   L.aligned16 = (reinterpret_cast<uintptr_t>(a.qa) % 16 == 0) && (reinterpret_cast<uintptr_t>(a.qw) % 16 == 0);
+  const bool native4 = a.fmt == QuantFormat::kInt4 && use_native_int4(a.group_size);
   const double qprod = a.fmt == QuantFormat::kInt4 ? 64.0 : 16384.0;  // max |qa * qw|
-  const double flush_chans = double(a.group_size < 32 * kMaxFlushSteps ? a.group_size : 32 * kMaxFlushSteps);
+  const int64_t step_ch = native4 ? 64 : 32;  // channels per k-step: flushes come every kMaxFlushSteps of them
+  const double flush_chans =
+      double(a.group_size < step_ch * kMaxFlushSteps ? a.group_size : step_ch * kMaxFlushSteps);
   L.magic = flush_chans * qprod <= 4194304.0;  // |D| <= 2^22 at every flush
   const int osz = a.out_dtype == FloatType::kF32 ? 4 : 2;
   L.out_pair_ok = (a.N % 2 == 0) && (reinterpret_cast<uintptr_t>(a.out) % (2 * osz) == 0);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (a.fmt) {
-    case QuantFormat::kInt4: return int(dispatch_out<QuantFormat::kInt4>(L, s));
+    case QuantFormat::kInt4:
+      return int(native4 ? dispatch_out<QuantFormat::kInt4, true>(L, s) : dispatch_out<QuantFormat::kInt4>(L, s));
     case QuantFormat::kInt8: return int(dispatch_out<QuantFormat::kInt8>(L, s));
     case QuantFormat::kFp8E4M3: return int(dispatch_out<QuantFormat::kFp8E4M3>(L, s));
   }

@@ -640,6 +640,21 @@ inline void gather_m16n8k32(const MmaIn (&in)[32], T (&A)[16][32], T (&Bt)[8][32
     }
   }
 }
+// A (16 x 64) and B^T (8 x 64) of a 4-bit m16n8k64 MMA (PTX ISA, "Matrix fragments for
+// mma.m16n8k64", .s4 / .u4): element i of a register is bits 4i .. 4i + 3; a0 = (row gid,
+// k = 8 tig + i), a1 = (gid + 8, same k), a2 = (gid, 32 + 8 tig + i), a3 = (gid + 8, 32 + 8 tig + i);
+// b0 = (k = 8 tig + i, n = gid), b1 = (k = 32 + 8 tig + i, gid).
+template <typename T, typename Dec>
+inline void gather_m16n8k64_4bit(const MmaIn (&in)[32], T (&A)[16][64], T (&Bt)[8][64], Dec dec) {
+  for (int l = 0; l < 32; ++l) {
+    const int gid = l >> 2, tig = l & 3;
+    for (int r = 0; r < 4; ++r)
+      for (int i = 0; i < 8; ++i)
+        A[gid + 8 * (r & 1)][8 * tig + i + 32 * (r >> 1)] = dec(uint8_t((in[l].a[r] >> (4 * i)) & 15u));
+    for (int r = 0; r < 2; ++r)
+      for (int i = 0; i < 8; ++i) Bt[gid][8 * tig + i + 32 * r] = dec(uint8_t((in[l].b[r] >> (4 * i)) & 15u));
+  }
+}
 // C/D (16 x 8): c0, c1 at row gid, columns 2 tig, 2 tig + 1; c2, c3 at row gid + 8.
 inline int mma_row(int lane, int i) { return (lane >> 2) + 8 * (i >> 1); }
 inline int mma_col(int lane, int i) { return 2 * (lane & 3) + (i & 1); }
@@ -673,6 +688,32 @@ inline void mma_m16n8k32_s8(int (&d)[4], const uint32_t (&a)[4], const uint32_t 
             const int r = detail::mma_row(l, i), n = detail::mma_col(l, i);
             int32_t s = 0;
             for (int k = 0; k < 32; ++k) s += A[r][k] * Bt[n][k];  // |s| <= 32 * 2^14
+            outs[l].d[i] = ins[l].c[i] + uint32_t(s);
+          }
+      });
+  for (int i = 0; i < 4; ++i) d[i] = int(o.d[i]);
+}
+
+// mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 d, a, b, c (sm_80+; int32 wrap-around accumulation).
+inline void mma_m16n8k64_s4(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const int (&c)[4]) {
+  if (detail::tl_device_sm < 80)
+    detail::fail("mma .s4 needs sm_80+, the launch's device is sm_%d", detail::tl_device_sm);
+  detail::MmaIn in;
+  for (int i = 0; i < 4; ++i) {
+    in.a[i] = a[i];
+    in.c[i] = uint32_t(c[i]);
+  }
+  in.b[0] = b[0];
+  in.b[1] = b[1];
+  const detail::MmaOut o = detail::warp_collective<detail::MmaOut>(
+      "mma.m16n8k64.s4", in, [](const detail::MmaIn (&ins)[32], detail::MmaOut (&outs)[32]) {
+        int32_t A[16][64], Bt[8][64];
+        detail::gather_m16n8k64_4bit(ins, A, Bt, [](uint8_t v) { return int32_t(v) - ((v & 8) ? 16 : 0); });
+        for (int l = 0; l < 32; ++l)
+          for (int i = 0; i < 4; ++i) {
+            const int r = detail::mma_row(l, i), n = detail::mma_col(l, i);
+            int32_t s = 0;
+            for (int k = 0; k < 64; ++k) s += A[r][k] * Bt[n][k];  // |s| <= 64 * 64
             outs[l].d[i] = ins[l].c[i] + uint32_t(s);
           }
       });

@@ -27,6 +27,9 @@ template <int N> inline void cp_async_wait() { cuda_emu::cp_async_wait(N); }
 inline void mma_s8(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   cuda_emu::mma_m16n8k32_s8(d, a, b, d);
 }
+inline void mma_s4(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  cuda_emu::mma_m16n8k64_s4(d, a, b, d);
+}
 inline void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   cuda_emu::mma_m16n8k32_e4m3(d, a, b, d);
 }
@@ -61,6 +64,7 @@ struct Case {
   int out_off = 0;             // out base address % 16 = out_off elements (odd: no paired stores)
   FloatType bias_dt = FloatType::kF32, la_dt = FloatType::kF32, lu_dt = FloatType::kF32;
   int device = 0;
+  int int4_mma = -1;  // PYDIFF_CUDA_INT4_MMA for the call: -1 unset, 0 / 1 forced
 };
 
 const char* fmt_name(QuantFormat f) {
@@ -163,9 +167,14 @@ void run_case(const Case& c, uint64_t seed) {
   a.rank = R;
   a.out = out.data(), a.out_dtype = c.out;
   cudaSetDevice(c.device);
+  if (c.int4_mma >= 0) setenv("PYDIFF_CUDA_INT4_MMA", c.int4_mma ? "1" : "0", 1);
   const size_t nl = cuda_emu::launches().size();
   const int rc = pydiff::quant_gemm_cuda(a, nullptr);
+  unsetenv("PYDIFF_CUDA_INT4_MMA");
   cudaSetDevice(0);
+  // the native 4-bit MMA runs for int4 with groups of 64k channels on sm_8x (or when forced)
+  const bool want_native = c.fmt == QuantFormat::kInt4 && G % 64 == 0 &&
+                           (c.int4_mma >= 0 ? c.int4_mma == 1 : cuda_emu::device(c.device).sm / 10 == 8);
 
   char tag[200];
   std::snprintf(tag, sizeof(tag), "%s %s out=%s M=%ld N=%ld K=%ld G=%ld R=%ld bias=%d offs=%d/%d/%d: %s",
@@ -177,6 +186,11 @@ void run_case(const Case& c, uint64_t seed) {
     const auto& L = cuda_emu::launches().back();
     CHECK(L.grid.x == unsigned((M + 127) / 128) && L.grid.y == unsigned((N + 127) / 128) && L.block.x == 256,
           "%s: grid (%u, %u) block %u", tag, L.grid.x, L.grid.y, L.block.x);
+    const bool ran_native =
+        L.func == reinterpret_cast<const void*>(&pydiff::quant_gemm_kernel<QuantFormat::kInt4, float, true>) ||
+        L.func == reinterpret_cast<const void*>(&pydiff::quant_gemm_kernel<QuantFormat::kInt4, __half, true>) ||
+        L.func == reinterpret_cast<const void*>(&pydiff::quant_gemm_kernel<QuantFormat::kInt4, __nv_bfloat16, true>);
+    CHECK(ran_native == want_native, "%s: the %s int4 MMA ran", tag, ran_native ? "native" : "unpacked (int8)");
   }
   CHECK(same(qa, qa_h.data(), qa_h.size()) && same(qw, qw_h.data(), qw_h.size()) &&
             same(sa, sa_h.data(), sa_h.size() * 4) && same(sw, sw_h.data(), sw_h.size() * 4) &&
@@ -369,6 +383,23 @@ int main(int argc, char** argv) {
        .mode = E},
       {.what = "|D| = 2^31: needs the in-group flush", .fmt = I8, .out = f32, .M = 1, .N = 1, .K = 131072, .G = 131072,
        .mode = E},
+      // native 4-bit MMA (sm_80 device, or forced): exact, extreme, random; and forced off on sm_80
+      {.what = "native s4: 2 x 2 blocks, 2.5 k-tiles", .fmt = I4, .out = f32, .M = 130, .N = 131, .K = 320, .G = 64,
+       .R = 5, .bias = true, .mode = X, .device = 1},
+      {.what = "native s4: 3 blocks along N, G = 256", .fmt = I4, .out = bf16, .M = 5, .N = 257, .K = 1024, .G = 256,
+       .bias = true, .mode = X, .device = 1},
+      {.what = "native s4: every product -8 x -8", .fmt = I4, .out = f32, .M = 3, .N = 5, .K = 16384, .G = 4096,
+       .mode = E, .device = 1},
+      {.what = "native s4: in-group flush + magic", .fmt = I4, .out = f32, .M = 1, .N = 1, .K = 262144, .G = 262144,
+       .mode = E, .device = 1},
+      {.what = "native s4: random, misaligned, out odd", .fmt = I4, .out = f16, .M = 37, .N = 45, .K = 192, .G = 64,
+       .R = 33, .qa_off = 5, .out_off = 1, .device = 1},
+      {.what = "native s4 forced on an sm_90 device", .fmt = I4, .out = f32, .M = 67, .N = 129, .K = 384, .G = 128,
+       .R = 2, .bias = true, .mode = X, .int4_mma = 1},
+      {.what = "G = 96 on sm_80: k64 would straddle groups, unpacked path", .fmt = I4, .out = f32, .M = 19, .N = 20,
+       .K = 192, .G = 96, .mode = X, .device = 1},
+      {.what = "native s4 forced off on sm_80", .fmt = I4, .out = f32, .M = 19, .N = 20, .K = 256, .G = 64, .mode = X,
+       .device = 1, .int4_mma = 0},
   };
   uint64_t seed = 1;
   for (const Case& c : cases) run_case(c, seed++);
