@@ -1,8 +1,9 @@
 """Triton kernels of the invertible-block ops (definitions: :mod:`pydiff.reference.invertible`).
 
-* ``coupling_update``: ``y = A x + B f`` elementwise, fp32 or float64 arithmetic; the two
-  coefficients travel as a float64 device tensor (host values copied without blocking, times the
-  optional device ``coeffs``), so a learnable IDM ``v`` needs no host synchronisation.
+* ``coupling_update``: ``y = A x + B f`` elementwise, fp32 or float64 arithmetic; coefficients exact
+  in fp32 (the +-1 of every coupling) are scalar kernel arguments, others and those times a device
+  ``coeffs`` travel as a float64 device tensor (host values copied without blocking), so a learnable
+  IDM ``v`` needs no host synchronisation.
 * ``coupling_update_fixed``: ``y = x + rint(f s)`` in int64, rounded half to even with integer
   logic (truncate, then compare the remainder with 1/2), so every backend rounds alike.
 * ``groupnorm_silu``: kernel 1, grid (group x split), float64 partial sums of ``x - x0`` and its
@@ -13,11 +14,19 @@
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
 
 _BLOCK = 1024
+
+
+def _f32_exact(*vals) -> bool:
+    """Every value survives a round trip through fp32 (then it can travel as an fp32 scalar argument
+    and be widened exactly in the kernel, with no device tensor made per call)."""
+    return all(struct.unpack("f", struct.pack("f", float(v)))[0] == float(v) for v in vals)
 
 
 def _coef_tensor(vals, device, coeffs=None):
@@ -32,18 +41,29 @@ def _coef_tensor(vals, device, coeffs=None):
 
 # ---------------------------------------------------------------- coupling
 @triton.jit
-def _coupling_kernel(x_ptr, f_ptr, y_ptr, ab_ptr, numel, F64: tl.constexpr, BLOCK: tl.constexpr):
+def _coupling_kernel(x_ptr, f_ptr, y_ptr, ab_ptr, a_s, b_s, numel, F64: tl.constexpr, SCALAR: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """SCALAR: the coefficients are the fp32 arguments a_s, b_s (exact: the launcher checks); else
+    the two float64 values at ab_ptr."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < numel
     if F64:
-        A = tl.load(ab_ptr)
-        B = tl.load(ab_ptr + 1)
+        if SCALAR:
+            A = tl.cast(a_s, tl.float64)
+            B = tl.cast(b_s, tl.float64)
+        else:
+            A = tl.load(ab_ptr)
+            B = tl.load(ab_ptr + 1)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float64)
         f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(tl.float64)
     else:
-        A = tl.load(ab_ptr).to(tl.float32)
-        B = tl.load(ab_ptr + 1).to(tl.float32)
+        if SCALAR:
+            A = a_s
+            B = b_s
+        else:
+            A = tl.load(ab_ptr).to(tl.float32)
+            B = tl.load(ab_ptr + 1).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, (A * x + B * f).to(y_ptr.dtype.element_ty), mask=mask)
@@ -58,18 +78,24 @@ def coupling_update_triton(x, f, a: float, b: float, coeffs=None, out=None, bloc
     n = xx.numel()
     if n == 0:
         return y
-    ab = _coef_tensor((a, b), x.device, coeffs)
     f64 = torch.float64 in (x.dtype, f.dtype)
-    _coupling_kernel[(triton.cdiv(n, block),)](xx, ff, y, ab, n, F64=f64, BLOCK=block)
+    # a, b exact in fp32 (the +-1 of every coupling): scalar arguments, no device tensor per call
+    scalar = coeffs is None and _f32_exact(a, b)
+    ab = xx if scalar else _coef_tensor((a, b), x.device, coeffs)
+    _coupling_kernel[(triton.cdiv(n, block),)](xx, ff, y, ab, float(a) if scalar else 0.0,
+                                               float(b) if scalar else 0.0, n, F64=f64, SCALAR=scalar, BLOCK=block)
     return y
 
 
 @triton.jit
-def _fixed_kernel(x_ptr, f_ptr, y_ptr, s_ptr, numel, BLOCK: tl.constexpr):
+def _fixed_kernel(x_ptr, f_ptr, y_ptr, s_ptr, s_s, numel, SCALAR: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < numel
-    s = tl.load(s_ptr)
+    if SCALAR:  # the fp32 argument holds the scale exactly (a power of two times an fp32 value)
+        s = tl.cast(s_s, tl.float64)
+    else:
+        s = tl.load(s_ptr)
     v = tl.load(f_ptr + offs, mask=mask, other=0.0).to(tl.float64) * s
     lim = 4611686018427387904.0  # 2^62
     v = tl.where(v != v, 0.0, v)
@@ -92,8 +118,10 @@ def coupling_update_fixed_triton(x, f, scale: float, frac_bits: int, out=None, b
     n = xx.numel()
     if n == 0:
         return y
-    s = _coef_tensor((float(scale) * 2.0 ** int(frac_bits),), x.device)
-    _fixed_kernel[(triton.cdiv(n, block),)](xx, ff, y, s, n, BLOCK=block)
+    sv = float(scale) * 2.0 ** int(frac_bits)
+    scalar = _f32_exact(sv)
+    s = xx if scalar else _coef_tensor((sv,), x.device)
+    _fixed_kernel[(triton.cdiv(n, block),)](xx, ff, y, s, sv if scalar else 0.0, n, SCALAR=scalar, BLOCK=block)
     return y
 
 

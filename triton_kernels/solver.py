@@ -1,8 +1,8 @@
 """Triton kernels of the fused solver step and the guidance-rescale reduction.
 
-Formula: :mod:`pydiff.reference.solver`.  The coefficients travel as a small float64 tensor on the
-device (a row of the device table at a device-side step index, or the host values copied once
-without blocking), so a launch never synchronises with the host.
+Formula: :mod:`pydiff.reference.solver`.  Host coefficients travel as fp32 scalar kernel arguments
+(nothing is allocated or copied per call); a device table is read at a device-side step index.
+Either way a launch never synchronises with the host.
 """
 from __future__ import annotations
 
@@ -24,29 +24,51 @@ def _coef(cptr, i):
 def _solver_step_kernel(
     x_ptr, c_ptr, u_ptr, z_ptr, h0, h1, h2, h3, h4, h5, rs_ptr, out_x, out_h,
     table_ptr, step_ptr, table_rows, numel, inner, clip_lo, clip_hi, stats_ptr,
+    g, px, pm, ex, em, ed,                                            # head coefficients
+    ax, am, ad, ae, az, ah0, ah1, ah2, ah3, ah4, ah5,                 # row 0: the next sample
+    bx, bm, bd, be, bz, bh0, bh1, bh2, bh3, bh4, bh5,                 # row 1: the history entry
     HAS_C: tl.constexpr, HAS_U: tl.constexpr, HAS_Z: tl.constexpr, HAS_RS: tl.constexpr, K: tl.constexpr,
-    CLIP: tl.constexpr, WRITE_H: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr,
+    CLIP: tl.constexpr, WRITE_H: tl.constexpr, STATS: tl.constexpr, TABLE: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """Host coefficients (TABLE = False) arrive as fp32 scalar arguments (no device copy per call);
+    with TABLE they are row ``clamp(*step_ptr)`` of the float64 table and the scalars are ignored."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < numel
-    NC: tl.constexpr = 6 + 2 * (5 + K)
-    row = tl.load(step_ptr)
-    row = tl.minimum(tl.maximum(row, 0), table_rows - 1)
-    cp = table_ptr + row * NC
-    R0: tl.constexpr = 6
-    R1: tl.constexpr = 6 + 5 + K
+    if TABLE:
+        NC: tl.constexpr = 6 + 2 * (5 + K)
+        row = tl.load(step_ptr)
+        row = tl.minimum(tl.maximum(row, 0), table_rows - 1)
+        cp = table_ptr + row * NC
+        R0: tl.constexpr = 6
+        R1: tl.constexpr = 6 + 5 + K
+        g, px, pm, ex, em, ed = (_coef(cp, 0), _coef(cp, 1), _coef(cp, 2), _coef(cp, 3), _coef(cp, 4),
+                                 _coef(cp, 5))
+        ax, am, ad, ae, az = _coef(cp, R0), _coef(cp, R0 + 1), _coef(cp, R0 + 2), _coef(cp, R0 + 3), _coef(cp, R0 + 4)
+        bx, bm, bd, be, bz = _coef(cp, R1), _coef(cp, R1 + 1), _coef(cp, R1 + 2), _coef(cp, R1 + 3), _coef(cp, R1 + 4)
+        if K > 0:
+            ah0, bh0 = _coef(cp, R0 + 5), _coef(cp, R1 + 5)
+        if K > 1:
+            ah1, bh1 = _coef(cp, R0 + 6), _coef(cp, R1 + 6)
+        if K > 2:
+            ah2, bh2 = _coef(cp, R0 + 7), _coef(cp, R1 + 7)
+        if K > 3:
+            ah3, bh3 = _coef(cp, R0 + 8), _coef(cp, R1 + 8)
+        if K > 4:
+            ah4, bh4 = _coef(cp, R0 + 9), _coef(cp, R1 + 9)
+        if K > 5:
+            ah5, bh5 = _coef(cp, R0 + 10), _coef(cp, R1 + 10)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_C:
         m = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_U:
             u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            m = u + _coef(cp, 0) * (m - u)
+            m = u + g * (m - u)
         if HAS_RS:
             m = m * tl.load(rs_ptr + offs // inner, mask=mask, other=1.0)
     else:
         m = tl.zeros_like(x)
-    d = _coef(cp, 1) * x + _coef(cp, 2) * m
+    d = px * x + pm * m
     if CLIP:
         d = tl.where(d < clip_lo, clip_lo, tl.where(d > clip_hi, clip_hi, d))
     if STATS:  # x0 statistics in float64, in place: stats[0] += d, stats[1] += d^2
@@ -55,50 +77,40 @@ def _solver_step_kernel(
         tl.store(stats_ptr + offs, s1 + dd, mask=mask)
         s2 = tl.load(stats_ptr + numel + offs, mask=mask, other=0.0)
         tl.store(stats_ptr + numel + offs, s2 + dd * dd, mask=mask)
-    e = _coef(cp, 3) * x + _coef(cp, 4) * m + _coef(cp, 5) * d
-    o0 = _coef(cp, R0) * x + _coef(cp, R0 + 1) * m + _coef(cp, R0 + 2) * d + _coef(cp, R0 + 3) * e
-    o1 = _coef(cp, R1) * x + _coef(cp, R1 + 1) * m + _coef(cp, R1 + 2) * d + _coef(cp, R1 + 3) * e
+    e = ex * x + em * m + ed * d
+    o0 = ax * x + am * m + ad * d + ae * e
+    o1 = bx * x + bm * m + bd * d + be * e
     if HAS_Z:
         z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        o0 += _coef(cp, R0 + 4) * z
-        o1 += _coef(cp, R1 + 4) * z
+        o0 += az * z
+        o1 += bz * z
     if K > 0:
         h = tl.load(h0 + offs, mask=mask, other=0.0).to(tl.float32)
-        o0 += _coef(cp, R0 + 5) * h
-        o1 += _coef(cp, R1 + 5) * h
+        o0 += ah0 * h
+        o1 += bh0 * h
     if K > 1:
         h = tl.load(h1 + offs, mask=mask, other=0.0).to(tl.float32)
-        o0 += _coef(cp, R0 + 6) * h
-        o1 += _coef(cp, R1 + 6) * h
+        o0 += ah1 * h
+        o1 += bh1 * h
     if K > 2:
         h = tl.load(h2 + offs, mask=mask, other=0.0).to(tl.float32)
-        o0 += _coef(cp, R0 + 7) * h
-        o1 += _coef(cp, R1 + 7) * h
+        o0 += ah2 * h
+        o1 += bh2 * h
     if K > 3:
         h = tl.load(h3 + offs, mask=mask, other=0.0).to(tl.float32)
-        o0 += _coef(cp, R0 + 8) * h
-        o1 += _coef(cp, R1 + 8) * h
+        o0 += ah3 * h
+        o1 += bh3 * h
     if K > 4:
         h = tl.load(h4 + offs, mask=mask, other=0.0).to(tl.float32)
-        o0 += _coef(cp, R0 + 9) * h
-        o1 += _coef(cp, R1 + 9) * h
+        o0 += ah4 * h
+        o1 += bh4 * h
     if K > 5:
         h = tl.load(h5 + offs, mask=mask, other=0.0).to(tl.float32)
-        o0 += _coef(cp, R0 + 10) * h
-        o1 += _coef(cp, R1 + 10) * h
+        o0 += ah5 * h
+        o1 += bh5 * h
     tl.store(out_x + offs, o0.to(out_x.dtype.element_ty), mask=mask)
     if WRITE_H:
         tl.store(out_h + offs, o1.to(out_h.dtype.element_ty), mask=mask)
-
-
-_ZERO_STEP = {}
-
-
-def _zero_step(device):
-    t = _ZERO_STEP.get(device)
-    if t is None:
-        t = _ZERO_STEP[device] = torch.zeros(1, dtype=torch.int64, device=device)
-    return t
 
 
 def solver_step_triton(x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step,
@@ -109,14 +121,16 @@ def solver_step_triton(x, model_cond, model_uncond, history, noise, row_scale, c
     k = len(history)
     if k > MAX_HISTORY:
         raise ValueError(f"history: expected at most {MAX_HISTORY} entries, got {k}")
-    if coeff_table is None:
-        host = torch.tensor(list(coeffs), dtype=torch.float64)
+    table = coeff_table is not None
+    if table:
+        scalars = [0.0] * (6 + 2 * (5 + MAX_HISTORY))
+    else:
         if len(coeffs) != num_coeffs(k):
             raise ValueError(f"coeffs: expected {num_coeffs(k)} values for {k} history entries, got {len(coeffs)}")
-        if x.device.type == "cuda":
-            host = host.pin_memory()
-        coeff_table = host.to(x.device, non_blocking=True).reshape(1, -1)
-        step = _zero_step(x.device)
+        cf = [float(v) for v in coeffs]
+        pad = [0.0] * (MAX_HISTORY - k)
+        r0, r1 = cf[6:11 + k], cf[11 + k:]
+        scalars = cf[:6] + r0 + pad + r1 + pad  # 6 head + 2 x (5 terms + 6 history weights)
     c = lambda t: None if t is None else t.contiguous()  # noqa: E731
     xx, cc, uu, zz = c(x), c(model_cond), c(model_uncond), c(noise)
     hh = [c(h) for h in history] + [xx] * (MAX_HISTORY - k)
@@ -130,12 +144,12 @@ def solver_step_triton(x, model_cond, model_uncond, history, noise, row_scale, c
     grid = (triton.cdiv(n, block),)
     _solver_step_kernel[grid](
         xx, cc if cc is not None else xx, uu if uu is not None else xx, zz if zz is not None else xx, *hh,
-        row_scale if row_scale is not None else coeff_table, out_x, out_h if write_history else out_x,
-        coeff_table, step.reshape(1), coeff_table.shape[0], n, inner,
-        float(clip_lo) if clip else 0.0, float(clip_hi) if clip else 0.0,
-        x0_stats if x0_stats is not None else coeff_table,
+        row_scale if row_scale is not None else xx, out_x, out_h if write_history else out_x,
+        coeff_table if table else xx, step.reshape(1) if table else xx, coeff_table.shape[0] if table else 1, n,
+        inner, float(clip_lo) if clip else 0.0, float(clip_hi) if clip else 0.0,
+        x0_stats if x0_stats is not None else xx, *scalars,
         HAS_C=cc is not None, HAS_U=uu is not None, HAS_Z=zz is not None, HAS_RS=row_scale is not None, K=k,
-        CLIP=clip, WRITE_H=bool(write_history), STATS=x0_stats is not None, BLOCK=block,
+        CLIP=clip, WRITE_H=bool(write_history), STATS=x0_stats is not None, TABLE=table, BLOCK=block,
     )
     return out_x, out_h
 
