@@ -57,3 +57,28 @@ def test_summary_marks_met_and_missed_targets():
         assert _marks(bad, needle) == ["not met"], (needle, bad)
     # absent rows are reported missing, never inferred
     assert _marks(good, "pydiff[triton]") and set(_marks(good, "pydiff[triton]")) == {"missing"}
+
+
+def test_profile_stack_quick_breaks_down_each_method(capsys):
+    """bench/profile_stack.py (the GPU session's profile of the invertible stack) runs on the CPU at
+    the tiny size: every method profiled, operator times summed, the convolutions among the top."""
+    import profile_stack
+
+    assert profile_stack.main(["--quick", "--device", "cpu", "--depth", "2", "--top", "5"]) == 0
+    text = capsys.readouterr().out
+    for m in ("plain", "checkpoint", "coupling-plain", "reversible"):
+        assert f"## {m}: wall" in text, m
+    assert "convolution" in text
+
+
+def test_overhead_quick_rows():
+    """bench/overhead.py: one row per (op, implementation), positive per-call times, pydiff next to
+    the eager baseline for every op."""
+    import overhead
+
+    rows = overhead.rows(torch.device("cpu"), quick=True)
+    ops = {r["op"] for r in rows}
+    assert len(ops) == 5 and all(r["us_per_call"] > 0 for r in rows)
+    for op in ops:
+        impls = {r["impl"] for r in rows if r["op"] == op}
+        assert {"pydiff", "eager torch"} <= impls, (op, impls)
