@@ -7,7 +7,7 @@
 #   GPU_CHECK_PARTS="solver,quant" bash bench/gpu_check.sh      (a subset of bench/run.py's parts)
 #   GPU_CHECK_TESTS="test_quant_gpu.py" T_TUNE=0 bash bench/gpu_check.sh   (other tests; no tile sweep)
 #   GPU_CHECK_NCU="sampling quantize" bash bench/gpu_check.sh    (also Nsight Compute on those kernels: ncu.txt)
-#   GPU_CHECK_STACKPROF=1 bash bench/gpu_check.sh    (also the invertible stack's kernel breakdown: stack_profile.txt)
+#   GPU_CHECK_STACKPROF=1 bash bench/gpu_check.sh    (also the invertible stack's kernel breakdown, in bench.log)
 # What comes back under $OUT (at most 8 files): build.log, gpu_tests.log, fails.txt (if any), bench.log,
 # bench_gpu.json (all parts merged), tune_quant.json, summary.txt.  Deadline: T_TOTAL seconds
 # (default 345, under the 6 minutes issue 2 asks for; the build, when there is no prebuilt wheel,
@@ -106,8 +106,10 @@ for part in ${GPU_CHECK_NCU:-}; do
 done
 # 7. Optional (GPU_CHECK_STACKPROF=1): torch.profiler kernel breakdown of the invertible stack per
 #    method (bench/profile_stack.py; why coupling-plain and reversible cost what they do), 40 s.
+#    Appended to bench.log (the device returns at most 8 files); its headline lines are printed too.
 if [ "${GPU_CHECK_STACKPROF:-0}" = 1 ]; then
-  timeout -k 5 40 python3 bench/profile_stack.py > "$OUTDIR/stack_profile.txt" 2>&1
-  echo "stack profile: rc $? ($(since) s)"; grep "^## " "$OUTDIR/stack_profile.txt"
+  timeout -k 5 40 python3 bench/profile_stack.py > /tmp/stack_profile.txt 2>&1
+  echo "stack profile: rc $? ($(since) s)"; cat /tmp/stack_profile.txt >> "$OUTDIR/bench.log"
+  grep -A4 "^## " /tmp/stack_profile.txt | cut -c1-120
 fi
 echo "total: $(since) s"
