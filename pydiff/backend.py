@@ -74,15 +74,21 @@ def available_backends(device: torch.device) -> list[str]:
     return out
 
 
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
 def resolve(backend: str | None, device: torch.device, *, auto_triton: bool = False) -> str:
     """The backend a call runs on; raises if a forced backend cannot run on ``device``.
 
     ``auto_triton``: under ``auto``, CUDA tensors go to Triton when it is installed (an op whose
-    Triton kernel is the faster one there), else as usual."""
+    Triton kernel is the faster one there), else as usual; except while ``torch.compile`` traces,
+    where the registered custom op (CUDA kernel, with its fake kernel) keeps the graph whole (the
+    Triton launchers are plain Python that Dynamo would break the graph on)."""
     name = backend or _state["backend"]
     if name == "auto":
         if device.type == "cuda":
-            if auto_triton and triton_available():
+            if auto_triton and triton_available() and not (_ext.has_cuda_kernels() and _compiling()):
                 return "triton"
             return "cuda" if _ext.has_cuda_kernels() else ("triton" if triton_available() else "torch")
         return "cpu" if (device.type == "cpu" and _ext.has_cpu_kernels()) else "torch"

@@ -405,3 +405,22 @@ def test_raw_quant_gemm_checks_its_arguments(case, exc, msg, edit):
         torch.ops.pydiff.quant_gemm(a["qa"], a["sa"], a["qw"], a["sw"], a["bias"], a["lora_act"], a["lora_up"],
                                     a["fmt"], a["group_size"], a["out_dtype"])
     assert msg in str(ei.value)
+
+
+def test_auto_triton_yields_to_the_custom_op_under_torch_compile(monkeypatch):
+    """``auto`` sends quant ops on Hopper to Triton in eager mode, but while torch.compile traces it
+    keeps the registered custom op (CUDA kernel + fake kernel), so ``fullgraph=True`` holds; the
+    logic of ``backend.resolve``, checked with a stand-in CUDA device."""
+    from pydiff import backend as be
+
+    dev = torch.device("cuda", 0)
+    monkeypatch.setattr(be, "triton_available", lambda: True)
+    monkeypatch.setattr(be._ext, "has_cuda_kernels", lambda: True)
+    monkeypatch.setattr(be, "_compiling", lambda: False)
+    assert be.resolve(None, dev, auto_triton=True) == "triton"
+    assert be.resolve(None, dev) == "cuda"
+    monkeypatch.setattr(be, "_compiling", lambda: True)
+    assert be.resolve(None, dev, auto_triton=True) == "cuda"
+    assert be.resolve("triton", dev, auto_triton=True) == "triton"  # a named backend is kept
+    monkeypatch.setattr(be._ext, "has_cuda_kernels", lambda: False)  # no CUDA kernels: Triton regardless
+    assert be.resolve(None, dev, auto_triton=True) == "triton"
