@@ -60,7 +60,7 @@ TESTS=${GPU_CHECK_TESTS:-test_solver_gpu.py test_sampling_gpu.py test_invertible
 export PYDIFF_FAILLOG="$(cd "$OUTDIR" && pwd)/fails.txt"  # each failure with its traceback, as it happens
 (cd tests && timeout -k 10 "$(limit "$T_TESTS")" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider $XD $TO \
   $TESTS) > "$OUTDIR/gpu_tests.log" 2>&1
-echo "tests (rc $?, $(since) s): $(grep -E '(passed|failed|error)' "$OUTDIR/gpu_tests.log" | tail -1)"
+echo "tests (rc $?, $(since) s): $(grep -E '(passed|failed|error|skipped)' "$OUTDIR/gpu_tests.log" | tail -1)"
 grep -E "^(FAILED|ERROR)" "$OUTDIR/gpu_tests.log" | head -20
 
 # 3. Benchmarks, one process per part (a CUDA error in one part cannot poison the others).
