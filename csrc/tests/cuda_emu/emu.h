@@ -670,54 +670,51 @@ inline double e4m3_value(uint8_t v) {
 }
 }  // namespace detail
 
-// mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 d, a, b, c (int32 wrap-around accumulation).
-inline void mma_m16n8k32_s8(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const int (&c)[4]) {
-  detail::MmaIn in;
+namespace detail {
+// An integer m16n8kK MMA, d = A B + c with int32 wrap-around accumulation, on the A (16 x K) and
+// B^T (8 x K) matrices that gather(ins, A, Bt) assembles from the 32 lanes' registers.
+template <int K, typename Gather>
+inline void int_mma(const char* op, int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const int (&c)[4],
+                    Gather gather) {
+  MmaIn in;
   for (int i = 0; i < 4; ++i) {
     in.a[i] = a[i];
     in.c[i] = uint32_t(c[i]);
   }
   in.b[0] = b[0];
   in.b[1] = b[1];
-  const detail::MmaOut o = detail::warp_collective<detail::MmaOut>(
-      "mma.m16n8k32.s8", in, [](const detail::MmaIn (&ins)[32], detail::MmaOut (&outs)[32]) {
-        int32_t A[16][32], Bt[8][32];
-        detail::gather_m16n8k32(ins, A, Bt, [](uint8_t v) { return int32_t(int8_t(v)); });
-        for (int l = 0; l < 32; ++l)
-          for (int i = 0; i < 4; ++i) {
-            const int r = detail::mma_row(l, i), n = detail::mma_col(l, i);
-            int32_t s = 0;
-            for (int k = 0; k < 32; ++k) s += A[r][k] * Bt[n][k];  // |s| <= 32 * 2^14
-            outs[l].d[i] = ins[l].c[i] + uint32_t(s);
-          }
-      });
+  const MmaOut o = warp_collective<MmaOut>(op, in, [gather](const MmaIn (&ins)[32], MmaOut (&outs)[32]) {
+    int32_t A[16][K], Bt[8][K];
+    gather(ins, A, Bt);
+    for (int l = 0; l < 32; ++l)
+      for (int i = 0; i < 4; ++i) {
+        const int r = mma_row(l, i), n = mma_col(l, i);
+        int32_t s = 0;
+        for (int k = 0; k < K; ++k) s += A[r][k] * Bt[n][k];  // |s| <= 32 * 2^14 (s8), 64 * 64 (s4)
+        outs[l].d[i] = ins[l].c[i] + uint32_t(s);
+      }
+  });
   for (int i = 0; i < 4; ++i) d[i] = int(o.d[i]);
+}
+}  // namespace detail
+
+// mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 d, a, b, c (int32 wrap-around accumulation).
+inline void mma_m16n8k32_s8(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const int (&c)[4]) {
+  detail::int_mma<32>("mma.m16n8k32.s8", d, a, b, c,
+                      [](const detail::MmaIn (&ins)[32], int32_t (&A)[16][32], int32_t (&Bt)[8][32]) {
+                        detail::gather_m16n8k32(ins, A, Bt, [](uint8_t v) { return int32_t(int8_t(v)); });
+                      });
 }
 
 // mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 d, a, b, c (sm_80+; int32 wrap-around accumulation).
 inline void mma_m16n8k64_s4(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const int (&c)[4]) {
   if (detail::tl_device_sm < 80)
     detail::fail("mma .s4 needs sm_80+, the launch's device is sm_%d", detail::tl_device_sm);
-  detail::MmaIn in;
-  for (int i = 0; i < 4; ++i) {
-    in.a[i] = a[i];
-    in.c[i] = uint32_t(c[i]);
-  }
-  in.b[0] = b[0];
-  in.b[1] = b[1];
-  const detail::MmaOut o = detail::warp_collective<detail::MmaOut>(
-      "mma.m16n8k64.s4", in, [](const detail::MmaIn (&ins)[32], detail::MmaOut (&outs)[32]) {
-        int32_t A[16][64], Bt[8][64];
-        detail::gather_m16n8k64_4bit(ins, A, Bt, [](uint8_t v) { return int32_t(v) - ((v & 8) ? 16 : 0); });
-        for (int l = 0; l < 32; ++l)
-          for (int i = 0; i < 4; ++i) {
-            const int r = detail::mma_row(l, i), n = detail::mma_col(l, i);
-            int32_t s = 0;
-            for (int k = 0; k < 64; ++k) s += A[r][k] * Bt[n][k];  // |s| <= 64 * 64
-            outs[l].d[i] = ins[l].c[i] + uint32_t(s);
-          }
-      });
-  for (int i = 0; i < 4; ++i) d[i] = int(o.d[i]);
+  detail::int_mma<64>("mma.m16n8k64.s4", d, a, b, c,
+                      [](const detail::MmaIn (&ins)[32], int32_t (&A)[16][64], int32_t (&Bt)[8][64]) {
+                        detail::gather_m16n8k64_4bit(ins, A, Bt,
+                                                     [](uint8_t v) { return int32_t(v) - ((v & 8) ? 16 : 0); });
+                      });
 }
 
 // mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 d, a, b, c (sm_89+): the exact k-step sum
