@@ -249,7 +249,7 @@ def test_bad_input_raises_clear_errors(case, exc, msg, backend):
 
 
 @pytest.mark.skipif(not pydiff.build_info()["cpu_kernels"], reason="compiled extension not built")
-@pytest.mark.parametrize("case", ["shape", "dtype", "coeffs", "nan", "history"])
+@pytest.mark.parametrize("case", ["shape", "dtype", "coeffs", "nan", "history", "meta_noise", "nan_clip"])
 def test_raw_op_checks_its_arguments(case):
     """The C++ op validates on its own: torch.ops.pydiff.solver_step never reads out of bounds."""
     a = _good()
@@ -264,8 +264,17 @@ def test_raw_op_checks_its_arguments(case):
         coeffs = [float("nan")] + coeffs[1:]
     elif case == "history":
         h = [torch.randn(1)]
-    with pytest.raises((ValueError, TypeError)):
-        torch.ops.pydiff.solver_step(x, c, None, h, None, None, coeffs, None, None, -math.inf, math.inf)
+    noise, lo = None, -math.inf
+    if case == "meta_noise":  # the dispatcher picks the Meta (fake) kernel: it must not return garbage
+        noise = torch.randn(2, 3, device="meta")
+    elif case == "nan_clip":
+        lo = math.nan
+    with pytest.raises((ValueError, TypeError)) as ei:
+        torch.ops.pydiff.solver_step(x, c, None, h, noise, None, coeffs, None, None, lo, math.inf)
+    if case == "meta_noise":
+        assert "noise: expected device cpu" in str(ei.value)
+    if case == "nan_clip":
+        assert "clip: expected numbers" in str(ei.value)
 
 
 def test_backend_selection():

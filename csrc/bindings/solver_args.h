@@ -82,7 +82,8 @@ inline SolverStepCall make_solver_step_call(const at::Tensor& x, const std::opti
     TORCH_CHECK_VALUE(t.size(1) == nc && t.size(0) >= 1, "coeff_table: expected shape [steps >= 1, ", nc, "], got ",
                       t.sizes());
     TORCH_CHECK_VALUE(t.device() == x.device(), "coeff_table: expected device ", x.device(), ", got ", t.device());
-    TORCH_CHECK_VALUE(step.has_value(), "step: expected a one-element int64 tensor with coeff_table");
+    TORCH_CHECK_TYPE(step.has_value(), "step: expected a one-element int64 tensor (the device-side step counter) "
+                     "with coeff_table");
     TORCH_CHECK_TYPE(step->scalar_type() == at::kLong && step->numel() == 1, "step: expected a one-element int64 tensor");
     TORCH_CHECK_VALUE(step->device() == x.device(), "step: expected device ", x.device(), ", got ", step->device());
     a.coeff_table = static_cast<const double*>(contig_ptr(call, t));
@@ -105,7 +106,8 @@ inline SolverStepCall make_solver_step_call(const at::Tensor& x, const std::opti
                       row_scale->device());
     a.row_scale = static_cast<const float*>(contig_ptr(call, *row_scale));
   }
-  TORCH_CHECK_VALUE(!std::isnan(clip_lo) && !std::isnan(clip_hi), "clip_lo, clip_hi: expected numbers, got NaN");
+  TORCH_CHECK_VALUE(!std::isnan(clip_lo) && !std::isnan(clip_hi), "clip: expected numbers, got (", clip_lo, ", ",
+                    clip_hi, ")");
   a.clip_lo = float(clip_lo);
   a.clip_hi = float(clip_hi);
   call.out_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));

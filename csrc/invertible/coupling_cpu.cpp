@@ -12,6 +12,7 @@ namespace pydiff {
 namespace {
 
 constexpr int64_t kChunk = 1024;
+constexpr int64_t kParallelMin = int64_t(1) << 15;  // elements: below, a parallel region costs more than it saves
 
 inline double to_double(double v) { return v; }
 template <typename T>
@@ -56,7 +57,7 @@ PYDIFF_CLONES void axpby(int64_t n, Acc A, const Acc* X, Acc B, const Acc* F, Ac
 template <typename TX, typename TF, typename Acc>
 void run(const CouplingArgs& a, Acc A, Acc B) {
   const int64_t nchunks = (a.numel + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (a.numel >= kParallelMin)
   for (int64_t t = 0; t < nchunks; ++t) {
     alignas(64) Acc Xb[kChunk], Fb[kChunk], Ob[kChunk];
     const int64_t lo = t * kChunk;
@@ -104,7 +105,7 @@ PYDIFF_CLONES void fixed_chunk(int64_t n, const int64_t* X, const TF* F, double 
 template <typename TF>
 void run_fixed(const CouplingFixedArgs& a) {
   const int64_t nchunks = (a.numel + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (a.numel >= kParallelMin)
   for (int64_t t = 0; t < nchunks; ++t) {
     const int64_t lo = t * kChunk;
     const int64_t n = std::min(kChunk, a.numel - lo);

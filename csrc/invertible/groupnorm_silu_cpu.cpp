@@ -38,6 +38,7 @@ struct FtzGuard {
 
 constexpr int64_t kChunk = 1024;   // elements per buffer
 constexpr int64_t kTask = 8192;    // elements per task
+constexpr int64_t kParallelMin = int64_t(1) << 15;  // elements: below, one thread (a team costs more)
 
 // exp for |x| <= 88: Cephes' expf polynomial after n = round(x log2 e), scaled by 2^n through the
 // exponent bits. Inputs outside [-87.3, 88.3] are clamped (silu and sigmoid saturate there).
@@ -132,7 +133,7 @@ void forward(const GroupNormSiluArgs& a) {
   const T* x = static_cast<const T*>(a.x);
   T* y = static_cast<T*>(a.y);
   std::vector<double> part(size_t(tasks) * 2), mean(NG), rstd(NG);
-#pragma omp parallel
+#pragma omp parallel if (a.N * a.C * a.HW >= kParallelMin)
   {
     FtzGuard ftz;
 #pragma omp for schedule(static)
@@ -232,7 +233,7 @@ void backward(const GroupNormSiluArgs& a) {
     *mh = Acc(m);
     *ml = Acc(m - double(*mh));
   };
-#pragma omp parallel
+#pragma omp parallel if (a.N * a.C * a.HW >= kParallelMin)
   {
     FtzGuard ftz;
 #pragma omp for schedule(static)

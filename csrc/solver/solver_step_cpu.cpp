@@ -126,8 +126,7 @@ void run(const SolverStepArgs& a, const float* c) {
   const int64_t chunks_per_row = (inner + kChunk - 1) / kChunk;
   const int64_t total = batch * chunks_per_row;
 
-#pragma omp parallel for schedule(static) if (a.numel >= kParallelMin)
-  for (int64_t t = 0; t < total; ++t) {
+  auto body = [&](int64_t t) {
     // fp32 tensors are read and written in place; fp16/bf16 go through fp32 buffers in L1
     alignas(64) float Xb[kChunk], Cb[kChunk], Ub[kChunk], M[kChunk], O0b[kChunk], O1b[kChunk], B[kChunk];
     const int64_t b = t / chunks_per_row;
@@ -147,6 +146,12 @@ void run(const SolverStepArgs& a, const float* c) {
       store<T>(a.out_x, lo, n, O0);
       if (a.out_h) store<T>(a.out_h, lo, n, O1);
     }
+  };
+  if (a.numel >= kParallelMin) {
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < total; ++t) body(t);
+  } else {  // no parallel region at all: even a disabled one (`if (false)`) costs a team set-up per call
+    for (int64_t t = 0; t < total; ++t) body(t);
   }
 }
 

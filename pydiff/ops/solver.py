@@ -171,6 +171,10 @@ def _track_triton(*args):
 @torch.library.register_fake("pydiff::solver_step", lib=lib)
 def _solver_step_fake(x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step,
                       clip_lo, clip_hi, write_history=True):
+    if not _same_device(x, model_cond, model_uncond, history, noise, row_scale, coeff_table, step):
+        # reached in eager mode when a meta tensor is mixed with real ones (the dispatcher picks Meta)
+        check_solver_step_args(x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step,
+                               clip_lo, clip_hi)
     h = torch.empty_like(x, memory_format=torch.contiguous_format) if write_history else x.new_empty((0,))
     return torch.empty_like(x, memory_format=torch.contiguous_format), h
 
@@ -244,21 +248,32 @@ def solver_step(
     """
     if isinstance(coeffs, StepCoeffs):
         coeffs = coeffs.v
-    clip_lo, clip_hi = (float("-inf"), float("inf")) if clip is None else (float(clip[0]), float(clip[1]))
-    history = list(history)
-    if check:
-        check_solver_step_args(x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step,
-                               clip_lo, clip_hi)
+    elif type(coeffs) is not list:
+        coeffs = list(coeffs)
+    clip_lo, clip_hi = (_NEG_INF, _INF) if clip is None else (float(clip[0]), float(clip[1]))
+    if type(history) is not list:
+        if not isinstance(history, (list, tuple)):
+            raise TypeError(f"history: expected a list or tuple of tensors, got {type(history).__name__}")
+        history = list(history)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype == torch.float64:
         if (backend or _backend.get_backend()) not in ("auto", "torch"):
             raise TypeError(f"x: float64 runs on the 'torch' backend only (computing in float64), not {backend!r}")
         name = "torch"
     else:
         name = _backend.resolve(backend, x.device)
+    if check and not (name in _COMPILED and _same_device(x, model_cond, model_uncond, history, noise, row_scale,
+                                                          coeff_table, step)):
+        # The compiled ops validate everything else themselves, with the same messages; what they cannot
+        # see is a tensor on another device (the dispatcher would pick a kernel by it), so that is
+        # checked here, and a failure re-runs the full check for its message.
+        check_solver_step_args(x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step,
+                               clip_lo, clip_hi)
     if write_history is None:
         base = len(HEAD) + len(ROW) + len(history)
         write_history = coeff_table is not None or any(coeffs[base:])  # any nonzero (or NaN) coefficient
-    args = (x, model_cond, model_uncond, history, noise, row_scale, list(coeffs), coeff_table, step, clip_lo, clip_hi,
+    args = (x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step, clip_lo, clip_hi,
             bool(write_history))
     if x0_stats is not None:
         if check:
@@ -271,6 +286,22 @@ def solver_step(
     if name == "triton":
         return _triton_impl(*args)
     return _torch_impl(*args)
+
+
+_COMPILED = ("cuda", "cpu")
+_NEG_INF, _INF = float("-inf"), float("inf")
+
+
+def _same_device(x, model_cond, model_uncond, history, noise, row_scale, coeff_table, step) -> bool:
+    """Every tensor argument is a tensor on x's device (the fast pre-dispatch check)."""
+    dev = x.device
+    for t in (model_cond, model_uncond, noise, row_scale, coeff_table, step):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.device != dev):
+            return False
+    for h in history:
+        if not isinstance(h, torch.Tensor) or h.device != dev:
+            return False
+    return True
 
 
 def check_x0_stats(x0_stats, x) -> None:
