@@ -65,9 +65,12 @@ def _extensions():
             if os.path.isdir(inc):
                 include_dirs.append(inc)
                 break
+        nvcc = ["-O3", "-std=c++17"] + _gencode(archs)
+        if "9.0a" in archs.replace(" ", "").split(";") or "9.0a+PTX" in archs:
+            nvcc.append("-DPYDIFF_CUDA_SM90A")  # the sm_90 image has wgmma (quant_gemm_cuda.cu: use_wgmma)
         ext = ce.CUDAExtension(
             "pydiff._C", sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"] + _gencode(archs)},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=["-fopenmp"])
     else:
         if os.environ.get("PYDIFF_NO_CUDA") != "1" and torch.version.cuda is not None:

@@ -29,6 +29,7 @@ CPU: the C++ reference kernels' speed only (the CPU is not a target for these ke
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -129,7 +130,38 @@ def gemm_rows(device, shapes):
                     rows.append(_row(shape=shape, impl=f"pydiff {fmt} g{g} (triton, {name} tensor cores)",
                                      time_us=t * 1e6, tflops=flops / t / 1e12, x_bf16=(t_bf16 / t) if t_bf16 else None,
                                      weight_mib=_mib(qw, sw)))
+            if fmt == "int4" and _wgmma_available(device):
+                try:
+                    with _wgmma_on():
+                        t = bench(lambda: Q.quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=g, out_dtype=torch.bfloat16,
+                                                       backend="cuda", check=False), device)
+                except Exception as exc:  # noqa: BLE001
+                    print(f"quant_gemm int4 cuda wgmma: {_why(exc)}")
+                else:
+                    rows.append(_row(shape=shape, impl=f"pydiff {fmt} g{g} (cuda, wgmma f16 tensor cores)",
+                                     time_us=t * 1e6, tflops=flops / t / 1e12, x_bf16=(t_bf16 / t) if t_bf16 else None,
+                                     weight_mib=_mib(qw, sw)))
     return rows
+
+
+def _wgmma_available(device) -> bool:
+    """The Hopper warpgroup-MMA W4A4 kernel (opt-in, PYDIFF_CUDA_WGMMA=1) can run here."""
+    return (device.type == "cuda" and "cuda" in _backends(device) and torch.cuda.get_device_capability(device) == (9, 0)
+            and "9.0a" in pydiff.build_info()["cuda_archs"])
+
+
+class _wgmma_on:
+    """PYDIFF_CUDA_WGMMA=1 for a block (the CUDA quant_gemm reads it on every call)."""
+
+    def __enter__(self):
+        self.old = os.environ.get("PYDIFF_CUDA_WGMMA")
+        os.environ["PYDIFF_CUDA_WGMMA"] = "1"
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop("PYDIFF_CUDA_WGMMA", None)
+        else:
+            os.environ["PYDIFF_CUDA_WGMMA"] = self.old
 
 
 def _quantize_eager(x, g=64):
@@ -192,12 +224,15 @@ def linear_rows(device, shapes, mlp_shapes=()):
             return F.linear(h.view(M, K), w)
 
         adaln = dict(prologue="layernorm", shift=shift, scale=scale)
-        for b in _backends(device):
+        variants = list(_backends(device)) + (["cuda wgmma"] if _wgmma_available(device) else [])
+        for b in variants:
             def w4a4(b, rank, pro):
-                qa, sa, la = Q.quantize(x, "int4", 64, lora_down=ld if rank else None, backend=b, check=False, **pro)
+                qb, gb = (None, "cuda") if b == "cuda wgmma" else (b, b)  # wgmma: the default quantizer
+                qa, sa, la = Q.quantize(x, "int4", 64, lora_down=ld if rank else None, backend=qb, check=False, **pro)
                 lora = dict(lora_act=la, lora_up=lu) if rank else {}
-                return Q.quant_gemm(qa, sa, qw, sw, fmt="int4", group_size=64, out_dtype=torch.bfloat16, backend=b,
-                                    check=False, **lora)
+                with (_wgmma_on() if b == "cuda wgmma" else contextlib.nullcontext()):
+                    return Q.quant_gemm(qa, sa, qw, sw, fmt="int4", group_size=64, out_dtype=torch.bfloat16,
+                                        backend=gb, check=False, **lora)
 
             for case, rank, pro, theirs, theirs_name in (
                     ("linear", RANK, {}, bf16_linear, "bf16 F.linear"),

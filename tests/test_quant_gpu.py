@@ -578,3 +578,64 @@ def test_gpu_w4a4_linear_torch_compile_fullgraph():
     torch.cuda.synchronize()
     assert out.dtype == ref.dtype and out.shape == ref.shape
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.float().abs().max().item())
+
+
+def _ran_kernel(fn, name: str) -> bool:
+    """Whether a CUDA kernel whose name contains ``name`` ran during ``fn()`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return any(name in e.name for e in prof.events())
+
+
+@pytest.mark.skipif("cuda" not in BACKENDS, reason="needs the compiled CUDA kernels")
+@pytest.mark.parametrize("M,N,K,R,out_dtype,extreme", [
+    (1, 1, 64, 0, torch.float32, False),
+    (130, 131, 320, 5, torch.float32, False),
+    (257, 129, 16384, 32, torch.bfloat16, False),
+    (67, 257, 1024, 0, torch.float16, False),
+    (4096, 3072, 3072, 32, torch.bfloat16, False),
+    (3, 5, 16384, 0, torch.float32, True),  # every product -8 x -8: each group sum 4096
+])
+def test_gpu_wgmma_kernel_equals_mma_sync_kernel(monkeypatch, M, N, K, R, out_dtype, extreme):
+    """The Hopper warpgroup-MMA W4A4 kernel (opt-in, PYDIFF_CUDA_WGMMA=1; int4, groups of 64, f16
+    wgmma with fp32 accumulators) against the mma.sync int8 kernel: the same exact group sums and the
+    same fp32 epilogue operations, so equal bit for bit; and against the reference.  The profiler
+    confirms which kernel ran.  This is the hardware check of the descriptors and the fragment layout
+    (the CPU emulator checks them against the PTX ISA's description in CI)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the warpgroup-MMA kernel runs on compute capability 9.0 (Hopper) only")
+    if "9.0a" not in pydiff._ext.cuda_archs():
+        pytest.skip(f"pydiff was built without an sm_90a image (archs {pydiff._ext.cuda_archs()!r})")
+    G = 64
+    if extreme:
+        qa = torch.full((M, K // 2), 0x88, dtype=torch.uint8, device="cuda")
+        qw = torch.full((N, K // 2), 0x88, dtype=torch.uint8, device="cuda")
+        sa = torch.ones(M, K // G, device="cuda")
+        sw = torch.ones(N, K // G, device="cuda")
+    else:
+        qa, sa, qw, sw = _operands(M, N, K, G, "int4", seed=41)
+    g = torch.Generator(device="cuda").manual_seed(42)
+    bias = torch.randn(N, device="cuda", generator=g)
+    la = torch.randn(M, R, device="cuda", generator=g) if R else None
+    lu = torch.randn(R, N, device="cuda", generator=g) if R else None
+    outs = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("PYDIFF_CUDA_WGMMA", mode)
+        out = torch.full((M, N), float("nan"), device="cuda", dtype=out_dtype)
+
+        def run():
+            out.copy_(quant_gemm(qa, sa, qw, sw, fmt="int4", group_size=G, bias=bias, lora_act=la, lora_up=lu,
+                                 out_dtype=out_dtype, backend="cuda"))
+
+        assert _ran_kernel(run, "quant_gemm_wgmma_kernel") == (mode == "1"), mode
+        outs[mode] = out.clone()
+    assert torch.equal(outs["1"], outs["0"])
+    rows = min(M, 64)
+    ref = quant_gemm_ref(qa[:rows].cpu(), sa[:rows].cpu(), qw.cpu(), sw.cpu(), fmt="int4", group_size=G,
+                         bias=bias.cpu(), lora_act=None if la is None else la[:rows].cpu(),
+                         lora_up=None if lu is None else lu.cpu(), out_dtype=None)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[out_dtype]
+    assert torch.allclose(outs["1"][:rows].cpu().double(), ref, rtol=tol, atol=tol * ref.abs().max().item())

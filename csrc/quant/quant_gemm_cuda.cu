@@ -176,6 +176,55 @@ __device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], 
   __trap();
 #endif
 }
+
+// Hopper warpgroup MMA (sm_90a only: the instructions need the arch-specific feature set; other
+// images trap, and the host never selects the kernel for them, see use_wgmma).
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define PYDIFF_WGMMA_ASM 1
+#endif
+__device__ __forceinline__ void wgmma_fence() {
+#ifdef PYDIFF_WGMMA_ASM
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#ifdef PYDIFF_WGMMA_ASM
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#ifdef PYDIFF_WGMMA_ASM
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Shared-memory writes of the generic proxy (st.shared) made visible to the async proxy (wgmma).
+__device__ __forceinline__ void fence_proxy_async() {
+#ifdef PYDIFF_WGMMA_ASM
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// The accumulators must not be read or moved by the compiler across the wait (cf. CUTLASS's
+// warpgroup_fence_operand).
+__device__ __forceinline__ void fence_acc(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+// D (64 x 128, fp32) = A (64 x 16, f16, K-major, descriptor da) B (16 x 128: 128 x 16 K-major, db)
+// [+ D when scale_d].
+__device__ __forceinline__ void wgmma_m64n128k16_f16(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
+#ifdef PYDIFF_WGMMA_ASM
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(da), "l"(db), "r"(scale_d));
+#else
+  (void)d; (void)da; (void)db; (void)scale_d;
+  __trap();
+#endif
+}
 #endif  // PYDIFF_CUDA_EMU
 
 
@@ -460,6 +509,248 @@ __global__ void __launch_bounds__(kThreads, 1) quant_gemm_kernel(const GemmLaunc
     }
 }
 
+// ---------------------------------------------------------------- Hopper: warpgroup-MMA kernel
+// int4 with groups of 64 channels on sm_90a (opt-in: PYDIFF_CUDA_WGMMA=1; see use_wgmma). Hopper's
+// mma.sync runs well below its warpgroup MMA, and a k-step per instruction leaves the per-group
+// epilogue and the unpacking on the same warps' critical path. Here:
+//   * CTA tile 128 x 128, 256 threads = 2 warpgroups of 64 rows each; one group (64 channels, 32
+//     packed bytes a row) per main-loop iteration.
+//   * Packed tiles stream through a 4-stage cp.async ring; each thread unpacks the 2 x 16 bytes it
+//     copied itself (so no barrier between landing and unpacking) into f16 tiles in the canonical
+//     K-major, no-swizzle wgmma layout: 8 x 8 "core matrices" of 128 contiguous bytes, the 8 core
+//     matrices of one 8-row block side by side along K (LBO = 128 bytes), 8-row blocks 1024 bytes
+//     apart (SBO). int4 -> f16 is exact: (nibble & 0xF) ^ 8 is the value + 8, written as the f16
+//     1024 + (value + 8) by or-ing the exponent bits 0x6400 in, minus 1032 (one LOP3 and one HSUB2
+//     per two values). Within a group the channels are permuted identically for A and B (packed
+//     word i of a 16-byte chunk -> core matrix i, nibbles s and s + 4 -> half2 s), so each group's
+//     dot product is unchanged.
+//   * Iteration t: 4 x wgmma m64n128k16 (f16 in, fp32 accumulators D; the products and the group sum
+//     |D| <= 64 * 64 are integers, exact) on the tiles of group t, issued asynchronously; meanwhile
+//     the threads unpack group t + 1 into the other tile buffer, stage its scales and issue the
+//     copies of group t + 3; then wait for D and fold it in: acc += D * (sa[m, t] * sw[n, t]), the
+//     same fp32 operations in the same order as the mma.sync kernel above (bit-identical results).
+//     One __syncthreads per iteration: the other buffer is complete (and fenced for the async proxy)
+//     before the next wgmma reads it, and both warpgroups' wgmmas of group t have retired before
+//     their tiles are overwritten.
+//   * Accumulator fragment of m64nNk16 (PTX ISA, "wgmma D matrix fragment"; warp q of the
+//     warpgroup, gid = lane >> 2, tig = lane & 3): d[4j + 2h + e] = (row 16 q + gid + 8 h, column
+//     8 j + 2 tig + e).
+// Epilogue (low-rank branch staged through shared memory, bias, conversion, paired stores) as above.
+namespace w4 {
+constexpr int kWBM = 128, kWBN = 128, kWThreads = 256, kWStages = 4;
+constexpr int kPackRow = 32;                                 // packed bytes of one row and group
+constexpr int kPackStage = (kWBM + kWBN) * kPackRow;           // 8192
+constexpr int kTile = kWBM * 64 * 2;                          // one operand, one group, f16: 16384
+constexpr int kUnp = 2 * kTile;                              // A + B
+constexpr int kOffUnp = kWStages * kPackStage;                // 32768
+constexpr int kOffScale = kOffUnp + 2 * kUnp;                // 98304
+constexpr int kSmemBytes = kOffScale + 2 * (kWBM + kWBN) * 4;  // 100352
+constexpr int kLBO = 128, kSBO = 1024;                       // core-matrix strides along K / M,N
+static_assert((kWBM * kLaPitch + kLoraR * kWBN) * 4 <= kSmemBytes, "epilogue staging must fit");
+
+// Shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start address, LBO and SBO
+// in 16-byte units (bits 0-13, 16-29, 32-45), base offset 0, no swizzle (bits 62-63 = 0).
+__host__ __device__ constexpr uint64_t desc(uint32_t addr) {
+  return uint64_t((addr & 0x3FFFFu) >> 4) | (uint64_t(kLBO >> 4) << 16) | (uint64_t(kSBO >> 4) << 32);
+}
+// Byte offset of f16 element (row, k) of a [128 x 64] tile in that layout.
+__host__ __device__ constexpr int tile_off(int row, int k) {
+  return (row >> 3) * kSBO + (k >> 3) * kLBO + (row & 7) * 16 + (k & 7) * 2;
+}
+// Two int4 fields of a packed word (bits 0-3 and 16-19 of x) -> an f16 pair of their values.
+__host__ __device__ inline uint32_t nib2_to_h2(uint32_t x) {
+  __half2_raw r;
+  const uint32_t biased = (x & 0x000F000Fu) ^ 0x64086408u;  // f16 1024 + (v + 8), both halves
+  r.x = uint16_t(biased);
+  r.y = uint16_t(biased >> 16);
+  __half2_raw off;
+  off.x = off.y = 0x6408;  // 1032
+  const __half2 h = __hsub2(__half2(r), __half2(off));
+  const __half2_raw o = __half2_raw(h);
+  return uint32_t(o.x) | (uint32_t(o.y) << 16);
+}
+}  // namespace w4
+
+template <typename TOut>
+__global__ void __launch_bounds__(w4::kWThreads, 1) quant_gemm_wgmma_kernel(const GemmLaunch L) {
+  using namespace w4;  // (names distinct from the mma.sync kernel's)
+#ifdef PYDIFF_CUDA_EMU
+  unsigned char* smem = cuda_emu::dynamic_smem();
+#else
+  extern __shared__ __align__(16) unsigned char smem[];  // (16: the same declaration as above; descriptors need 16)
+#endif
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2, wq = warp & 3;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int64_t M = L.a.M, N = L.a.N, Gn = L.Gn;
+  const int64_t m0 = int64_t(blockIdx.x) * kWBM, n0 = int64_t(blockIdx.y) * kWBN;
+  const int T = int(Gn);  // groups = k-iterations (the host checks Gn < 2^31)
+  const unsigned char* qa = static_cast<const unsigned char*>(L.a.qa);
+  const unsigned char* qw = static_cast<const unsigned char*>(L.a.qw);
+
+  // This thread's copies: 16-byte half ch of row cr, in A and in B.
+  const int cr = tid >> 1, ch = tid & 1;
+  const bool a_ok = m0 + cr < M, b_ok = n0 + cr < N;
+  const unsigned char* a_src = qa + (a_ok ? (m0 + cr) * L.row_bytes : 0) + ch * 16;
+  const unsigned char* b_src = qw + (b_ok ? (n0 + cr) * L.row_bytes : 0) + ch * 16;
+  auto issue = [&](int g) {  // group g -> ring slot g % kWStages (rows past M / N: zeros)
+    unsigned char* slot = smem + (g % kWStages) * kPackStage + cr * kPackRow + ch * 16;
+    cp_async16(slot, a_ok ? a_src + int64_t(g) * kPackRow : qa, a_ok ? 16 : 0);
+    cp_async16(slot + kWBM * kPackRow, b_ok ? b_src + int64_t(g) * kPackRow : qw, b_ok ? 16 : 0);
+  };
+  // This thread's scale: sa of tile row tid (tid < 128) or sw of tile column tid - 128.
+  const int srow = tid < kWBM ? tid : tid - kWBM;
+  const bool s_ok = tid < kWBM ? m0 + srow < M : n0 + srow < N;
+  const float* s_src = s_ok ? (tid < kWBM ? L.a.sa + (m0 + srow) * Gn : L.a.sw + (n0 + srow) * Gn) : nullptr;
+  auto scale_of = [&](int g) { return (s_ok && g < T) ? __ldg(s_src + g) : 0.f; };
+  // Own chunks of group g (landed) -> f16 tiles of buffer g & 1; the scale -> scale buffer g & 1.
+  auto unpack = [&](int g, float sc) {
+    const unsigned char* slot = smem + (g % kWStages) * kPackStage + cr * kPackRow + ch * 16;
+    unsigned char* ub = smem + kOffUnp + (g & 1) * kUnp;
+#pragma unroll
+    for (int op = 0; op < 2; ++op) {
+      const uint4 p = *reinterpret_cast<const uint4*>(slot + op * kWBM * kPackRow);
+      const uint32_t w[4] = {p.x, p.y, p.z, p.w};
+      unsigned char* dst = ub + op * kTile + tile_off(cr, 32 * ch);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)  // word i = channels 32 ch + 8 i .. + 7 -> core matrix 4 ch + i
+        *reinterpret_cast<uint4*>(dst + i * kLBO) =
+            make_uint4(nib2_to_h2(w[i]), nib2_to_h2(w[i] >> 4), nib2_to_h2(w[i] >> 8), nib2_to_h2(w[i] >> 12));
+    }
+    reinterpret_cast<float*>(smem + kOffScale)[(g & 1) * (kWBM + kWBN) + tid] = sc;
+  };
+
+  float acc[64], d[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = d[i] = 0.f;
+  const int rt = wg * 64 + wq * 16 + gid;  // tile rows rt, rt + 8 of this thread's accumulators
+
+#pragma unroll
+  for (int s = 0; s < kWStages - 1; ++s) {
+    if (s < T) issue(s);
+    cp_async_commit();
+  }
+  float s_next = scale_of(1);
+  cp_async_wait<kWStages - 2>();  // group 0 (own copies)
+  if (T > 0) unpack(0, scale_of(0));
+  fence_proxy_async();
+  __syncthreads();
+
+  for (int t = 0; t < T; ++t) {
+    const uint32_t ub = smem_u32(smem + kOffUnp + (t & 1) * kUnp);
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < 4; ++s)  // k-steps of 16 channels = 2 core matrices = 256 bytes along K
+      wgmma_m64n128k16_f16(d, desc(ub + wg * 8 * kSBO + s * 2 * kLBO), desc(ub + kTile + s * 2 * kLBO), s);
+    wgmma_commit();
+    if (t + kWStages - 1 < T) issue(t + kWStages - 1);
+    cp_async_commit();
+    if (t + 1 < T) {
+      cp_async_wait<kWStages - 2>();  // group t + 1 (own copies)
+      unpack(t + 1, s_next);
+      s_next = scale_of(t + 2);
+    }
+    fence_proxy_async();
+    wgmma_wait<0>();
+    fence_acc(d);
+    const float* sc = reinterpret_cast<const float*>(smem + kOffScale) + (t & 1) * (kWBM + kWBN);
+    const float sa0 = sc[rt], sa1 = sc[rt + 8];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const float2 sw = *reinterpret_cast<const float2*>(sc + kWBM + 8 * j + 2 * tig);
+      acc[4 * j + 0] = __fmaf_rn(d[4 * j + 0], __fmul_rn(sa0, sw.x), acc[4 * j + 0]);
+      acc[4 * j + 1] = __fmaf_rn(d[4 * j + 1], __fmul_rn(sa0, sw.y), acc[4 * j + 1]);
+      acc[4 * j + 2] = __fmaf_rn(d[4 * j + 2], __fmul_rn(sa1, sw.x), acc[4 * j + 2]);
+      acc[4 * j + 3] = __fmaf_rn(d[4 * j + 3], __fmul_rn(sa1, sw.y), acc[4 * j + 3]);
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();  // (only empty groups are left)
+
+  // ---- low-rank branch: acc += sum_r lora_act[m, r] lora_up[r, n], kLoraR ranks per round
+  const int64_t R = L.a.rank;
+  if (R > 0) {
+    float* la_s = reinterpret_cast<float*>(smem);  // [kWBM][kLaPitch]
+    float* lu_s = la_s + kWBM * kLaPitch;           // [kLoraR][kWBN]
+    for (int64_t r0 = 0; r0 < R; r0 += kLoraR) {
+      __syncthreads();  // previous round's readers are done
+      for (int idx = tid; idx < kWBM * kLoraR; idx += kWThreads) {
+        const int row = idx / kLoraR, rr = idx % kLoraR;
+        const int64_t m = m0 + row, r = r0 + rr;
+        la_s[row * kLaPitch + rr] = (m < M && r < R) ? load_f(L.a.lora_act, m * R + r, L.a.lora_act_dtype) : 0.f;
+      }
+      for (int idx = tid; idx < kLoraR * kWBN; idx += kWThreads) {
+        const int rr = idx / kWBN, c = idx % kWBN;
+        const int64_t n = n0 + c, r = r0 + rr;
+        lu_s[rr * kWBN + c] = (n < N && r < R) ? load_f(L.a.lora_up, r * N + n, L.a.lora_up_dtype) : 0.f;
+      }
+      __syncthreads();
+      const int rn = int(R - r0 < kLoraR ? R - r0 : kLoraR);
+      for (int rr = 0; rr < rn; ++rr) {
+        const float av0 = la_s[rt * kLaPitch + rr], av1 = la_s[(rt + 8) * kLaPitch + rr];
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          const float u0 = lu_s[rr * kWBN + 8 * j + 2 * tig], u1 = lu_s[rr * kWBN + 8 * j + 2 * tig + 1];
+          acc[4 * j + 0] = __fmaf_rn(av0, u0, acc[4 * j + 0]);
+          acc[4 * j + 1] = __fmaf_rn(av0, u1, acc[4 * j + 1]);
+          acc[4 * j + 2] = __fmaf_rn(av1, u0, acc[4 * j + 2]);
+          acc[4 * j + 3] = __fmaf_rn(av1, u1, acc[4 * j + 3]);
+        }
+      }
+    }
+  }
+
+  // ---- bias, conversion, stores
+  const int nlim = int(N - n0 < kWBN ? N - n0 : kWBN);
+  TOut* out = static_cast<TOut*>(L.a.out);
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const int c = 8 * j + 2 * tig;  // even; the pair's second column is c + 1
+    if (c >= nlim) continue;
+    const float b0 = L.a.bias != nullptr ? load_f(L.a.bias, n0 + c, L.a.bias_dtype) : 0.f;
+    const float b1 = (L.a.bias != nullptr && c + 1 < nlim) ? load_f(L.a.bias, n0 + c + 1, L.a.bias_dtype) : 0.f;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t m = m0 + rt + 8 * h;
+      if (m >= M) continue;
+      const int64_t n = n0 + c;
+      const float v0 = __fadd_rn(acc[4 * j + 2 * h], b0);
+      const float v1 = __fadd_rn(acc[4 * j + 2 * h + 1], b1);
+      TOut* o = out + m * N + n;
+      if (L.out_pair_ok && n + 1 < N) {
+        typename Pair<TOut>::type pv;
+        pv.x = from_f<TOut>(v0);
+        pv.y = from_f<TOut>(v1);
+        *reinterpret_cast<typename Pair<TOut>::type*>(o) = pv;
+      } else {
+        o[0] = from_f<TOut>(v0);
+        if (n + 1 < N) o[1] = from_f<TOut>(v1);
+      }
+    }
+  }
+}
+
+template <typename TOut>
+cudaError_t launch_wgmma(const GemmLaunch& L, cudaStream_t stream) {
+  constexpr int kMaxDev = 64;
+  static std::atomic<int> ready[kMaxDev];
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  if (!(dev >= 0 && dev < kMaxDev && ready[dev].load(std::memory_order_relaxed))) {
+    e = cudaFuncSetAttribute(quant_gemm_wgmma_kernel<TOut>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             w4::kSmemBytes);
+    if (e != cudaSuccess) return e;
+    if (dev >= 0 && dev < kMaxDev) ready[dev].store(1, std::memory_order_relaxed);
+  }
+  const dim3 grid(unsigned((L.a.M + w4::kWBM - 1) / w4::kWBM), unsigned((L.a.N + w4::kWBN - 1) / w4::kWBN));
+#ifdef PYDIFF_CUDA_EMU
+  cuda_emu::launch(quant_gemm_wgmma_kernel<TOut>, grid, dim3(w4::kWThreads), w4::kSmemBytes, stream, L);
+#else
+  quant_gemm_wgmma_kernel<TOut><<<grid, w4::kWThreads, w4::kSmemBytes, stream>>>(L);
+#endif
+  return cudaGetLastError();
+}
+
 // Per-device, once per kernel instantiation (so that no attribute call happens during CUDA-graph
 // capture after a warm-up): the dynamic shared-memory opt-in, and for fp8 whether the kernel image
 // has the e4m3 MMA. state: 0 unknown, 1 ready, 2 fp8 not supported by the image.
@@ -530,6 +821,24 @@ bool use_native_int4(int64_t group_size) {
   return major == 8;
 }
 
+// The warpgroup-MMA kernel? int4 with groups of exactly 64 channels, 16-byte aligned qa / qw, a
+// compute capability 9.0 GPU and a build with an sm_90a image (PYDIFF_CUDA_SM90A, set by setup.py);
+// opt-in with PYDIFF_CUDA_WGMMA=1 until it has been timed on a GPU (the CPU emulator checks it).
+bool use_wgmma(const QuantGemmArgs& a, const GemmLaunch& L) {
+  if (a.fmt != QuantFormat::kInt4 || a.group_size != 64 || !L.aligned16) return false;
+  const char* env = std::getenv("PYDIFF_CUDA_WGMMA");
+  if (env == nullptr || env[0] != '1') return false;
+#if !defined(PYDIFF_CUDA_EMU) && !defined(PYDIFF_CUDA_SM90A)
+  return false;
+#else
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return false;
+  return major == 9 && minor == 0;
+#endif
+}
+
 }  // namespace
 
 int quant_gemm_cuda(const QuantGemmArgs& a, void* stream) {
@@ -555,6 +864,14 @@ int quant_gemm_cuda(const QuantGemmArgs& a, void* stream) {
   const int osz = a.out_dtype == FloatType::kF32 ? 4 : 2;
   L.out_pair_ok = (a.N % 2 == 0) && (reinterpret_cast<uintptr_t>(a.out) % (2 * osz) == 0);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (use_wgmma(a, L)) {
+    switch (a.out_dtype) {
+      case FloatType::kF32: return int(launch_wgmma<float>(L, s));
+      case FloatType::kF16: return int(launch_wgmma<__half>(L, s));
+      case FloatType::kBF16: return int(launch_wgmma<__nv_bfloat16>(L, s));
+      default: return int(cudaErrorInvalidValue);
+    }
+  }
   switch (a.fmt) {
     case QuantFormat::kInt4:
       return int(native4 ? dispatch_out<QuantFormat::kInt4, true>(L, s) : dispatch_out<QuantFormat::kInt4>(L, s));

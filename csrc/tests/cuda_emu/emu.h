@@ -55,7 +55,8 @@
 //
 // Emulated PTX (definitions from the PTX ISA, "Warp-level matrix instructions" and "cp.async"):
 //   ldmatrix.sync.aligned.m8n8.x4.shared.b16, cp.async.cg.shared.global (16 bytes, zero fill),
-//   cp.async.commit_group / wait_group, mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 and
+//   cp.async.commit_group / wait_group, wgmma.mma_async m64n128k16 f16 (shared-memory descriptors
+//   without swizzle) with wgmma.fence / commit_group / wait_group, mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 and
 //   .f32.e4m3.e4m3.f32 (the e4m3 sum of a k-step is computed exactly and rounded once to fp32;
 //   hardware may round differently, tests must allow for that; a launch on a device below sm_89
 //   that reaches it fails, as the kernel's __trap() would).
@@ -239,6 +240,12 @@ struct Copy {  // one deferred cp.async
   int bytes, src_bytes;
 };
 
+struct WgmmaOp {  // one issued wgmma.mma_async (deferred until wgmma.wait_group retires it)
+  float* d;
+  uint64_t da, db;
+  int scale_d;
+};
+
 struct Fiber {
   Context ctx;
   bool done = false;
@@ -247,6 +254,8 @@ struct Fiber {
   const char* waits_in = nullptr;        // that barrier (diagnostics)
   std::vector<Copy> open;                // issued cp.async not yet committed
   std::deque<std::vector<Copy>> groups;  // committed groups, oldest first
+  std::vector<WgmmaOp> wg_open;               // issued wgmma not yet committed
+  std::deque<std::vector<WgmmaOp>> wg_groups;  // committed wgmma groups, oldest first
 };
 
 constexpr size_t kLaneIn = 48, kLaneOut = 16;
@@ -528,6 +537,8 @@ inline void fiber_exit() {
   Fiber& f = fiber();
   if (!f.open.empty() || !f.groups.empty())
     fail("thread exits with cp.async copies still pending (no cp.async.wait_group 0 after the last commit)");
+  if (!f.wg_open.empty() || !f.wg_groups.empty())
+    fail("thread exits with wgmma operations still pending (no wgmma.wait_group 0 after the last commit)");
   f.done = true;
   if (--b.live == 0) switch_context(f.ctx, tl_worker->main);
   else yield("a thread exited");
@@ -745,6 +756,77 @@ inline void mma_m16n8k32_e4m3(float (&d)[4], const uint32_t (&a)[4], const uint3
           }
       });
   for (int i = 0; i < 4; ++i) std::memcpy(&d[i], &o.d[i], 4);
+}
+
+// ================================================================ warpgroup MMA (sm_90a)
+// wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 d, a-desc, b-desc, scale-d, 1, 1, 0, 0: A (64 x 16)
+// and B (16 x 128, stored as 128 x 16) in shared memory, both K-major without swizzle, described by
+// 64-bit matrix descriptors (PTX ISA, "Matrix Descriptor Format": start address, leading-dimension
+// byte offset LBO = distance between core matrices adjacent along K, stride-dimension byte offset
+// SBO = distance between 8-row blocks, in 16-byte units in bits 0-13, 16-29, 32-45; base offset bits
+// 49-51 and swizzle mode bits 62-63 must be 0 here). A core matrix is 8 rows x 16 bytes (8 f16),
+// its rows 16 bytes apart. Accumulators (PTX ISA, "wgmma D fragment", warp q of the warpgroup,
+// gid = lane >> 2, tig = lane & 3): d[4 j + 2 h + e] = D[16 q + gid + 8 h][8 j + 2 tig + e].
+// Deferred like cp.async: the operation reads shared memory and writes d only when
+// wgmma.wait_group retires its commit group, so reading d too early, or overwriting the operands
+// before the wait, gives wrong results. The k-step sum is exact (double) plus d, rounded once.
+// Shared addresses in descriptors are offsets from the block's dynamic shared memory (smem_offset).
+inline uint32_t smem_offset(const void* p) {
+  detail::check_smem(p, 1, 1, "shared address");
+  return uint32_t(static_cast<const unsigned char*>(p) - detail::block().smem);
+}
+inline void wgmma_fence() {}
+inline void fence_proxy_async() {}
+inline void wgmma_m64n128k16_f16(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
+  if (detail::tl_device_sm != 90)
+    detail::fail("wgmma needs sm_90a, the launch's device is sm_%d", detail::tl_device_sm);
+  if (blockDim.x % 128 != 0 || blockDim.y != 1 || blockDim.z != 1)
+    detail::fail("wgmma: the block (%u x %u x %u) is not made of whole warpgroups", blockDim.x, blockDim.y, blockDim.z);
+  detail::fiber().wg_open.push_back({d, da, db, scale_d});
+}
+inline void wgmma_commit() {
+  detail::Fiber& f = detail::fiber();
+  f.wg_groups.push_back(std::move(f.wg_open));
+  f.wg_open.clear();
+}
+namespace detail {
+inline void wgmma_run(const WgmmaOp& op) {
+  const unsigned t = threadIdx.x, lane = t & 31, q = (t >> 5) & 3, gid = lane >> 2, tig = lane & 3;
+  auto elem = [](uint64_t desc, int row, int k) {
+    if (((desc >> 49) & 7) != 0 || (desc >> 62) != 0)
+      fail("wgmma: descriptor %#llx has a base offset or a swizzle mode (not emulated)", (unsigned long long)desc);
+    const size_t start = size_t(desc & 0x3FFF) << 4, lbo = size_t((desc >> 16) & 0x3FFF) << 4,
+                 sbo = size_t((desc >> 32) & 0x3FFF) << 4;
+    const size_t off = start + size_t(row >> 3) * sbo + size_t(k >> 3) * lbo + size_t(row & 7) * 16 + size_t(k & 7) * 2;
+    const unsigned char* p = block().smem + off;
+    check_smem(p, 2, 2, "wgmma operand");
+    __half_raw h;
+    std::memcpy(&h.x, p, 2);
+    return double(__half2float(__half(h)));
+  };
+  double A[2][16], B[32][16];
+  for (int h = 0; h < 2; ++h)
+    for (int k = 0; k < 16; ++k) A[h][k] = elem(op.da, int(16 * q + gid + 8 * h), k);
+  for (int j = 0; j < 16; ++j)
+    for (int e = 0; e < 2; ++e)
+      for (int k = 0; k < 16; ++k) B[2 * j + e][k] = elem(op.db, int(8 * j + 2 * tig + e), k);
+  for (int j = 0; j < 16; ++j)
+    for (int h = 0; h < 2; ++h)
+      for (int e = 0; e < 2; ++e) {
+        float& D = op.d[4 * j + 2 * h + e];
+        double s = op.scale_d ? double(D) : 0.0;
+        for (int k = 0; k < 16; ++k) s += A[h][k] * B[2 * j + e][k];
+        D = float(s);
+      }
+}
+}  // namespace detail
+// wgmma.wait_group n: all but the n most recent committed groups of this thread have completed.
+inline void wgmma_wait(int n) {
+  detail::Fiber& f = detail::fiber();
+  while (f.wg_groups.size() > size_t(n)) {
+    for (const detail::WgmmaOp& op : f.wg_groups.front()) detail::wgmma_run(op);
+    f.wg_groups.pop_front();
+  }
 }
 
 // ================================================================ launch

@@ -33,6 +33,15 @@ inline void mma_s4(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) 
 inline void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   cuda_emu::mma_m16n8k32_e4m3(d, a, b, d);
 }
+inline uint32_t smem_u32(const void* p) { return cuda_emu::smem_offset(p); }
+inline void wgmma_fence() { cuda_emu::wgmma_fence(); }
+inline void wgmma_commit() { cuda_emu::wgmma_commit(); }
+template <int N> inline void wgmma_wait() { cuda_emu::wgmma_wait(N); }
+inline void fence_proxy_async() { cuda_emu::fence_proxy_async(); }
+inline void fence_acc(float (&)[64]) {}
+inline void wgmma_m64n128k16_f16(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
+  cuda_emu::wgmma_m64n128k16_f16(d, da, db, scale_d);
+}
 
 #include "../../quant/quant_gemm_cuda.cu"
 #include "host_ref.h"
@@ -65,6 +74,7 @@ struct Case {
   FloatType bias_dt = FloatType::kF32, la_dt = FloatType::kF32, lu_dt = FloatType::kF32;
   int device = 0;
   int int4_mma = -1;  // PYDIFF_CUDA_INT4_MMA for the call: -1 unset, 0 / 1 forced
+  bool wgmma = false;  // PYDIFF_CUDA_WGMMA=1 for the call (the Hopper warpgroup-MMA kernel, opt-in)
 };
 
 const char* fmt_name(QuantFormat f) {
@@ -168,12 +178,17 @@ void run_case(const Case& c, uint64_t seed) {
   a.out = out.data(), a.out_dtype = c.out;
   cudaSetDevice(c.device);
   if (c.int4_mma >= 0) setenv("PYDIFF_CUDA_INT4_MMA", c.int4_mma ? "1" : "0", 1);
+  if (c.wgmma) setenv("PYDIFF_CUDA_WGMMA", "1", 1);
   const size_t nl = cuda_emu::launches().size();
   const int rc = pydiff::quant_gemm_cuda(a, nullptr);
   unsetenv("PYDIFF_CUDA_INT4_MMA");
+  unsetenv("PYDIFF_CUDA_WGMMA");
   cudaSetDevice(0);
-  // the native 4-bit MMA runs for int4 with groups of 64k channels on sm_8x (or when forced)
-  const bool want_native = c.fmt == QuantFormat::kInt4 && G % 64 == 0 &&
+  // the warpgroup-MMA kernel: opted in, int4, G = 64, aligned operands, an sm_90 device
+  const bool want_wgmma = c.wgmma && c.fmt == QuantFormat::kInt4 && G == 64 && c.qa_off == 0 && c.qw_off == 0 &&
+                          cuda_emu::device(c.device).sm == 90;
+  // else the native 4-bit MMA runs for int4 with groups of 64k channels on sm_8x (or when forced)
+  const bool want_native = !want_wgmma && c.fmt == QuantFormat::kInt4 && G % 64 == 0 &&
                            (c.int4_mma >= 0 ? c.int4_mma == 1 : cuda_emu::device(c.device).sm / 10 == 8);
 
   char tag[200];
@@ -191,6 +206,10 @@ void run_case(const Case& c, uint64_t seed) {
         L.func == reinterpret_cast<const void*>(&pydiff::quant_gemm_kernel<QuantFormat::kInt4, __half, true>) ||
         L.func == reinterpret_cast<const void*>(&pydiff::quant_gemm_kernel<QuantFormat::kInt4, __nv_bfloat16, true>);
     CHECK(ran_native == want_native, "%s: the %s int4 MMA ran", tag, ran_native ? "native" : "unpacked (int8)");
+    const bool ran_wgmma = L.func == reinterpret_cast<const void*>(&pydiff::quant_gemm_wgmma_kernel<float>) ||
+                           L.func == reinterpret_cast<const void*>(&pydiff::quant_gemm_wgmma_kernel<__half>) ||
+                           L.func == reinterpret_cast<const void*>(&pydiff::quant_gemm_wgmma_kernel<__nv_bfloat16>);
+    CHECK(ran_wgmma == want_wgmma, "%s: the warpgroup-MMA kernel %s", tag, ran_wgmma ? "ran" : "did not run");
   }
   CHECK(same(qa, qa_h.data(), qa_h.size()) && same(qw, qw_h.data(), qw_h.size()) &&
             same(sa, sa_h.data(), sa_h.size() * 4) && same(sw, sw_h.data(), sw_h.size() * 4) &&
@@ -323,6 +342,7 @@ Case random_case(Rng& r) {
   c.out_off = int(r.integer(0, 1));
   c.bias_dt = pick(ins), c.la_dt = pick(ins), c.lu_dt = pick(ins);
   c.device = c.fmt != QuantFormat::kFp8E4M3 && r.integer(0, 3) == 0 ? 1 : 0;
+  c.wgmma = r.integer(0, 2) == 0;  // opted in: runs where it applies (int4, G = 64, aligned, sm_90)
   return c;
 }
 
@@ -400,6 +420,33 @@ int main(int argc, char** argv) {
        .K = 192, .G = 96, .mode = X, .device = 1},
       {.what = "native s4 forced off on sm_80", .fmt = I4, .out = f32, .M = 19, .N = 20, .K = 256, .G = 64, .mode = X,
        .device = 1, .int4_mma = 0},
+      // Hopper warpgroup-MMA kernel (opted in): exact, extreme, random, edges, fallbacks
+      {.what = "wgmma: one element", .fmt = I4, .out = f32, .M = 1, .N = 1, .K = 64, .G = 64, .mode = X,
+       .wgmma = true},
+      {.what = "wgmma: K = 0 (bias and low-rank terms only)", .fmt = I4, .out = f32, .M = 5, .N = 7, .K = 0, .G = 64,
+       .R = 3, .bias = true, .mode = X, .wgmma = true},
+      {.what = "wgmma: 2 x 2 blocks, 5 groups", .fmt = I4, .out = f32, .M = 130, .N = 131, .K = 320, .G = 64, .R = 5,
+       .bias = true, .mode = X, .wgmma = true},
+      {.what = "wgmma: 3 blocks along N, bf16 out", .fmt = I4, .out = bf16, .M = 67, .N = 257, .K = 128, .G = 64,
+       .R = 33, .bias = true, .mode = X, .bias_dt = f16, .la_dt = bf16, .lu_dt = f64, .wgmma = true},
+      {.what = "wgmma: 3 blocks along M, f16 out, odd out", .fmt = I4, .out = f16, .M = 257, .N = 9, .K = 192,
+       .G = 64, .R = 64, .mode = X, .out_off = 1, .wgmma = true},
+      {.what = "wgmma: M, N multiples of the tile", .fmt = I4, .out = f32, .M = 128, .N = 256, .K = 256, .G = 64,
+       .bias = true, .mode = X, .wgmma = true},
+      {.what = "wgmma: every product -8 x -8", .fmt = I4, .out = f32, .M = 3, .N = 5, .K = 4096, .G = 64, .mode = E,
+       .wgmma = true},
+      {.what = "wgmma: random", .fmt = I4, .out = bf16, .M = 37, .N = 140, .K = 448, .G = 64, .R = 3, .bias = true,
+       .bias_dt = bf16, .la_dt = f16, .lu_dt = f16, .wgmma = true},
+      {.what = "wgmma: random, f32", .fmt = I4, .out = f32, .M = 129, .N = 70, .K = 64, .G = 64, .R = 40,
+       .wgmma = true},
+      {.what = "wgmma opted in, G = 128: mma.sync kernel", .fmt = I4, .out = f32, .M = 19, .N = 20, .K = 256,
+       .G = 128, .mode = X, .wgmma = true},
+      {.what = "wgmma opted in, qa misaligned: mma.sync kernel", .fmt = I4, .out = f32, .M = 19, .N = 20, .K = 128,
+       .G = 64, .mode = X, .qa_off = 4, .wgmma = true},
+      {.what = "wgmma opted in on sm_80: native s4", .fmt = I4, .out = f32, .M = 19, .N = 20, .K = 128, .G = 64,
+       .mode = X, .device = 1, .wgmma = true},
+      {.what = "wgmma opted in, int8: mma.sync kernel", .fmt = I8, .out = f32, .M = 19, .N = 20, .K = 128, .G = 64,
+       .mode = X, .wgmma = true},
   };
   uint64_t seed = 1;
   for (const Case& c : cases) run_case(c, seed++);
