@@ -543,8 +543,9 @@ constexpr int kPackStage = (kWBM + kWBN) * kPackRow;           // 8192
 constexpr int kTile = kWBM * 64 * 2;                          // one operand, one group, f16: 16384
 constexpr int kUnp = 2 * kTile;                              // A + B
 constexpr int kOffUnp = kWStages * kPackStage;                // 32768
-constexpr int kOffScale = kOffUnp + 2 * kUnp;                // 98304
-constexpr int kSmemBytes = kOffScale + 2 * (kWBM + kWBN) * 4;  // 100352
+constexpr int kBufs = 3;                                     // unpacked tiles / scales of 3 groups
+constexpr int kOffScale = kOffUnp + kBufs * kUnp;            // 131072
+constexpr int kSmemBytes = kOffScale + kBufs * (kWBM + kWBN) * 4;  // 134144
 constexpr int kLBO = 128, kSBO = 1024;                       // core-matrix strides along K / M,N
 static_assert((kWBM * kLaPitch + kLoraR * kWBN) * 4 <= kSmemBytes, "epilogue staging must fit");
 
@@ -579,7 +580,10 @@ __global__ void __launch_bounds__(w4::kWThreads, 1) quant_gemm_wgmma_kernel(cons
 #else
   extern __shared__ __align__(16) unsigned char smem[];  // (16: the same declaration as above; descriptors need 16)
 #endif
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2, wq = warp & 3;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wq = warp & 3;
+  // the warpgroup, through a shuffle so that the compiler sees it warp-uniform (a branch on it is not
+  // divergent: without this, ptxas serializes the wgmmas issued under `if (wg == ...)`, C7518)
+  const int wg = __shfl_sync(0xFFFFFFFFu, tid >> 7, 0);
   const int gid = lane >> 2, tig = lane & 3;
   const int64_t M = L.a.M, N = L.a.N, Gn = L.Gn;
   const int64_t m0 = int64_t(blockIdx.x) * kWBM, n0 = int64_t(blockIdx.y) * kWBN;
@@ -605,7 +609,7 @@ __global__ void __launch_bounds__(w4::kWThreads, 1) quant_gemm_wgmma_kernel(cons
   // Own chunks of group g (landed) -> f16 tiles of buffer g & 1; the scale -> scale buffer g & 1.
   auto unpack = [&](int g, float sc) {
     const unsigned char* slot = smem + (g % kWStages) * kPackStage + cr * kPackRow + ch * 16;
-    unsigned char* ub = smem + kOffUnp + (g & 1) * kUnp;
+    unsigned char* ub = smem + kOffUnp + (g % kBufs) * kUnp;
 #pragma unroll
     for (int op = 0; op < 2; ++op) {
       const uint4 p = *reinterpret_cast<const uint4*>(slot + op * kWBM * kPackRow);
@@ -616,7 +620,7 @@ __global__ void __launch_bounds__(w4::kWThreads, 1) quant_gemm_wgmma_kernel(cons
         *reinterpret_cast<uint4*>(dst + i * kLBO) =
             make_uint4(nib2_to_h2(w[i]), nib2_to_h2(w[i] >> 4), nib2_to_h2(w[i] >> 8), nib2_to_h2(w[i] >> 12));
     }
-    reinterpret_cast<float*>(smem + kOffScale)[(g & 1) * (kWBM + kWBN) + tid] = sc;
+    reinterpret_cast<float*>(smem + kOffScale)[(g % kBufs) * (kWBM + kWBN) + tid] = sc;
   };
 
   float acc[64], d[64];
@@ -624,35 +628,18 @@ __global__ void __launch_bounds__(w4::kWThreads, 1) quant_gemm_wgmma_kernel(cons
   for (int i = 0; i < 64; ++i) acc[i] = d[i] = 0.f;
   const int rt = wg * 64 + wq * 16 + gid;  // tile rows rt, rt + 8 of this thread's accumulators
 
-#pragma unroll
-  for (int s = 0; s < kWStages - 1; ++s) {
-    if (s < T) issue(s);
-    cp_async_commit();
-  }
-  float s_next = scale_of(1);
-  cp_async_wait<kWStages - 2>();  // group 0 (own copies)
-  if (T > 0) unpack(0, scale_of(0));
-  fence_proxy_async();
-  __syncthreads();
-
-  for (int t = 0; t < T; ++t) {
-    const uint32_t ub = smem_u32(smem + kOffUnp + (t & 1) * kUnp);
+  auto mma = [&](int t) {  // this warpgroup's 4 wgmmas of group t (asynchronous)
+    const uint32_t ub = smem_u32(smem + kOffUnp + (t % kBufs) * kUnp);
     wgmma_fence();
 #pragma unroll
     for (int s = 0; s < 4; ++s)  // k-steps of 16 channels = 2 core matrices = 256 bytes along K
       wgmma_m64n128k16_f16(d, desc(ub + wg * 8 * kSBO + s * 2 * kLBO), desc(ub + kTile + s * 2 * kLBO), s);
     wgmma_commit();
-    if (t + kWStages - 1 < T) issue(t + kWStages - 1);
-    cp_async_commit();
-    if (t + 1 < T) {
-      cp_async_wait<kWStages - 2>();  // group t + 1 (own copies)
-      unpack(t + 1, s_next);
-      s_next = scale_of(t + 2);
-    }
-    fence_proxy_async();
+  };
+  auto fold = [&](int g) {  // wait for this warpgroup's group g; acc += D * (sa * sw)
     wgmma_wait<0>();
     fence_acc(d);
-    const float* sc = reinterpret_cast<const float*>(smem + kOffScale) + (t & 1) * (kWBM + kWBN);
+    const float* sc = reinterpret_cast<const float*>(smem + kOffScale) + (g % kBufs) * (kWBM + kWBN);
     const float sa0 = sc[rt], sa1 = sc[rt + 8];
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
@@ -662,8 +649,52 @@ __global__ void __launch_bounds__(w4::kWThreads, 1) quant_gemm_wgmma_kernel(cons
       acc[4 * j + 2] = __fmaf_rn(d[4 * j + 2], __fmul_rn(sa1, sw.x), acc[4 * j + 2]);
       acc[4 * j + 3] = __fmaf_rn(d[4 * j + 3], __fmul_rn(sa1, sw.y), acc[4 * j + 3]);
     }
+  };
+  float s_next = 0.f;
+  auto next = [&](int t) {  // the copies of group t + 3; unpack (own chunks of) group t + 1
+    if (t + kWStages - 1 < T) issue(t + kWStages - 1);
+    cp_async_commit();
+    if (t + 1 < T) {
+      cp_async_wait<kWStages - 2>();  // group t + 1 (own copies)
+      unpack(t + 1, s_next);
+      s_next = scale_of(t + 2);
+    }
+    fence_proxy_async();
+  };
+
+#pragma unroll
+  for (int s = 0; s < kWStages - 1; ++s) {
+    if (s < T) issue(s);
+    cp_async_commit();
+  }
+  s_next = scale_of(1);
+  cp_async_wait<kWStages - 2>();  // group 0 (own copies)
+  if (T > 0) unpack(0, scale_of(0));
+  fence_proxy_async();
+  __syncthreads();
+  // Ping-pong: the warpgroups take turns on the tensor cores, each folding its previous group while
+  // the other's wgmmas run. Phase A: warpgroup 0 issues group t and unpacks group t + 1; warpgroup
+  // 1 folds group t - 1. Phase B: warpgroup 1 issues group t and unpacks group t + 1; warpgroup 0
+  // folds group t. Buffers: group t's tiles and scales are read until warpgroup 1 folds it (phase A
+  // of t + 1) and rewritten with group t + 3 (iteration t + 2): a ring of 3.
+  for (int t = 0; t < T; ++t) {
+    if (wg == 0) {
+      mma(t);
+      next(t);
+    } else if (t > 0) {
+      fold(t - 1);
+    }
+    __syncthreads();
+    if (wg == 1) {
+      mma(t);
+      next(t);
+    } else {
+      fold(t);
+    }
     __syncthreads();
   }
+  if (wg == 1 && T > 0) fold(T - 1);
+  __syncthreads();  // the tiles are free for the epilogue's staging
   cp_async_wait<0>();  // (only empty groups are left)
 
   // ---- low-rank branch: acc += sum_r lora_act[m, r] lora_up[r, n], kLoraR ranks per round

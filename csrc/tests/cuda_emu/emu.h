@@ -244,6 +244,7 @@ struct WgmmaOp {  // one issued wgmma.mma_async (deferred until wgmma.wait_group
   float* d;
   uint64_t da, db;
   int scale_d;
+  double A[2][16], B[32][16];  // this thread's operand values when it was issued
 };
 
 struct Fiber {
@@ -767,9 +768,12 @@ inline void mma_m16n8k32_e4m3(float (&d)[4], const uint32_t (&a)[4], const uint3
 // 49-51 and swizzle mode bits 62-63 must be 0 here). A core matrix is 8 rows x 16 bytes (8 f16),
 // its rows 16 bytes apart. Accumulators (PTX ISA, "wgmma D fragment", warp q of the warpgroup,
 // gid = lane >> 2, tig = lane & 3): d[4 j + 2 h + e] = D[16 q + gid + 8 h][8 j + 2 tig + e].
-// Deferred like cp.async: the operation reads shared memory and writes d only when
-// wgmma.wait_group retires its commit group, so reading d too early, or overwriting the operands
-// before the wait, gives wrong results. The k-step sum is exact (double) plus d, rounded once.
+// Deferred like cp.async: d is written only when wgmma.wait_group retires the commit group, so
+// reading d too early gives wrong results; the operands this thread's part reads are recorded when
+// the instruction is issued and read again at the wait: if shared memory changed in between (the
+// tiles overwritten before the wait, or still being written by other threads when it was issued,
+// i.e. a missing barrier), the emulator stops with an error. The k-step sum is exact (double) plus d,
+// rounded once.
 // Shared addresses in descriptors are offsets from the block's dynamic shared memory (smem_offset).
 inline uint32_t smem_offset(const void* p) {
   detail::check_smem(p, 1, 1, "shared address");
@@ -777,20 +781,10 @@ inline uint32_t smem_offset(const void* p) {
 }
 inline void wgmma_fence() {}
 inline void fence_proxy_async() {}
-inline void wgmma_m64n128k16_f16(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
-  if (detail::tl_device_sm != 90)
-    detail::fail("wgmma needs sm_90a, the launch's device is sm_%d", detail::tl_device_sm);
-  if (blockDim.x % 128 != 0 || blockDim.y != 1 || blockDim.z != 1)
-    detail::fail("wgmma: the block (%u x %u x %u) is not made of whole warpgroups", blockDim.x, blockDim.y, blockDim.z);
-  detail::fiber().wg_open.push_back({d, da, db, scale_d});
-}
-inline void wgmma_commit() {
-  detail::Fiber& f = detail::fiber();
-  f.wg_groups.push_back(std::move(f.wg_open));
-  f.wg_open.clear();
-}
 namespace detail {
-inline void wgmma_run(const WgmmaOp& op) {
+// The operand values the calling thread's accumulators depend on: A rows 16 q + gid (+ 8), B rows
+// (columns of D) 8 j + 2 tig + e, k = 0..15, decoded from the descriptors.
+inline void wgmma_operands(const WgmmaOp& op, double (&A)[2][16], double (&B)[32][16]) {
   const unsigned t = threadIdx.x, lane = t & 31, q = (t >> 5) & 3, gid = lane >> 2, tig = lane & 3;
   auto elem = [](uint64_t desc, int row, int k) {
     if (((desc >> 49) & 7) != 0 || (desc >> 62) != 0)
@@ -804,12 +798,34 @@ inline void wgmma_run(const WgmmaOp& op) {
     std::memcpy(&h.x, p, 2);
     return double(__half2float(__half(h)));
   };
-  double A[2][16], B[32][16];
   for (int h = 0; h < 2; ++h)
     for (int k = 0; k < 16; ++k) A[h][k] = elem(op.da, int(16 * q + gid + 8 * h), k);
   for (int j = 0; j < 16; ++j)
     for (int e = 0; e < 2; ++e)
       for (int k = 0; k < 16; ++k) B[2 * j + e][k] = elem(op.db, int(8 * j + 2 * tig + e), k);
+}
+}  // namespace detail
+inline void wgmma_m64n128k16_f16(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
+  if (detail::tl_device_sm != 90)
+    detail::fail("wgmma needs sm_90a, the launch's device is sm_%d", detail::tl_device_sm);
+  if (blockDim.x % 128 != 0 || blockDim.y != 1 || blockDim.z != 1)
+    detail::fail("wgmma: the block (%u x %u x %u) is not made of whole warpgroups", blockDim.x, blockDim.y, blockDim.z);
+  detail::WgmmaOp op{d, da, db, scale_d, {}, {}};
+  detail::wgmma_operands(op, op.A, op.B);
+  detail::fiber().wg_open.push_back(op);
+}
+inline void wgmma_commit() {
+  detail::Fiber& f = detail::fiber();
+  f.wg_groups.push_back(std::move(f.wg_open));
+  f.wg_open.clear();
+}
+namespace detail {
+inline void wgmma_run(const WgmmaOp& op) {
+  double A[2][16], B[32][16];
+  wgmma_operands(op, A, B);
+  if (std::memcmp(A, op.A, sizeof(A)) != 0 || std::memcmp(B, op.B, sizeof(B)) != 0)
+    fail("wgmma: its shared-memory operands changed between issue and wgmma.wait_group (overwritten too early, "
+         "or not yet complete when it was issued: a missing barrier)");
   for (int j = 0; j < 16; ++j)
     for (int h = 0; h < 2; ++h)
       for (int e = 0; e < 2; ++e) {
