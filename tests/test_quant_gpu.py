@@ -529,6 +529,24 @@ def test_gpu_auto_backend_of_quantize():
             assert torch.equal(a, b) and torch.equal(a, c), (fmt, hopper)
 
 
+def _epilogue_inputs(M, N, R, seed):
+    """bias [N] and the low-rank factors lora_act [M, R], lora_up [R, N] (None at R = 0), on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    bias = torch.randn(N, device="cuda", generator=g)
+    la = torch.randn(M, R, device="cuda", generator=g) if R else None
+    lu = torch.randn(R, N, device="cuda", generator=g) if R else None
+    return bias, la, lu
+
+
+def _check_int4_vs_ref(out, qa, sa, qw, sw, G, bias, la, lu, tol=1e-5, rows=64):
+    """The first ``rows`` rows of an int4 quant_gemm output against the float64 reference (CPU)."""
+    rows = min(rows, out.shape[0])
+    ref = quant_gemm_ref(qa[:rows].cpu(), sa[:rows].cpu(), qw.cpu(), sw.cpu(), fmt="int4", group_size=G,
+                         bias=bias.cpu(), lora_act=None if la is None else la[:rows].cpu(),
+                         lora_up=None if lu is None else lu.cpu(), out_dtype=None)
+    assert torch.allclose(out[:rows].cpu().double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
 @pytest.mark.skipif("cuda" not in BACKENDS, reason="needs the compiled CUDA kernels")
 @pytest.mark.parametrize("M,N,K,G,R", [(130, 131, 320, 64, 5), (7, 3072, 3072, 3072, 0), (257, 129, 12288, 128, 32)])
 def test_gpu_native_int4_mma_equals_int8_path(monkeypatch, M, N, K, G, R):
@@ -538,10 +556,7 @@ def test_gpu_native_int4_mma_equals_int8_path(monkeypatch, M, N, K, G, R):
     both against the reference.  This is how the fragment layout of the .s4 path is checked on
     hardware (the CPU emulator checks it against the PTX ISA's description in CI)."""
     qa, sa, qw, sw = _operands(M, N, K, G, "int4", seed=31)
-    g = torch.Generator(device="cuda").manual_seed(32)
-    bias = torch.randn(N, device="cuda", generator=g)
-    la = torch.randn(M, R, device="cuda", generator=g) if R else None
-    lu = torch.randn(R, N, device="cuda", generator=g) if R else None
+    bias, la, lu = _epilogue_inputs(M, N, R, seed=32)
     outs = {}
     for mode in ("1", "0"):
         monkeypatch.setenv("PYDIFF_CUDA_INT4_MMA", mode)
@@ -549,10 +564,7 @@ def test_gpu_native_int4_mma_equals_int8_path(monkeypatch, M, N, K, G, R):
                                 out_dtype=torch.float32, backend="cuda")
     torch.cuda.synchronize()
     assert torch.equal(outs["1"], outs["0"])
-    ref = quant_gemm_ref(qa[:64].cpu(), sa[:64].cpu(), qw.cpu(), sw.cpu(), fmt="int4", group_size=G,
-                         bias=bias.cpu(), lora_act=None if la is None else la[:64].cpu(),
-                         lora_up=None if lu is None else lu.cpu(), out_dtype=None)
-    assert torch.allclose(outs["1"][:64].cpu().double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    _check_int4_vs_ref(outs["1"], qa, sa, qw, sw, G, bias, la, lu)
 
 
 @pytest.mark.skipif("cuda" not in BACKENDS, reason="needs the compiled CUDA kernels")
@@ -617,10 +629,7 @@ def test_gpu_wgmma_kernel_equals_mma_sync_kernel(monkeypatch, M, N, K, R, out_dt
         sw = torch.ones(N, K // G, device="cuda")
     else:
         qa, sa, qw, sw = _operands(M, N, K, G, "int4", seed=41)
-    g = torch.Generator(device="cuda").manual_seed(42)
-    bias = torch.randn(N, device="cuda", generator=g)
-    la = torch.randn(M, R, device="cuda", generator=g) if R else None
-    lu = torch.randn(R, N, device="cuda", generator=g) if R else None
+    bias, la, lu = _epilogue_inputs(M, N, R, seed=42)
     outs = {}
     for mode in ("1", "0"):
         monkeypatch.setenv("PYDIFF_CUDA_WGMMA", mode)
@@ -633,9 +642,5 @@ def test_gpu_wgmma_kernel_equals_mma_sync_kernel(monkeypatch, M, N, K, R, out_dt
         assert _ran_kernel(run, "quant_gemm_wgmma_kernel") == (mode == "1"), mode
         outs[mode] = out.clone()
     assert torch.equal(outs["1"], outs["0"])
-    rows = min(M, 64)
-    ref = quant_gemm_ref(qa[:rows].cpu(), sa[:rows].cpu(), qw.cpu(), sw.cpu(), fmt="int4", group_size=G,
-                         bias=bias.cpu(), lora_act=None if la is None else la[:rows].cpu(),
-                         lora_up=None if lu is None else lu.cpu(), out_dtype=None)
-    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[out_dtype]
-    assert torch.allclose(outs["1"][:rows].cpu().double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    _check_int4_vs_ref(outs["1"], qa, sa, qw, sw, G, bias, la, lu,
+                       tol={torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[out_dtype])

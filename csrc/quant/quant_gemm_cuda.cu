@@ -289,6 +289,39 @@ __device__ __forceinline__ void load_tile(unsigned char* stage, const GemmLaunch
   }
 }
 
+// Epilogue pieces shared by both kernels (128 x 128 tiles). Low-rank round r0: lora_act[m0 .. + 128,
+// r0 .. + 32] -> la_s [128][kLaPitch] and lora_up[r0 .. + 32, n0 .. + 128] -> lu_s [32][128], zeros
+// past M / N / R.
+__device__ __forceinline__ void stage_lora(float* la_s, float* lu_s, const GemmLaunch& L, int64_t m0, int64_t n0,
+                                           int64_t r0, int tid, int nthreads) {
+  const int64_t M = L.a.M, N = L.a.N, R = L.a.rank;
+  for (int idx = tid; idx < 128 * kLoraR; idx += nthreads) {
+    const int row = idx / kLoraR, rr = idx % kLoraR;
+    const int64_t m = m0 + row, r = r0 + rr;
+    la_s[row * kLaPitch + rr] = (m < M && r < R) ? load_f(L.a.lora_act, m * R + r, L.a.lora_act_dtype) : 0.f;
+  }
+  for (int idx = tid; idx < kLoraR * 128; idx += nthreads) {
+    const int rr = idx / 128, c = idx % 128;
+    const int64_t n = n0 + c, r = r0 + rr;
+    lu_s[rr * 128 + c] = (n < N && r < R) ? load_f(L.a.lora_up, r * N + n, L.a.lora_up_dtype) : 0.f;
+  }
+}
+// out[m, n] = v0 and, when n + 1 < N, out[m, n + 1] = v1 (n even; paired when aligned).
+template <typename TOut>
+__device__ __forceinline__ void store_pair(const GemmLaunch& L, int64_t m, int64_t n, float v0, float v1) {
+  const int64_t N = L.a.N;
+  TOut* o = static_cast<TOut*>(L.a.out) + m * N + n;
+  if (L.out_pair_ok && n + 1 < N) {
+    typename Pair<TOut>::type pv;
+    pv.x = from_f<TOut>(v0);
+    pv.y = from_f<TOut>(v1);
+    *reinterpret_cast<typename Pair<TOut>::type*>(o) = pv;
+  } else {
+    o[0] = from_f<TOut>(v0);
+    if (n + 1 < N) o[1] = from_f<TOut>(v1);
+  }
+}
+
 // NATIVE4 (int4 only): the 4-bit MMA on the packed data, k-steps of 64 channels (G % 64 == 0).
 template <QuantFormat FMT, typename TOut, bool NATIVE4 = false>
 __global__ void __launch_bounds__(kThreads, 1) quant_gemm_kernel(const GemmLaunch L) {
@@ -440,16 +473,7 @@ __global__ void __launch_bounds__(kThreads, 1) quant_gemm_kernel(const GemmLaunc
     float* lu_s = la_s + kBM * kLaPitch;           // [kLoraR][kBN]
     for (int64_t r0 = 0; r0 < R; r0 += kLoraR) {
       __syncthreads();  // previous round's readers are done
-      for (int idx = tid; idx < kBM * kLoraR; idx += kThreads) {
-        const int row = idx / kLoraR, rr = idx % kLoraR;
-        const int64_t m = m0 + row, r = r0 + rr;
-        la_s[row * kLaPitch + rr] = (m < M && r < R) ? load_f(L.a.lora_act, m * R + r, L.a.lora_act_dtype) : 0.f;
-      }
-      for (int idx = tid; idx < kLoraR * kBN; idx += kThreads) {
-        const int rr = idx / kBN, c = idx % kBN;
-        const int64_t n = n0 + c, r = r0 + rr;
-        lu_s[rr * kBN + c] = (n < N && r < R) ? load_f(L.a.lora_up, r * N + n, L.a.lora_up_dtype) : 0.f;
-      }
+      stage_lora(la_s, lu_s, L, m0, n0, r0, tid, kThreads);
       __syncthreads();
       const int rn = int(R - r0 < kLoraR ? R - r0 : kLoraR);
       for (int rr = 0; rr < rn; ++rr) {
@@ -482,7 +506,6 @@ __global__ void __launch_bounds__(kThreads, 1) quant_gemm_kernel(const GemmLaunc
       const int c = cb + nt * 8 + j;
       bv[nt][j] = (L.a.bias != nullptr && c < nlim) ? load_f(L.a.bias, n0 + c, L.a.bias_dtype) : 0.f;
     }
-  TOut* out = static_cast<TOut*>(L.a.out);
 #pragma unroll
   for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
@@ -493,18 +516,8 @@ __global__ void __launch_bounds__(kThreads, 1) quant_gemm_kernel(const GemmLaunc
       for (int nt = 0; nt < 4; ++nt) {
         if (cb + nt * 8 >= nlim) continue;
         const int64_t n = n0 + cb + nt * 8;  // even; the pair's second column is n + 1
-        const float v0 = __fadd_rn(acc[mt][nt][2 * h], bv[nt][0]);
-        const float v1 = __fadd_rn(acc[mt][nt][2 * h + 1], bv[nt][1]);
-        TOut* o = out + m * N + n;
-        if (L.out_pair_ok && n + 1 < N) {
-          typename Pair<TOut>::type pv;
-          pv.x = from_f<TOut>(v0);
-          pv.y = from_f<TOut>(v1);
-          *reinterpret_cast<typename Pair<TOut>::type*>(o) = pv;
-        } else {
-          o[0] = from_f<TOut>(v0);
-          if (n + 1 < N) o[1] = from_f<TOut>(v1);
-        }
+        store_pair<TOut>(L, m, n, __fadd_rn(acc[mt][nt][2 * h], bv[nt][0]),
+                         __fadd_rn(acc[mt][nt][2 * h + 1], bv[nt][1]));
       }
     }
 }
@@ -704,16 +717,7 @@ __global__ void __launch_bounds__(w4::kWThreads, 1) quant_gemm_wgmma_kernel(cons
     float* lu_s = la_s + kWBM * kLaPitch;           // [kLoraR][kWBN]
     for (int64_t r0 = 0; r0 < R; r0 += kLoraR) {
       __syncthreads();  // previous round's readers are done
-      for (int idx = tid; idx < kWBM * kLoraR; idx += kWThreads) {
-        const int row = idx / kLoraR, rr = idx % kLoraR;
-        const int64_t m = m0 + row, r = r0 + rr;
-        la_s[row * kLaPitch + rr] = (m < M && r < R) ? load_f(L.a.lora_act, m * R + r, L.a.lora_act_dtype) : 0.f;
-      }
-      for (int idx = tid; idx < kLoraR * kWBN; idx += kWThreads) {
-        const int rr = idx / kWBN, c = idx % kWBN;
-        const int64_t n = n0 + c, r = r0 + rr;
-        lu_s[rr * kWBN + c] = (n < N && r < R) ? load_f(L.a.lora_up, r * N + n, L.a.lora_up_dtype) : 0.f;
-      }
+      stage_lora(la_s, lu_s, L, m0, n0, r0, tid, kWThreads);
       __syncthreads();
       const int rn = int(R - r0 < kLoraR ? R - r0 : kLoraR);
       for (int rr = 0; rr < rn; ++rr) {
@@ -732,7 +736,6 @@ __global__ void __launch_bounds__(w4::kWThreads, 1) quant_gemm_wgmma_kernel(cons
 
   // ---- bias, conversion, stores
   const int nlim = int(N - n0 < kWBN ? N - n0 : kWBN);
-  TOut* out = static_cast<TOut*>(L.a.out);
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
     const int c = 8 * j + 2 * tig;  // even; the pair's second column is c + 1
@@ -744,18 +747,7 @@ __global__ void __launch_bounds__(w4::kWThreads, 1) quant_gemm_wgmma_kernel(cons
       const int64_t m = m0 + rt + 8 * h;
       if (m >= M) continue;
       const int64_t n = n0 + c;
-      const float v0 = __fadd_rn(acc[4 * j + 2 * h], b0);
-      const float v1 = __fadd_rn(acc[4 * j + 2 * h + 1], b1);
-      TOut* o = out + m * N + n;
-      if (L.out_pair_ok && n + 1 < N) {
-        typename Pair<TOut>::type pv;
-        pv.x = from_f<TOut>(v0);
-        pv.y = from_f<TOut>(v1);
-        *reinterpret_cast<typename Pair<TOut>::type*>(o) = pv;
-      } else {
-        o[0] = from_f<TOut>(v0);
-        if (n + 1 < N) o[1] = from_f<TOut>(v1);
-      }
+      store_pair<TOut>(L, m, n, __fadd_rn(acc[4 * j + 2 * h], b0), __fadd_rn(acc[4 * j + 2 * h + 1], b1));
     }
   }
 }
