@@ -603,17 +603,19 @@ def _ran_kernel(fn, name: str) -> bool:
 
 
 @pytest.mark.skipif("cuda" not in BACKENDS, reason="needs the compiled CUDA kernels")
-@pytest.mark.parametrize("M,N,K,R,out_dtype,extreme", [
-    (1, 1, 64, 0, torch.float32, False),
-    (130, 131, 320, 5, torch.float32, False),
-    (257, 129, 16384, 32, torch.bfloat16, False),
-    (67, 257, 1024, 0, torch.float16, False),
-    (4096, 3072, 3072, 32, torch.bfloat16, False),
-    (3, 5, 16384, 0, torch.float32, True),  # every product -8 x -8: each group sum 4096
+@pytest.mark.parametrize("M,N,K,G,R,out_dtype,extreme", [
+    (1, 1, 64, 64, 0, torch.float32, False),
+    (130, 131, 320, 64, 5, torch.float32, False),
+    (257, 129, 16384, 64, 32, torch.bfloat16, False),
+    (67, 257, 1024, 64, 0, torch.float16, False),
+    (4096, 3072, 3072, 64, 32, torch.bfloat16, False),
+    (130, 70, 384, 128, 3, torch.float32, False),
+    (3, 5, 16384, 64, 0, torch.float32, True),  # every product -8 x -8: each group sum 4096
+    (3, 5, 16384, 16384, 0, torch.float32, True),  # one group: |D| = 2^20 in the fp32 accumulators
 ])
-def test_gpu_wgmma_kernel_equals_mma_sync_kernel(monkeypatch, M, N, K, R, out_dtype, extreme):
-    """The Hopper warpgroup-MMA W4A4 kernel (opt-in, PYDIFF_CUDA_WGMMA=1; int4, groups of 64, f16
-    wgmma with fp32 accumulators) against the mma.sync int8 kernel: the same exact group sums and the
+def test_gpu_wgmma_kernel_equals_mma_sync_kernel(monkeypatch, M, N, K, G, R, out_dtype, extreme):
+    """The Hopper warpgroup-MMA W4A4 kernel (opt-in, PYDIFF_CUDA_WGMMA=1; int4, groups of 64k up to
+    16384, f16 wgmma with fp32 accumulators) against the mma.sync int8 kernel: the same exact group sums and the
     same fp32 epilogue operations, so equal bit for bit; and against the reference.  The profiler
     confirms which kernel ran.  This is the hardware check of the descriptors and the fragment layout
     (the CPU emulator checks them against the PTX ISA's description in CI)."""
@@ -621,7 +623,6 @@ def test_gpu_wgmma_kernel_equals_mma_sync_kernel(monkeypatch, M, N, K, R, out_dt
         pytest.skip("the warpgroup-MMA kernel runs on compute capability 9.0 (Hopper) only")
     if "9.0a" not in pydiff._ext.cuda_archs():
         pytest.skip(f"pydiff was built without an sm_90a image (archs {pydiff._ext.cuda_archs()!r})")
-    G = 64
     if extreme:
         qa = torch.full((M, K // 2), 0x88, dtype=torch.uint8, device="cuda")
         qw = torch.full((N, K // 2), 0x88, dtype=torch.uint8, device="cuda")

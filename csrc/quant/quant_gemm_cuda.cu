@@ -523,40 +523,41 @@ __global__ void __launch_bounds__(kThreads, 1) quant_gemm_kernel(const GemmLaunc
 }
 
 // ---------------------------------------------------------------- Hopper: warpgroup-MMA kernel
-// int4 with groups of 64 channels on sm_90a (opt-in: PYDIFF_CUDA_WGMMA=1; see use_wgmma). Hopper's
-// mma.sync runs well below its warpgroup MMA, and a k-step per instruction leaves the per-group
-// epilogue and the unpacking on the same warps' critical path. Here:
-//   * CTA tile 128 x 128, 256 threads = 2 warpgroups of 64 rows each; one group (64 channels, 32
-//     packed bytes a row) per main-loop iteration.
+// int4 with groups of a multiple of 64 channels (up to 16384) on sm_90a (opt-in: PYDIFF_CUDA_WGMMA=1;
+// see use_wgmma). Hopper's mma.sync runs well below its warpgroup MMA, and with one k-step per
+// instruction the per-group epilogue and the unpacking sit on the same warps' critical path. Here:
+//   * CTA tile 128 x 128, 256 threads = 2 warpgroups of 64 rows each; one chunk of 64 channels (32
+//     packed bytes a row) per main-loop iteration t.
 //   * Packed tiles stream through a 4-stage cp.async ring; each thread unpacks the 2 x 16 bytes it
 //     copied itself (so no barrier between landing and unpacking) into f16 tiles in the canonical
 //     K-major, no-swizzle wgmma layout: 8 x 8 "core matrices" of 128 contiguous bytes, the 8 core
 //     matrices of one 8-row block side by side along K (LBO = 128 bytes), 8-row blocks 1024 bytes
 //     apart (SBO). int4 -> f16 is exact: (nibble & 0xF) ^ 8 is the value + 8, written as the f16
 //     1024 + (value + 8) by or-ing the exponent bits 0x6400 in, minus 1032 (one LOP3 and one HSUB2
-//     per two values). Within a group the channels are permuted identically for A and B (packed
-//     word i of a 16-byte chunk -> core matrix i, nibbles s and s + 4 -> half2 s), so each group's
+//     per two values). Within a chunk the channels are permuted identically for A and B (packed
+//     word i of a 16-byte piece -> core matrix i, nibbles s and s + 4 -> half2 s), so each group's
 //     dot product is unchanged.
-//   * Iteration t: 4 x wgmma m64n128k16 (f16 in, fp32 accumulators D; the products and the group sum
-//     |D| <= 64 * 64 are integers, exact) on the tiles of group t, issued asynchronously; meanwhile
-//     the threads unpack group t + 1 into the other tile buffer, stage its scales and issue the
-//     copies of group t + 3; then wait for D and fold it in: acc += D * (sa[m, t] * sw[n, t]), the
-//     same fp32 operations in the same order as the mma.sync kernel above (bit-identical results).
-//     One __syncthreads per iteration: the other buffer is complete (and fenced for the async proxy)
-//     before the next wgmma reads it, and both warpgroups' wgmmas of group t have retired before
-//     their tiles are overwritten.
+//   * A chunk is 4 x wgmma m64n128k16 (f16 in, fp32 accumulators D, reset at the first chunk of a
+//     group; the products and |D| <= 64 G <= 2^20 are integers, exact). Ping-pong: in the first
+//     half of iteration t warpgroup 0 issues chunk t's wgmmas and unpacks chunk t + 1 while warpgroup
+//     1 waits for its chunk t - 1 and, at the end of a group, folds it in; in the second half the
+//     roles swap. Fold: acc += D * (sa[m, g] * sw[n, g]), the same fp32 operations in the same order
+//     as the mma.sync kernel above (bit-identical results). A barrier ends each half (the one after
+//     the second half orders the unpacked tiles, fenced for the async proxy, before the next
+//     wgmmas); a chunk's tiles and scales are read until warpgroup 1 has waited for it (iteration
+//     t + 1) and rewritten with chunk t + 3: a ring of 3.
 //   * Accumulator fragment of m64nNk16 (PTX ISA, "wgmma D matrix fragment"; warp q of the
 //     warpgroup, gid = lane >> 2, tig = lane & 3): d[4j + 2h + e] = (row 16 q + gid + 8 h, column
 //     8 j + 2 tig + e).
 // Epilogue (low-rank branch staged through shared memory, bias, conversion, paired stores) as above.
 namespace w4 {
 constexpr int kWBM = 128, kWBN = 128, kWThreads = 256, kWStages = 4;
-constexpr int kPackRow = 32;                                 // packed bytes of one row and group
+constexpr int kPackRow = 32;                                 // packed bytes of one row and chunk
 constexpr int kPackStage = (kWBM + kWBN) * kPackRow;           // 8192
-constexpr int kTile = kWBM * 64 * 2;                          // one operand, one group, f16: 16384
+constexpr int kTile = kWBM * 64 * 2;                          // one operand, one chunk, f16: 16384
 constexpr int kUnp = 2 * kTile;                              // A + B
 constexpr int kOffUnp = kWStages * kPackStage;                // 32768
-constexpr int kBufs = 3;                                     // unpacked tiles / scales of 3 groups
+constexpr int kBufs = 3;                                     // unpacked tiles / scales of 3 chunks
 constexpr int kOffScale = kOffUnp + kBufs * kUnp;            // 131072
 constexpr int kSmemBytes = kOffScale + kBufs * (kWBM + kWBN) * 4;  // 134144
 constexpr int kLBO = 128, kSBO = 1024;                       // core-matrix strides along K / M,N
@@ -600,7 +601,8 @@ __global__ void __launch_bounds__(w4::kWThreads, 1) quant_gemm_wgmma_kernel(cons
   const int gid = lane >> 2, tig = lane & 3;
   const int64_t M = L.a.M, N = L.a.N, Gn = L.Gn;
   const int64_t m0 = int64_t(blockIdx.x) * kWBM, n0 = int64_t(blockIdx.y) * kWBN;
-  const int T = int(Gn);  // groups = k-iterations (the host checks Gn < 2^31)
+  const int T = int(L.a.K / 64);            // 64-channel chunks = k-iterations (the host checks K / 32 < 2^31)
+  const int cpg = int(L.a.group_size / 64);  // chunks per group (the host checks G % 64 == 0, G <= 16384)
   const unsigned char* qa = static_cast<const unsigned char*>(L.a.qa);
   const unsigned char* qw = static_cast<const unsigned char*>(L.a.qw);
 
@@ -609,7 +611,7 @@ __global__ void __launch_bounds__(w4::kWThreads, 1) quant_gemm_wgmma_kernel(cons
   const bool a_ok = m0 + cr < M, b_ok = n0 + cr < N;
   const unsigned char* a_src = qa + (a_ok ? (m0 + cr) * L.row_bytes : 0) + ch * 16;
   const unsigned char* b_src = qw + (b_ok ? (n0 + cr) * L.row_bytes : 0) + ch * 16;
-  auto issue = [&](int g) {  // group g -> ring slot g % kWStages (rows past M / N: zeros)
+  auto issue = [&](int g) {  // chunk g -> ring slot g % kWStages (rows past M / N: zeros)
     unsigned char* slot = smem + (g % kWStages) * kPackStage + cr * kPackRow + ch * 16;
     cp_async16(slot, a_ok ? a_src + int64_t(g) * kPackRow : qa, a_ok ? 16 : 0);
     cp_async16(slot + kWBM * kPackRow, b_ok ? b_src + int64_t(g) * kPackRow : qw, b_ok ? 16 : 0);
@@ -618,8 +620,8 @@ __global__ void __launch_bounds__(w4::kWThreads, 1) quant_gemm_wgmma_kernel(cons
   const int srow = tid < kWBM ? tid : tid - kWBM;
   const bool s_ok = tid < kWBM ? m0 + srow < M : n0 + srow < N;
   const float* s_src = s_ok ? (tid < kWBM ? L.a.sa + (m0 + srow) * Gn : L.a.sw + (n0 + srow) * Gn) : nullptr;
-  auto scale_of = [&](int g) { return (s_ok && g < T) ? __ldg(s_src + g) : 0.f; };
-  // Own chunks of group g (landed) -> f16 tiles of buffer g & 1; the scale -> scale buffer g & 1.
+  auto scale_of = [&](int g) { return (s_ok && g < T) ? __ldg(s_src + g / cpg) : 0.f; };  // chunk g's group
+  // Own 16-byte pieces of chunk g (landed) -> f16 tiles of buffer g % kBufs; the scale -> its scale buffer.
   auto unpack = [&](int g, float sc) {
     const unsigned char* slot = smem + (g % kWStages) * kPackStage + cr * kPackRow + ch * 16;
     unsigned char* ub = smem + kOffUnp + (g % kBufs) * kUnp;
@@ -641,17 +643,21 @@ __global__ void __launch_bounds__(w4::kWThreads, 1) quant_gemm_wgmma_kernel(cons
   for (int i = 0; i < 64; ++i) acc[i] = d[i] = 0.f;
   const int rt = wg * 64 + wq * 16 + gid;  // tile rows rt, rt + 8 of this thread's accumulators
 
-  auto mma = [&](int t) {  // this warpgroup's 4 wgmmas of group t (asynchronous)
+  auto mma = [&](int t) {  // this warpgroup's 4 wgmmas of chunk t (asynchronous), D reset at a group start
+    const int acc_d = t % cpg;  // 0 at the first chunk of a group
     const uint32_t ub = smem_u32(smem + kOffUnp + (t % kBufs) * kUnp);
     wgmma_fence();
 #pragma unroll
     for (int s = 0; s < 4; ++s)  // k-steps of 16 channels = 2 core matrices = 256 bytes along K
-      wgmma_m64n128k16_f16(d, desc(ub + wg * 8 * kSBO + s * 2 * kLBO), desc(ub + kTile + s * 2 * kLBO), s);
+      wgmma_m64n128k16_f16(d, desc(ub + wg * 8 * kSBO + s * 2 * kLBO), desc(ub + kTile + s * 2 * kLBO),
+                           s + acc_d);
     wgmma_commit();
   };
-  auto fold = [&](int g) {  // wait for this warpgroup's group g; acc += D * (sa * sw)
+  // Wait for this warpgroup's chunk g; at the last chunk of a group, acc += D * (sa * sw).
+  auto fold = [&](int g) {
     wgmma_wait<0>();
     fence_acc(d);
+    if ((g + 1) % cpg != 0) return;
     const float* sc = reinterpret_cast<const float*>(smem + kOffScale) + (g % kBufs) * (kWBM + kWBN);
     const float sa0 = sc[rt], sa1 = sc[rt + 8];
 #pragma unroll
@@ -664,11 +670,11 @@ __global__ void __launch_bounds__(w4::kWThreads, 1) quant_gemm_wgmma_kernel(cons
     }
   };
   float s_next = 0.f;
-  auto next = [&](int t) {  // the copies of group t + 3; unpack (own chunks of) group t + 1
+  auto next = [&](int t) {  // the copies of chunk t + 3; unpack (own pieces of) chunk t + 1
     if (t + kWStages - 1 < T) issue(t + kWStages - 1);
     cp_async_commit();
     if (t + 1 < T) {
-      cp_async_wait<kWStages - 2>();  // group t + 1 (own copies)
+      cp_async_wait<kWStages - 2>();  // chunk t + 1 (own copies)
       unpack(t + 1, s_next);
       s_next = scale_of(t + 2);
     }
@@ -681,15 +687,12 @@ __global__ void __launch_bounds__(w4::kWThreads, 1) quant_gemm_wgmma_kernel(cons
     cp_async_commit();
   }
   s_next = scale_of(1);
-  cp_async_wait<kWStages - 2>();  // group 0 (own copies)
+  cp_async_wait<kWStages - 2>();  // chunk 0 (own copies)
   if (T > 0) unpack(0, scale_of(0));
   fence_proxy_async();
   __syncthreads();
-  // Ping-pong: the warpgroups take turns on the tensor cores, each folding its previous group while
-  // the other's wgmmas run. Phase A: warpgroup 0 issues group t and unpacks group t + 1; warpgroup
-  // 1 folds group t - 1. Phase B: warpgroup 1 issues group t and unpacks group t + 1; warpgroup 0
-  // folds group t. Buffers: group t's tiles and scales are read until warpgroup 1 folds it (phase A
-  // of t + 1) and rewritten with group t + 3 (iteration t + 2): a ring of 3.
+  // Ping-pong (see above): phase A: warpgroup 0 issues chunk t and unpacks chunk t + 1, warpgroup 1
+  // waits for (and may fold) chunk t - 1; phase B: the other way round, warpgroup 0 on chunk t.
   for (int t = 0; t < T; ++t) {
     if (wg == 0) {
       mma(t);
@@ -844,11 +847,12 @@ bool use_native_int4(int64_t group_size) {
   return major == 8;
 }
 
-// The warpgroup-MMA kernel? int4 with groups of exactly 64 channels, 16-byte aligned qa / qw, a
+// The warpgroup-MMA kernel? int4 with groups of 64k channels (up to 16384), 16-byte aligned qa / qw, a
 // compute capability 9.0 GPU and a build with an sm_90a image (PYDIFF_CUDA_SM90A, set by setup.py);
 // opt-in with PYDIFF_CUDA_WGMMA=1 until it has been timed on a GPU (the CPU emulator checks it).
 bool use_wgmma(const QuantGemmArgs& a, const GemmLaunch& L) {
-  if (a.fmt != QuantFormat::kInt4 || a.group_size != 64 || !L.aligned16) return false;
+  // groups of whole 64-channel chunks; |D| <= 64 G <= 2^20 keeps the fp32 accumulators exact
+  if (a.fmt != QuantFormat::kInt4 || a.group_size % 64 != 0 || a.group_size > 16384 || !L.aligned16) return false;
   const char* env = std::getenv("PYDIFF_CUDA_WGMMA");
   if (env == nullptr || env[0] != '1') return false;
 #if !defined(PYDIFF_CUDA_EMU) && !defined(PYDIFF_CUDA_SM90A)

@@ -185,8 +185,8 @@ void run_case(const Case& c, uint64_t seed) {
   unsetenv("PYDIFF_CUDA_WGMMA");
   cudaSetDevice(0);
   // the warpgroup-MMA kernel: opted in, int4, G = 64, aligned operands, an sm_90 device
-  const bool want_wgmma = c.wgmma && c.fmt == QuantFormat::kInt4 && G == 64 && c.qa_off == 0 && c.qw_off == 0 &&
-                          cuda_emu::device(c.device).sm == 90;
+  const bool want_wgmma = c.wgmma && c.fmt == QuantFormat::kInt4 && G % 64 == 0 && G <= 16384 && c.qa_off == 0 &&
+                          c.qw_off == 0 && cuda_emu::device(c.device).sm == 90;
   // else the native 4-bit MMA runs for int4 with groups of 64k channels on sm_8x (or when forced)
   const bool want_native = !want_wgmma && c.fmt == QuantFormat::kInt4 && G % 64 == 0 &&
                            (c.int4_mma >= 0 ? c.int4_mma == 1 : cuda_emu::device(c.device).sm / 10 == 8);
@@ -439,8 +439,16 @@ int main(int argc, char** argv) {
        .bias_dt = bf16, .la_dt = f16, .lu_dt = f16, .wgmma = true},
       {.what = "wgmma: random, f32", .fmt = I4, .out = f32, .M = 129, .N = 70, .K = 64, .G = 64, .R = 40,
        .wgmma = true},
-      {.what = "wgmma opted in, G = 128: mma.sync kernel", .fmt = I4, .out = f32, .M = 19, .N = 20, .K = 256,
-       .G = 128, .mode = X, .wgmma = true},
+      {.what = "wgmma: G = 128, 3 groups", .fmt = I4, .out = f32, .M = 130, .N = 70, .K = 384, .G = 128, .R = 2,
+       .bias = true, .mode = X, .wgmma = true},
+      {.what = "wgmma: G = 256, random", .fmt = I4, .out = bf16, .M = 37, .N = 129, .K = 512, .G = 256, .R = 3,
+       .bias = true, .wgmma = true},
+      {.what = "wgmma: G = 16384, every product -8 x -8 (|D| = 2^20)", .fmt = I4, .out = f32, .M = 3, .N = 5,
+       .K = 16384, .G = 16384, .mode = E, .wgmma = true},
+      {.what = "wgmma opted in, G = 96: mma.sync kernel", .fmt = I4, .out = f32, .M = 19, .N = 20, .K = 192,
+       .G = 96, .mode = X, .wgmma = true},
+      {.what = "wgmma opted in, G = 32768: mma.sync kernel", .fmt = I4, .out = f32, .M = 3, .N = 5, .K = 32768,
+       .G = 32768, .mode = E, .wgmma = true},
       {.what = "wgmma opted in, qa misaligned: mma.sync kernel", .fmt = I4, .out = f32, .M = 19, .N = 20, .K = 128,
        .G = 64, .mode = X, .qa_off = 4, .wgmma = true},
       {.what = "wgmma opted in on sm_80: native s4", .fmt = I4, .out = f32, .M = 19, .N = 20, .K = 128, .G = 64,
