@@ -606,13 +606,17 @@ __global__ void __launch_bounds__(w4::kWThreads, 1) quant_gemm_wgmma_kernel(cons
   const unsigned char* qa = static_cast<const unsigned char*>(L.a.qa);
   const unsigned char* qw = static_cast<const unsigned char*>(L.a.qw);
 
-  // This thread's copies: 16-byte half ch of row cr, in A and in B.
-  const int cr = tid >> 1, ch = tid & 1;
+  // This thread's copies: 16-byte half ch of row cr, in A and in B. Lanes 0-15 of a warp take the
+  // first halves of 16 rows, lanes 16-31 the second halves, so that each 8-lane phase of the
+  // 16-byte shared stores (packed slot: planes [half][row]; f16 tile: 8 rows of one core matrix)
+  // covers 128 contiguous bytes (no bank conflicts); a row's two halves are still read by one
+  // instruction (one 32-byte sector).
+  const int cr = (tid & 15) | ((tid >> 5) << 4), ch = (tid >> 4) & 1;
   const bool a_ok = m0 + cr < M, b_ok = n0 + cr < N;
   const unsigned char* a_src = qa + (a_ok ? (m0 + cr) * L.row_bytes : 0) + ch * 16;
   const unsigned char* b_src = qw + (b_ok ? (n0 + cr) * L.row_bytes : 0) + ch * 16;
   auto issue = [&](int g) {  // chunk g -> ring slot g % kWStages (rows past M / N: zeros)
-    unsigned char* slot = smem + (g % kWStages) * kPackStage + cr * kPackRow + ch * 16;
+    unsigned char* slot = smem + (g % kWStages) * kPackStage + ch * kWBM * 16 + cr * 16;
     cp_async16(slot, a_ok ? a_src + int64_t(g) * kPackRow : qa, a_ok ? 16 : 0);
     cp_async16(slot + kWBM * kPackRow, b_ok ? b_src + int64_t(g) * kPackRow : qw, b_ok ? 16 : 0);
   };
@@ -623,7 +627,7 @@ __global__ void __launch_bounds__(w4::kWThreads, 1) quant_gemm_wgmma_kernel(cons
   auto scale_of = [&](int g) { return (s_ok && g < T) ? __ldg(s_src + g / cpg) : 0.f; };  // chunk g's group
   // Own 16-byte pieces of chunk g (landed) -> f16 tiles of buffer g % kBufs; the scale -> its scale buffer.
   auto unpack = [&](int g, float sc) {
-    const unsigned char* slot = smem + (g % kWStages) * kPackStage + cr * kPackRow + ch * 16;
+    const unsigned char* slot = smem + (g % kWStages) * kPackStage + ch * kWBM * 16 + cr * 16;
     unsigned char* ub = smem + kOffUnp + (g % kBufs) * kUnp;
 #pragma unroll
     for (int op = 0; op < 2; ++op) {
