@@ -642,6 +642,32 @@ def test_gpu_wgmma_kernel_equals_mma_sync_kernel(monkeypatch, M, N, K, G, R, out
 
         assert _ran_kernel(run, "quant_gemm_wgmma_kernel") == (mode == "1"), mode
         outs[mode] = out.clone()
-    assert torch.equal(outs["1"], outs["0"])
+    if not torch.equal(outs["1"], outs["0"]):
+        bad = (outs["1"] != outs["0"]).nonzero()[:8].tolist()
+        monkeypatch.setenv("PYDIFF_CUDA_WGMMA", "1")
+        pytest.fail(f"wgmma kernel != mma.sync kernel at {bad} (of {int((outs['1'] != outs['0']).sum())});"
+                    f" single-element probes (m, n, k) -> nonzero outputs:\n{_wgmma_probes()}")
     _check_int4_vs_ref(outs["1"], qa, sa, qw, sw, G, bias, la, lu,
                        tol={torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[out_dtype])
+
+
+def _wgmma_probes() -> str:
+    """Diagnosis for a failing wgmma test (needs PYDIFF_CUDA_WGMMA=1): one chunk (M = N = 128, K = 64),
+    qa[m, ka] = 1 and qw[n, kw] = 1, everything else 0, unit scales; the right answer is a single
+    1 at (m, n) when ka == kw and all zeros otherwise. Where the ones land tells which of the
+    descriptor strides or fragment indices is off."""
+    lines = []
+    for m, n, ka, kw in [(0, 0, 0, 0), (1, 0, 0, 0), (8, 0, 0, 0), (16, 0, 0, 0), (64, 0, 0, 0), (0, 1, 0, 0),
+                         (0, 8, 0, 0), (0, 64, 0, 0), (0, 0, 1, 1), (0, 0, 8, 8), (0, 0, 16, 16), (0, 0, 32, 32),
+                         (37, 101, 45, 45), (0, 0, 0, 1), (0, 0, 0, 8), (0, 0, 0, 16)]:
+        qa = torch.zeros(128, 32, dtype=torch.uint8)
+        qw = torch.zeros(128, 32, dtype=torch.uint8)
+        qa[m, ka // 2] = 1 << (4 * (ka % 2))
+        qw[n, kw // 2] = 1 << (4 * (kw % 2))
+        ones = torch.ones(128, 1, device="cuda")
+        out = quant_gemm(qa.cuda(), ones, qw.cuda(), ones, fmt="int4", group_size=64, out_dtype=torch.float32,
+                         backend="cuda")
+        nz = out.nonzero().tolist()
+        lines.append(f"  m={m} n={n} ka={ka} kw={kw}: {nz[:4]}{' ...' if len(nz) > 4 else ''}"
+                     f" values {out[out != 0][:4].tolist()}")
+    return "\n".join(lines)
