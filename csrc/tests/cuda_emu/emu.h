@@ -256,6 +256,7 @@ struct Fiber {
   std::vector<Copy> open;                // issued cp.async not yet committed
   std::deque<std::vector<Copy>> groups;  // committed groups, oldest first
   std::vector<WgmmaOp> wg_open;               // issued wgmma not yet committed
+  uint64_t wg_count = 0;                      // wgmma issued so far
   std::deque<std::vector<WgmmaOp>> wg_groups;  // committed wgmma groups, oldest first
 };
 
@@ -277,6 +278,10 @@ struct Block {
   bool reverse = false;  // warp order of the scheduler (see pick_next)
   unsigned char* smem = nullptr;
   size_t smem_bytes = 0;
+  // the i-th wgmma of each warpgroup: its descriptors and scale-d, which every thread of the
+  // warpgroup must issue alike (PTX: "the contents of a matrix descriptor must be same across all
+  // the warps in the warpgroup")
+  std::map<std::pair<unsigned, uint64_t>, std::tuple<uint64_t, uint64_t, int>> wgmma_issued;
 };
 
 // Memory with PROT_NONE pages on both sides: `bytes` usable bytes at the highest base address with
@@ -557,6 +562,7 @@ inline void run_block(Worker& w, uint3 idx, bool reverse) {
     wp.op = nullptr;
   }
   std::memset(b.smem, 0xFF, b.smem_bytes);  // "uninitialised" shared memory: NaN floats, -1 integers
+  b.wgmma_issued.clear();
   const size_t slot = kStackBytes + page_bytes();
   for (unsigned t = 0; t < b.nthreads; ++t) {
     Fiber& f = b.fibers[t];
@@ -565,6 +571,9 @@ inline void run_block(Worker& w, uint3 idx, bool reverse) {
     f.waits_in = nullptr;
     f.open.clear();
     f.groups.clear();
+    f.wg_open.clear();
+    f.wg_groups.clear();
+    f.wg_count = 0;
     make_context(f.ctx, w.stacks + t * slot + page_bytes(), kStackBytes, fiber_entry);
   }
   blockIdx = idx;
@@ -772,7 +781,8 @@ inline void mma_m16n8k32_e4m3(float (&d)[4], const uint32_t (&a)[4], const uint3
 // reading d too early gives wrong results; the operands this thread's part reads are recorded when
 // the instruction is issued and read again at the wait: if shared memory changed in between (the
 // tiles overwritten before the wait, or still being written by other threads when it was issued,
-// i.e. a missing barrier), the emulator stops with an error. The k-step sum is exact (double) plus d,
+// i.e. a missing barrier), the emulator stops with an error; so does a wgmma whose descriptors or
+// scale-d differ between the threads of its warpgroup. The k-step sum is exact (double) plus d,
 // rounded once.
 // Shared addresses in descriptors are offsets from the block's dynamic shared memory (smem_offset).
 inline uint32_t smem_offset(const void* p) {
@@ -810,6 +820,16 @@ inline void wgmma_m64n128k16_f16(float (&d)[64], uint64_t da, uint64_t db, int s
     detail::fail("wgmma needs sm_90a, the launch's device is sm_%d", detail::tl_device_sm);
   if (blockDim.x % 128 != 0 || blockDim.y != 1 || blockDim.z != 1)
     detail::fail("wgmma: the block (%u x %u x %u) is not made of whole warpgroups", blockDim.x, blockDim.y, blockDim.z);
+  {
+    detail::Block& b = detail::block();
+    const auto key = std::make_pair(unsigned(threadIdx.x / 128), detail::fiber().wg_count++);
+    const auto val = std::make_tuple(da, db, scale_d != 0);
+    auto it = b.wgmma_issued.find(key);
+    if (it == b.wgmma_issued.end()) b.wgmma_issued.emplace(key, val);
+    else if (it->second != val)
+      detail::fail("wgmma #%llu of warpgroup %u: descriptors / scale-d differ between its threads",
+                   (unsigned long long)key.second, key.first);
+  }
   detail::WgmmaOp op{d, da, db, scale_d, {}, {}};
   detail::wgmma_operands(op, op.A, op.B);
   detail::fiber().wg_open.push_back(op);
