@@ -289,21 +289,21 @@ __device__ __forceinline__ void load_tile(unsigned char* stage, const GemmLaunch
   }
 }
 
-// Epilogue pieces shared by both kernels (128 x 128 tiles). Low-rank round r0: lora_act[m0 .. + 128,
-// r0 .. + 32] -> la_s [128][kLaPitch] and lora_up[r0 .. + 32, n0 .. + 128] -> lu_s [32][128], zeros
-// past M / N / R.
+// Epilogue pieces shared by both kernels (kBM x kBN tiles). Low-rank round r0: lora_act[m0 .. + kBM,
+// r0 .. + kLoraR] -> la_s [kBM][kLaPitch] and lora_up[r0 .. + kLoraR, n0 .. + kBN] -> lu_s [kLoraR][kBN],
+// zeros past M / N / R.
 __device__ __forceinline__ void stage_lora(float* la_s, float* lu_s, const GemmLaunch& L, int64_t m0, int64_t n0,
                                            int64_t r0, int tid, int nthreads) {
   const int64_t M = L.a.M, N = L.a.N, R = L.a.rank;
-  for (int idx = tid; idx < 128 * kLoraR; idx += nthreads) {
+  for (int idx = tid; idx < kBM * kLoraR; idx += nthreads) {
     const int row = idx / kLoraR, rr = idx % kLoraR;
     const int64_t m = m0 + row, r = r0 + rr;
     la_s[row * kLaPitch + rr] = (m < M && r < R) ? load_f(L.a.lora_act, m * R + r, L.a.lora_act_dtype) : 0.f;
   }
-  for (int idx = tid; idx < kLoraR * 128; idx += nthreads) {
-    const int rr = idx / 128, c = idx % 128;
+  for (int idx = tid; idx < kLoraR * kBN; idx += nthreads) {
+    const int rr = idx / kBN, c = idx % kBN;
     const int64_t n = n0 + c, r = r0 + rr;
-    lu_s[rr * 128 + c] = (n < N && r < R) ? load_f(L.a.lora_up, r * N + n, L.a.lora_up_dtype) : 0.f;
+    lu_s[rr * kBN + c] = (n < N && r < R) ? load_f(L.a.lora_up, r * N + n, L.a.lora_up_dtype) : 0.f;
   }
 }
 // out[m, n] = v0 and, when n + 1 < N, out[m, n + 1] = v1 (n even; paired when aligned).
@@ -562,6 +562,7 @@ constexpr int kOffScale = kOffUnp + kBufs * kUnp;            // 131072
 constexpr int kSmemBytes = kOffScale + kBufs * (kWBM + kWBN) * 4;  // 134144
 constexpr int kLBO = 128, kSBO = 1024;                       // core-matrix strides along K / M,N
 static_assert((kWBM * kLaPitch + kLoraR * kWBN) * 4 <= kSmemBytes, "epilogue staging must fit");
+static_assert(kWBM == kBM && kWBN == kBN, "the epilogue helpers (stage_lora) assume the mma.sync kernel's tile");
 
 // Shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start address, LBO and SBO
 // in 16-byte units (bits 0-13, 16-29, 32-45), base offset 0, no swizzle (bits 62-63 = 0).
@@ -615,8 +616,10 @@ __global__ void __launch_bounds__(w4::kWThreads, 1) quant_gemm_wgmma_kernel(cons
   const bool a_ok = m0 + cr < M, b_ok = n0 + cr < N;
   const unsigned char* a_src = qa + (a_ok ? (m0 + cr) * L.row_bytes : 0) + ch * 16;
   const unsigned char* b_src = qw + (b_ok ? (n0 + cr) * L.row_bytes : 0) + ch * 16;
-  auto issue = [&](int g) {  // chunk g -> ring slot g % kWStages (rows past M / N: zeros)
-    unsigned char* slot = smem + (g % kWStages) * kPackStage + ch * kWBM * 16 + cr * 16;
+  // this thread's 16 bytes of A in ring slot g % kWStages (B: + kWBM * kPackRow)
+  auto piece = [&](int g) { return smem + (g % kWStages) * kPackStage + ch * kWBM * 16 + cr * 16; };
+  auto issue = [&](int g) {  // chunk g -> its ring slot (rows past M / N: zeros)
+    unsigned char* slot = piece(g);
     cp_async16(slot, a_ok ? a_src + int64_t(g) * kPackRow : qa, a_ok ? 16 : 0);
     cp_async16(slot + kWBM * kPackRow, b_ok ? b_src + int64_t(g) * kPackRow : qw, b_ok ? 16 : 0);
   };
@@ -627,7 +630,7 @@ __global__ void __launch_bounds__(w4::kWThreads, 1) quant_gemm_wgmma_kernel(cons
   auto scale_of = [&](int g) { return (s_ok && g < T) ? __ldg(s_src + g / cpg) : 0.f; };  // chunk g's group
   // Own 16-byte pieces of chunk g (landed) -> f16 tiles of buffer g % kBufs; the scale -> its scale buffer.
   auto unpack = [&](int g, float sc) {
-    const unsigned char* slot = smem + (g % kWStages) * kPackStage + ch * kWBM * 16 + cr * 16;
+    const unsigned char* slot = piece(g);
     unsigned char* ub = smem + kOffUnp + (g % kBufs) * kUnp;
 #pragma unroll
     for (int op = 0; op < 2; ++op) {
@@ -759,43 +762,19 @@ __global__ void __launch_bounds__(w4::kWThreads, 1) quant_gemm_wgmma_kernel(cons
   }
 }
 
-template <typename TOut>
-cudaError_t launch_wgmma(const GemmLaunch& L, cudaStream_t stream) {
-  constexpr int kMaxDev = 64;
-  static std::atomic<int> ready[kMaxDev];
-  int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
-  if (e != cudaSuccess) return e;
-  if (!(dev >= 0 && dev < kMaxDev && ready[dev].load(std::memory_order_relaxed))) {
-    e = cudaFuncSetAttribute(quant_gemm_wgmma_kernel<TOut>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             w4::kSmemBytes);
-    if (e != cudaSuccess) return e;
-    if (dev >= 0 && dev < kMaxDev) ready[dev].store(1, std::memory_order_relaxed);
-  }
-  const dim3 grid(unsigned((L.a.M + w4::kWBM - 1) / w4::kWBM), unsigned((L.a.N + w4::kWBN - 1) / w4::kWBN));
-#ifdef PYDIFF_CUDA_EMU
-  cuda_emu::launch(quant_gemm_wgmma_kernel<TOut>, grid, dim3(w4::kWThreads), w4::kSmemBytes, stream, L);
-#else
-  quant_gemm_wgmma_kernel<TOut><<<grid, w4::kWThreads, w4::kSmemBytes, stream>>>(L);
-#endif
-  return cudaGetLastError();
-}
-
-// Per-device, once per kernel instantiation (so that no attribute call happens during CUDA-graph
-// capture after a warm-up): the dynamic shared-memory opt-in, and for fp8 whether the kernel image
-// has the e4m3 MMA. state: 0 unknown, 1 ready, 2 fp8 not supported by the image.
-template <QuantFormat FMT, typename TOut, bool NATIVE4>
-cudaError_t configure() {
-  constexpr int kMaxDev = 64;
-  static std::atomic<int> state[kMaxDev];
+// Per-device, once per kernel (so that no attribute call happens during CUDA-graph capture after a
+// warm-up): the dynamic shared-memory opt-in, and with needs_e4m3 whether the kernel image has the
+// e4m3 MMA. state[device]: 0 unknown, 1 ready, 2 fp8 not supported by the image.
+constexpr int kMaxDev = 64;
+cudaError_t configure_kernel(const void* kernel, int smem_bytes, bool needs_e4m3,
+                             std::atomic<int> (&state)[kMaxDev]) {
   int dev = 0;
   cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return e;
   const int st = dev >= 0 && dev < kMaxDev ? state[dev].load(std::memory_order_relaxed) : 0;
   if (st == 1) return cudaSuccess;
   if (st == 2) return cudaErrorNotSupported;
-  auto kernel = quant_gemm_kernel<FMT, TOut, NATIVE4>;
-  if (FMT == QuantFormat::kFp8E4M3) {
+  if (needs_e4m3) {
     // The e4m3 MMA exists only in code compiled for sm_89+ (see mma_e4m3). ptxVersion: the virtual
     // architecture the image was compiled from (a PTX JIT from compute_80 reports 80).
     cudaFuncAttributes attr;
@@ -807,10 +786,32 @@ cudaError_t configure() {
       return cudaErrorNotSupported;
     }
   }
-  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
   if (e != cudaSuccess) return e;
   if (dev >= 0 && dev < kMaxDev) state[dev].store(1, std::memory_order_relaxed);
   return cudaSuccess;
+}
+
+template <typename TOut>
+cudaError_t launch_wgmma(const GemmLaunch& L, cudaStream_t stream) {
+  static std::atomic<int> state[kMaxDev];
+  const cudaError_t e =
+      configure_kernel(reinterpret_cast<const void*>(quant_gemm_wgmma_kernel<TOut>), w4::kSmemBytes, false, state);
+  if (e != cudaSuccess) return e;
+  const dim3 grid(unsigned((L.a.M + w4::kWBM - 1) / w4::kWBM), unsigned((L.a.N + w4::kWBN - 1) / w4::kWBN));
+#ifdef PYDIFF_CUDA_EMU
+  cuda_emu::launch(quant_gemm_wgmma_kernel<TOut>, grid, dim3(w4::kWThreads), w4::kSmemBytes, stream, L);
+#else
+  quant_gemm_wgmma_kernel<TOut><<<grid, w4::kWThreads, w4::kSmemBytes, stream>>>(L);
+#endif
+  return cudaGetLastError();
+}
+
+template <QuantFormat FMT, typename TOut, bool NATIVE4>
+cudaError_t configure() {
+  static std::atomic<int> state[kMaxDev];
+  return configure_kernel(reinterpret_cast<const void*>(quant_gemm_kernel<FMT, TOut, NATIVE4>), kSmemBytes,
+                          FMT == QuantFormat::kFp8E4M3, state);
 }
 
 template <QuantFormat FMT, typename TOut, bool NATIVE4>

@@ -247,17 +247,40 @@ struct WgmmaOp {  // one issued wgmma.mma_async (deferred until wgmma.wait_group
   double A[2][16], B[32][16];  // this thread's operand values when it was issued
 };
 
+// Asynchronous operations of one thread in commit groups (cp.async, wgmma): issue() opens, commit()
+// closes a group, retire(n, run) runs the operations of all but the n most recent groups, oldest first.
+template <typename Op>
+struct AsyncGroups {
+  std::vector<Op> open;                // issued, not yet committed
+  std::deque<std::vector<Op>> groups;  // committed, oldest first
+  void issue(Op op) { open.push_back(std::move(op)); }
+  void commit() {
+    groups.push_back(std::move(open));
+    open.clear();
+  }
+  template <typename Run>
+  void retire(size_t n, Run run) {
+    while (groups.size() > n) {
+      for (const Op& op : groups.front()) run(op);
+      groups.pop_front();
+    }
+  }
+  bool pending() const { return !open.empty() || !groups.empty(); }
+  void clear() {
+    open.clear();
+    groups.clear();
+  }
+};
+
 struct Fiber {
   Context ctx;
   bool done = false;
   const unsigned* wait_gen = nullptr;     // blocked until *wait_gen != wait_val (a barrier generation)
   unsigned wait_val = 0;
   const char* waits_in = nullptr;        // that barrier (diagnostics)
-  std::vector<Copy> open;                // issued cp.async not yet committed
-  std::deque<std::vector<Copy>> groups;  // committed groups, oldest first
-  std::vector<WgmmaOp> wg_open;               // issued wgmma not yet committed
-  uint64_t wg_count = 0;                      // wgmma issued so far
-  std::deque<std::vector<WgmmaOp>> wg_groups;  // committed wgmma groups, oldest first
+  AsyncGroups<Copy> copies;     // cp.async
+  AsyncGroups<WgmmaOp> wgmmas;  // wgmma.mma_async
+  uint64_t wg_count = 0;        // wgmma issued so far
 };
 
 constexpr size_t kLaneIn = 48, kLaneOut = 16;
@@ -541,9 +564,9 @@ inline void fiber_entry() {
 inline void fiber_exit() {
   Block& b = block();
   Fiber& f = fiber();
-  if (!f.open.empty() || !f.groups.empty())
+  if (f.copies.pending())
     fail("thread exits with cp.async copies still pending (no cp.async.wait_group 0 after the last commit)");
-  if (!f.wg_open.empty() || !f.wg_groups.empty())
+  if (f.wgmmas.pending())
     fail("thread exits with wgmma operations still pending (no wgmma.wait_group 0 after the last commit)");
   f.done = true;
   if (--b.live == 0) switch_context(f.ctx, tl_worker->main);
@@ -569,10 +592,8 @@ inline void run_block(Worker& w, uint3 idx, bool reverse) {
     f.done = false;
     f.wait_gen = nullptr;
     f.waits_in = nullptr;
-    f.open.clear();
-    f.groups.clear();
-    f.wg_open.clear();
-    f.wg_groups.clear();
+    f.copies.clear();
+    f.wgmmas.clear();
     f.wg_count = 0;
     make_context(f.ctx, w.stacks + t * slot + page_bytes(), kStackBytes, fiber_entry);
   }
@@ -615,24 +636,16 @@ inline void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
   detail::check_smem(dst, size_t(bytes), size_t(bytes), "cp.async destination");
   if (reinterpret_cast<uintptr_t>(src) % unsigned(bytes) != 0)
     detail::fail("cp.async: global source %p is not %d-byte aligned", src, bytes);
-  detail::fiber().open.push_back(
+  detail::fiber().copies.issue(
       {static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), bytes, src_bytes});
 }
-inline void cp_async_commit() {
-  detail::Fiber& f = detail::fiber();
-  f.groups.push_back(std::move(f.open));
-  f.open.clear();
-}
+inline void cp_async_commit() { detail::fiber().copies.commit(); }
 // cp.async.wait_group n: all but the n most recent committed groups of this thread have landed.
 inline void cp_async_wait(int n) {
-  detail::Fiber& f = detail::fiber();
-  while (f.groups.size() > size_t(n)) {
-    for (const detail::Copy& c : f.groups.front()) {
-      if (c.src_bytes > 0) std::memcpy(c.dst, c.src, size_t(c.src_bytes));
-      std::memset(c.dst + c.src_bytes, 0, size_t(c.bytes - c.src_bytes));
-    }
-    f.groups.pop_front();
-  }
+  detail::fiber().copies.retire(size_t(n), [](const detail::Copy& c) {
+    if (c.src_bytes > 0) std::memcpy(c.dst, c.src, size_t(c.src_bytes));
+    std::memset(c.dst + c.src_bytes, 0, size_t(c.bytes - c.src_bytes));
+  });
 }
 
 namespace detail {
@@ -832,13 +845,9 @@ inline void wgmma_m64n128k16_f16(float (&d)[64], uint64_t da, uint64_t db, int s
   }
   detail::WgmmaOp op{d, da, db, scale_d, {}, {}};
   detail::wgmma_operands(op, op.A, op.B);
-  detail::fiber().wg_open.push_back(op);
+  detail::fiber().wgmmas.issue(op);
 }
-inline void wgmma_commit() {
-  detail::Fiber& f = detail::fiber();
-  f.wg_groups.push_back(std::move(f.wg_open));
-  f.wg_open.clear();
-}
+inline void wgmma_commit() { detail::fiber().wgmmas.commit(); }
 namespace detail {
 inline void wgmma_run(const WgmmaOp& op) {
   double A[2][16], B[32][16];
@@ -857,13 +866,7 @@ inline void wgmma_run(const WgmmaOp& op) {
 }
 }  // namespace detail
 // wgmma.wait_group n: all but the n most recent committed groups of this thread have completed.
-inline void wgmma_wait(int n) {
-  detail::Fiber& f = detail::fiber();
-  while (f.wg_groups.size() > size_t(n)) {
-    for (const detail::WgmmaOp& op : f.wg_groups.front()) detail::wgmma_run(op);
-    f.wg_groups.pop_front();
-  }
-}
+inline void wgmma_wait(int n) { detail::fiber().wgmmas.retire(size_t(n), detail::wgmma_run); }
 
 // ================================================================ launch
 namespace detail {
