@@ -26,9 +26,14 @@ if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 
+def _arch_list(archs: str) -> list:
+    """PYDIFF_CUDA_ARCHS ("8.0;9.0a+PTX", ';' or ',' separated) -> ["8.0", "9.0a+PTX"]."""
+    return [s.strip() for s in archs.replace(",", ";").split(";") if s.strip()]
+
+
 def _gencode(archs: str) -> list:
     flags = []
-    for a in [s.strip() for s in archs.replace(",", ";").split(";") if s.strip()]:
+    for a in _arch_list(archs):
         ptx = a.endswith("+PTX")
         a = a.replace("+PTX", "")
         num = a.replace(".", "")
@@ -66,7 +71,7 @@ def _extensions():
                 include_dirs.append(inc)
                 break
         nvcc = ["-O3", "-std=c++17"] + _gencode(archs)
-        if "9.0a" in archs.replace(" ", "").split(";") or "9.0a+PTX" in archs:
+        if "9.0a" in [a.replace("+PTX", "") for a in _arch_list(archs)]:
             nvcc.append("-DPYDIFF_CUDA_SM90A")  # the sm_90 image has wgmma (quant_gemm_cuda.cu: use_wgmma)
         ext = ce.CUDAExtension(
             "pydiff._C", sources, include_dirs=include_dirs,

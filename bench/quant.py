@@ -150,18 +150,18 @@ def _wgmma_available(device) -> bool:
             and "9.0a" in pydiff.build_info()["cuda_archs"])
 
 
-class _wgmma_on:
+@contextlib.contextmanager
+def _wgmma_on():
     """PYDIFF_CUDA_WGMMA=1 for a block (the CUDA quant_gemm reads it on every call)."""
-
-    def __enter__(self):
-        self.old = os.environ.get("PYDIFF_CUDA_WGMMA")
-        os.environ["PYDIFF_CUDA_WGMMA"] = "1"
-
-    def __exit__(self, *exc):
-        if self.old is None:
+    old = os.environ.get("PYDIFF_CUDA_WGMMA")
+    os.environ["PYDIFF_CUDA_WGMMA"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
             os.environ.pop("PYDIFF_CUDA_WGMMA", None)
         else:
-            os.environ["PYDIFF_CUDA_WGMMA"] = self.old
+            os.environ["PYDIFF_CUDA_WGMMA"] = old
 
 
 def _quantize_eager(x, g=64):

@@ -38,7 +38,7 @@ struct FtzGuard {
 
 constexpr int64_t kChunk = 1024;   // elements per buffer
 constexpr int64_t kTask = 8192;    // elements per task
-constexpr int64_t kParallelMin = int64_t(1) << 15;  // elements: below, one thread (a team costs more)
+constexpr int64_t kParallelMin = int64_t(1) << 15;  // elements: below, a one-thread region (phases share it)
 
 // exp for |x| <= 88: Cephes' expf polynomial after n = round(x log2 e), scaled by 2^n through the
 // exponent bits. Inputs outside [-87.3, 88.3] are clamped (silu and sigmoid saturate there).
