@@ -517,3 +517,23 @@ def test_user_splits_and_no_calibration():
     report = quantize_(net, QuantConfig(rank=0, splits={"0": 40}))
     assert isinstance(net[0], W4A4Linear) and net[0].splits == (40,) and not net[0].has_smooth
     assert report.layers["2"].sqnr_db is None and report.model_rel_l2 is None
+
+
+def test_layer_precision_fast(monkeypatch):
+    """``layer.precision = "fast"`` reaches every GEMM call (plain, split parts, fused-consumer path)
+    and stays close to the exact forward (same quantized operands: only fp16 rounding of the products)."""
+    from pydiff.ops import quant as qops
+
+    seen = []
+    real_gemm, real_gq = qops.quant_gemm, qops.quant_gemm_quant
+    monkeypatch.setattr(qops, "quant_gemm", lambda *a, **k: seen.append(k.get("precision")) or real_gemm(*a, **k))
+    monkeypatch.setattr(qops, "quant_gemm_quant", lambda *a, **k: seen.append(k.get("precision")) or real_gq(*a, **k))
+    lin = _linear(128, 37, torch.float32)
+    x = torch.randn(5, 128)
+    for kw in (dict(rank=4), dict(splits=(64,))):
+        layer = W4A4Linear.from_linear(lin, **kw)
+        exact = layer(x)
+        layer.precision = "fast"
+        fast = layer(x)
+        assert (fast - exact).abs().max() <= 2e-3 * exact.abs().max()
+    assert "fast" in seen and "exact" in seen and set(seen) == {"fast", "exact"}

@@ -424,3 +424,52 @@ def test_auto_triton_yields_to_the_custom_op_under_torch_compile(monkeypatch):
     assert be.resolve("triton", dev, auto_triton=True) == "triton"  # a named backend is kept
     monkeypatch.setattr(be._ext, "has_cuda_kernels", lambda: False)  # no CUDA kernels: Triton regardless
     assert be.resolve(None, dev, auto_triton=True) == "triton"
+
+
+# ---------------------------------------------------------------- precision="fast"
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("fmt", ("int4", "int8"))
+def test_quant_gemm_fast_precision(backend, fmt):
+    """quant_gemm(precision="fast") on every backend: within fp32 accumulation error (2^-14 of the
+    terms' magnitudes) of quant_gemm_fast_ref, and within 2^-9 of the exact GEMM; rows whose scales
+    span 2^+-30; bias and a low-rank branch."""
+    from pydiff.reference.quant import fast_operands_ref, quant_gemm_fast_ref
+
+    M, N, K, G, R = 23, 41, 192, 64, 3
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(M, K, generator=g) * torch.exp2(torch.randint(-30, 31, (M, 1), generator=g).float())
+    w = torch.randn(N, K, generator=g)
+    qa, sa, _ = quantize_ref(x, fmt=fmt, group_size=G)
+    qw, sw, _ = quantize_ref(w, fmt=fmt, group_size=G)
+    b, la, lu = torch.randn(N, generator=g), torch.randn(M, R, generator=g), torch.randn(R, N, generator=g)
+    out = quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=G, bias=b, lora_act=la, lora_up=lu, out_dtype=torch.float32,
+                     backend=backend, precision="fast")
+    ref = quant_gemm_fast_ref(qa, sa, qw, sw, b, la, lu, fmt, G, None)
+    a16, ra = fast_operands_ref(qa, sa, fmt, G)
+    w16, rw = fast_operands_ref(qw, sw, fmt, G)
+    mag = (a16.double().abs() @ w16.double().abs().T) * ra.double()[:, None] * rw.double()[None, :] \
+        + la.double().abs() @ lu.double().abs() + b.double().abs()
+    assert ((out.double() - ref).abs() <= 2.0**-14 * mag).all()
+    exact = quant_gemm_ref(qa, sa, qw, sw, b, la, lu, fmt, G, None)
+    emag = gemm_magnitude(qa, sa, qw, sw, b, la, lu, fmt, G)
+    assert ((out.double() - exact).abs() <= 2.0**-9 * emag).all()
+    with pytest.raises(ValueError, match="precision: expected one of"):
+        quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=G, backend=backend, precision="fp16")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_quant_gemm_quant_fast_precision(backend):
+    """quant_gemm_quant(precision="fast"): the scales of quantizing GELU(fast GEMM) within 2^-12 and
+    q within one step (the Triton kernel fuses it; the others compose the torch GEMM and quantize)."""
+    from pydiff.ops.quant import quant_gemm_quant
+    from pydiff.reference.quant import gelu_tanh, quant_gemm_fast_ref, quantize_values
+
+    M, N, K, G = 9, 128, 128, 64
+    g = torch.Generator().manual_seed(3)
+    qa, sa, _ = quantize_ref(torch.randn(M, K, generator=g), fmt="int4", group_size=G)
+    qw, sw, _ = quantize_ref(torch.randn(N, K, generator=g), fmt="int4", group_size=G)
+    q, s, la2 = quant_gemm_quant(qa, sa, qw, sw, epilogue="gelu_tanh", backend=backend, precision="fast")
+    y = gelu_tanh(quant_gemm_fast_ref(qa, sa, qw, sw, None, None, None, "int4", G, None))
+    qr, sr = quantize_values(y.float(), "int4", G)
+    assert torch.allclose(s.double(), sr.double(), rtol=2.0**-12, atol=0)
+    assert step_diff(q, qr, "int4").max().item() <= 1 and la2.shape == (M, 0)

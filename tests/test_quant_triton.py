@@ -23,8 +23,11 @@ from pydiff.reference.quant import (
     dequantize_ref,
     pack_int4,
     q_values,
+    fast_operands_ref,
+    quant_gemm_fast_ref,
     quant_gemm_ref,
     quantize_ref,
+    quantize_values,
 )
 
 tq = pytest.importorskip("pydiff.triton_kernels.quant")
@@ -359,6 +362,91 @@ def test_quant_gemm_fp8_exact():
     assert torch.equal(out.cpu().double(), a.double() @ w.double().T)
 
 
+# ---------------------------------------------------------------- precision="fast": one fp16 accumulation over K
+def _fast_bound(qa, sa, qw, sw, b, la, lu, fmt, G):
+    """sum of |terms| of the fast form (float64): the scale of its fp32 accumulation errors."""
+    a16, ra = fast_operands_ref(qa, sa, fmt, G)
+    w16, rw = fast_operands_ref(qw, sw, fmt, G)
+    mag = (a16.double().abs() @ w16.double().abs().T) * (ra.double()[:, None] * rw.double()[None, :])
+    if la is not None:
+        mag = mag + la.double().abs() @ lu.double().abs()
+    if b is not None:
+        mag = mag + b.double().abs()[None, :]
+    return mag
+
+
+def _spread_rows(qa_sa, M, seed):
+    """Scale the rows' scales over 2^-40 .. 2^40 (far outside fp16's range both ways)."""
+    g = torch.Generator().manual_seed(seed)
+    return qa_sa * torch.exp2(torch.randint(-40, 41, (M, 1), generator=g).float()).to(DEV)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("M,N,K,G,R,bias", GEMM_CASES)
+def test_quant_gemm_fast(fmt, M, N, K, G, R, bias):
+    """precision="fast": within fp32 accumulation error (K 2^-24 of the term magnitudes, allowed 2^-14)
+    of its float64 definition (fp16 operands ``q * scale / row_max``), and within 2^-9 of the exact
+    GEMM's term magnitudes (two fp16 roundings per product), for rows whose scales span 2^+-40."""
+    dt = DTYPES[(M + N + K) % 3]
+    qa, sa, qw, sw, b, la, lu = _operands(fmt, M, N, K, G, seed=M * 7 + N + K, R=R, bias=bias, dt=dt)
+    sa = _spread_rows(sa, M, seed=M + K)
+    if la is not None:
+        la = la * 1e-3
+    ops_ = (qa, sa, qw, sw, b, la, lu)
+    out = tq.quant_gemm_triton(*ops_, fmt, G, torch.float32, precision="fast")
+    assert out.dtype == torch.float32 and out.shape == (M, N) and out.isfinite().all()
+    ref = quant_gemm_fast_ref(*ops_, fmt=fmt, group_size=G, out_dtype=None)
+    err = (out.double() - ref).abs()
+    mag = _fast_bound(*ops_, fmt, G)
+    assert (err <= 2.0**-14 * mag + 1e-300).all(), f"max error / magnitude {(err / (mag + 1e-300)).max().item():.2e}"
+    exact = quant_gemm_ref(*ops_, fmt=fmt, group_size=G, out_dtype=None)
+    emag = _gemm_bound(*ops_, fmt, G)
+    eerr = (out.double() - exact).abs()
+    assert (eerr <= 2.0**-9 * emag + 1e-300).all(), f"vs exact: {(eerr / (emag + 1e-300)).max().item():.2e}"
+    for od in (torch.float16, torch.bfloat16):
+        o = tq.quant_gemm_triton(*ops_, fmt, G, od, precision="fast")
+        assert torch.equal(o.view(torch.int16), out.to(od).view(torch.int16)), f"{od} store differs from rounding fp32"
+
+
+def test_quant_gemm_fast_nan_zero_rows_and_tiles():
+    """A NaN scale makes its row NaN; an all-zero row gives exactly the bias; edge tiles of several
+    shapes (M, N not multiples of the tile) give the same result."""
+    fmt, M, N, K, G = "int4", 19, 21, 256, 64
+    qa, sa, qw, sw, b, la, lu = _operands(fmt, M, N, K, G, seed=5, R=2, bias=True)
+    sa[4, 2] = float("nan")
+    qa[7].zero_()
+    sa[7].zero_()
+    ref = quant_gemm_fast_ref(qa, sa, qw, sw, b, la, lu, fmt, G, None)
+    mag = _fast_bound(qa, sa, qw, sw, b, la, lu, fmt, G)
+    cfgs = (None, dict(BM=16, BN=16, BK=32, BR=16, GROUP_M=2), dict(BM=16, BN=64, BK=64, GROUP_M=1),
+            dict(BM=16, BN=32, BK=128, unroll=2), dict(BM=32, BN=16, BK=32, unroll=2), dict(BK=256, unroll=4),
+            dict(BK=192))  # BK spanning 2 / 4 groups, 2 k-steps per group, unrolled loops; 192: not a power of 2
+    for cfg in cfgs:
+        out = tq.quant_gemm_triton(qa, sa, qw, sw, b, la, lu, fmt, G, torch.float32, precision="fast", _config=cfg)
+        assert torch.equal(out.isnan(), ref.isnan()) and out[4].isnan().all()
+        fin = ~ref.isnan()
+        assert ((out.double() - ref).abs()[fin] <= 2.0**-14 * mag[fin]).all()
+    row7 = la[7].double() @ lu.double() + b.double()  # the zero row: only the epilogue terms
+    assert torch.allclose(out[7].double(), row7, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt,out_fmt,epilogue,G2", [("int4", "int4", "gelu_tanh", 64), ("int8", "int4", "none", 32)])
+def test_quant_gemm_quant_fast(fmt, out_fmt, epilogue, G2):
+    """The fused GEMM + GELU + quantize kernel with precision="fast": its q within one step and its
+    scales within 2^-12 of quantizing the fast GEMM's float64 definition."""
+    M, N, K, G = 13, 128, 192, 64
+    qa, sa, qw, sw, b, _, _ = _operands(fmt, M, N, K, G, seed=11, bias=True)
+    q, s, _ = tq.quant_gemm_quant_triton(qa, sa, qw, sw, b, None, None, None, None, fmt, G, epilogue, out_fmt, G2,
+                                         precision="fast")
+    y = quant_gemm_fast_ref(qa, sa, qw, sw, b, None, None, fmt, G, None)
+    if epilogue == "gelu_tanh":
+        y = 0.5 * y * (1 + torch.tanh(0.7978845608028654 * (y + 0.044715 * y**3)))
+    qr, sr = quantize_values(y.float(), out_fmt, G2)
+    assert torch.allclose(s.double(), sr.double(), rtol=2.0**-12, atol=0)
+    from _quant_util import step_diff
+    assert step_diff(q, qr, out_fmt).max().item() <= 1
+
+
 def test_empty_shapes():
     x = torch.randn(0, 64, device=DEV)
     q, s, la = tq.quantize_triton(x, None, torch.randn(64, 3, device=DEV), None, None, "int4", 32, "none", 1e-6)
@@ -411,6 +499,10 @@ cases = {
     "gemm_int8_sm80": ((8, 0), lambda: gemm("int8", (8, 0))),
     "gemm_int4_e4m3_sm90": ((9, 0), lambda: gemm("int4", (9, 0))),  # the sm_90 default
     "gemm_int4_f16_sm80": ((8, 0), lambda: gemm("int4", (8, 0), {"i4dot": 1})),
+    "gemm_int4_fast_sm90": ((9, 0), lambda: gemm("int4", (9, 0), {"fast": True})),
+    "gemm_int4_fast_bk128_sm90": ((9, 0), lambda: gemm("int4", (9, 0), {"fast": True, "BK": 128, "BM": 64,
+                                                                                "BN": 128, "num_warps": 4, "unroll": 2})),
+    "gemm_int8_fast_sm80": ((8, 0), lambda: gemm("int8", (8, 0), {"fast": True})),
 }
 for name, (cap, make) in cases.items():
     res[name] = assemble(make(), cap)
@@ -433,6 +525,9 @@ def compiled():
     ("gemm_int8_sm80", ["mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32"]),
     ("gemm_int4_e4m3_sm90", ["wgmma.mma_async.sync.aligned", ".f32.e4m3.e4m3", "cvt.rn.satfinite.e4m3x2.f16x2"]),
     ("gemm_int4_f16_sm80", ["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"]),
+    ("gemm_int4_fast_sm90", ["wgmma.mma_async.sync.aligned", ".f32.f16.f16", "div.rn.f32", "mul.f16"]),
+    ("gemm_int4_fast_bk128_sm90", ["wgmma.mma_async.sync.aligned", ".f32.f16.f16", "mul.f16"]),
+    ("gemm_int8_fast_sm80", ["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", "div.rn.f32"]),
 ])
 def test_gpu_compile(compiled, case, expect):
     """The GPU variants (libdevice rint, int8/fp8 tensor-core dots, native casts, GPU block shapes)

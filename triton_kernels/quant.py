@@ -504,13 +504,56 @@ def _kstep(d, a_ptrs, w_ptrs, rmask, cmask, FMT: tl.constexpr, BM: tl.constexpr,
 
 
 @triton.jit
+def _kstep_fast(acc, a_ptrs, w_ptrs, rmask, cmask, ra, rw, FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                KB: tl.constexpr, DOT_FP8: tl.constexpr, GPS: tl.constexpr):
+    """One k-step of the ``precision="fast"`` GEMM: each operand element becomes ``q * ratio`` in
+    fp16 (``ratio`` = fp16 of the group's scale over the row's largest, so |values| <= 448 (fp8), 128
+    (int8), 8 (int4): no overflow; one correctly rounded fp16 multiply per element), then one fp16
+    ``tl.dot`` into the fp32 accumulator that runs over all of K.  GPS > 1: the step spans GPS
+    groups and ``ra`` / ``rw`` are ``[rows, GPS]``."""
+    a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0 if DOT_FP8 else 0)
+    w = tl.load(w_ptrs, mask=cmask[:, None], other=0.0 if DOT_FP8 else 0)
+    if FMT == 0:
+        a = _unpack_int4_f16(a, BM, KB)
+        w = _unpack_int4_f16(w, BN, KB)
+        BKE: tl.constexpr = 2 * KB
+    else:
+        BKE: tl.constexpr = KB
+        if FMT == 2 and not DOT_FP8:
+            a = _e4m3_decode_f16(a)
+            w = _e4m3_decode_f16(w)
+        else:
+            a = a.to(tl.float16)  # int8 and e4m3 values are exact in fp16
+            w = w.to(tl.float16)
+    if GPS == 1:
+        a = a * ra[:, None]
+        w = w * rw[:, None]
+    else:
+        a = tl.reshape(tl.reshape(a, [BM, GPS, BKE // GPS]) * ra[:, :, None], [BM, BKE])
+        w = tl.reshape(tl.reshape(w, [BN, GPS, BKE // GPS]) * rw[:, :, None], [BN, BKE])
+    return tl.dot(a, tl.trans(w), acc)
+
+
+@triton.jit
+def _row_scale_max(s_ptr, idx, mask, Gn):
+    """``max_g |s[idx, g]|`` (NaN if any is NaN), 1 where it is 0: the row factor of the fast GEMM."""
+    m = tl.zeros(idx.shape, dtype=tl.float32)
+    for g in range(Gn):
+        m = _nanmax(m, tl.abs(tl.load(s_ptr + idx * Gn + g, mask=mask, other=0.0)))
+    return tl.where(m == 0.0, 1.0, m)
+
+
+@triton.jit
 def _qgemm_tile(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr, rows, cols, rmask, cmask,
                 N, Gn, R, stride_am, stride_wn,
                 FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, STEPS: tl.constexpr,
                 BR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP8: tl.constexpr,
-                MAGIC: tl.constexpr, LORA_PREC: tl.constexpr, I4DOT: tl.constexpr):
+                MAGIC: tl.constexpr, LORA_PREC: tl.constexpr, I4DOT: tl.constexpr, FAST: tl.constexpr,
+                UNROLL: tl.constexpr, GPS: tl.constexpr):
     """The fp32 tile ``acc [BM, BN] = sum_g sa sw D_g + lora_act @ lora_up + bias`` of output rows
-    ``rows`` and columns ``cols`` (int64 ``[BM]`` / ``[BN]``, any column indices; masked lanes give 0)."""
+    ``rows`` and columns ``cols`` (int64 ``[BM]`` / ``[BN]``, any column indices; masked lanes give 0).
+    FAST: ``ref_a ref_w^T * sum_k fp16(qa sa / ref_a) fp16(qw sw / ref_w)`` instead (one fp32
+    accumulator over K, see ``pydiff.reference.quant.quant_gemm_fast_ref``)."""
     kb = tl.arange(0, KB)
     a_ptrs = qa_ptr + rows[:, None] * stride_am + kb[None, :]
     w_ptrs = qw_ptr + cols[:, None] * stride_wn + kb[None, :]
@@ -519,24 +562,45 @@ def _qgemm_tile(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr, rows, 
         DT: tl.constexpr = tl.float32
     else:
         DT: tl.constexpr = tl.int32
-    for g in range(Gn):
-        d = tl.zeros([BM, BN], dtype=DT)
-        if STEPS == 1:
-            d = _kstep(d, a_ptrs, w_ptrs, rmask, cmask, FMT, BM, BN, KB, DOT_FP8, I4DOT)
-            a_ptrs += KB
-            w_ptrs += KB
-        else:
-            for _s in range(STEPS):
+    if FAST:
+        ref_a = _row_scale_max(sa_ptr, rows, rmask, Gn)
+        ref_w = _row_scale_max(sw_ptr, cols, cmask, Gn)
+        for i in range(0, Gn * STEPS // GPS, UNROLL):  # one flat loop over the k-steps (software-pipelined)
+            for u in tl.static_range(UNROLL):
+                if GPS == 1:
+                    g = (i + u) // STEPS
+                    ra = tl.math.div_rn(tl.load(sa_ptr + rows * Gn + g, mask=rmask, other=0.0), ref_a)
+                    rw = tl.math.div_rn(tl.load(sw_ptr + cols * Gn + g, mask=cmask, other=0.0), ref_w)
+                else:
+                    gg = (i + u) * GPS + tl.arange(0, GPS)
+                    ra = tl.math.div_rn(tl.load(sa_ptr + rows[:, None] * Gn + gg[None, :], mask=rmask[:, None],
+                                                other=0.0), ref_a[:, None])
+                    rw = tl.math.div_rn(tl.load(sw_ptr + cols[:, None] * Gn + gg[None, :], mask=cmask[:, None],
+                                                other=0.0), ref_w[:, None])
+                acc = _kstep_fast(acc, a_ptrs, w_ptrs, rmask, cmask, ra.to(tl.float16), rw.to(tl.float16), FMT, BM,
+                                  BN, KB, DOT_FP8, GPS)
+                a_ptrs += KB
+                w_ptrs += KB
+        acc = acc * ref_a[:, None] * ref_w[None, :]
+    else:
+        for g in range(Gn):
+            d = tl.zeros([BM, BN], dtype=DT)
+            if STEPS == 1:
                 d = _kstep(d, a_ptrs, w_ptrs, rmask, cmask, FMT, BM, BN, KB, DOT_FP8, I4DOT)
                 a_ptrs += KB
                 w_ptrs += KB
-        sa_g = tl.load(sa_ptr + rows * Gn + g, mask=rmask, other=0.0)
-        sw_g = tl.load(sw_ptr + cols * Gn + g, mask=cmask, other=0.0)
-        if FMT == 2 or I4DOT != 0:
-            df = d
-        else:
-            df = _i32_to_f32(d, MAGIC)
-        acc += df * sa_g[:, None] * sw_g[None, :]
+            else:
+                for _s in range(STEPS):
+                    d = _kstep(d, a_ptrs, w_ptrs, rmask, cmask, FMT, BM, BN, KB, DOT_FP8, I4DOT)
+                    a_ptrs += KB
+                    w_ptrs += KB
+            sa_g = tl.load(sa_ptr + rows * Gn + g, mask=rmask, other=0.0)
+            sw_g = tl.load(sw_ptr + cols * Gn + g, mask=cmask, other=0.0)
+            if FMT == 2 or I4DOT != 0:
+                df = d
+            else:
+                df = _i32_to_f32(d, MAGIC)
+            acc += df * sa_g[:, None] * sw_g[None, :]
     if HAS_LORA:
         for r0 in range(0, R, BR):
             r = r0 + tl.arange(0, BR)
@@ -571,7 +635,8 @@ def _qgemm_kernel(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr, out_
                   KB: tl.constexpr, STEPS: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
                   HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
                   DOT_FP8: tl.constexpr, MAGIC: tl.constexpr, OUT_BF16_BITS: tl.constexpr,
-                  LORA_PREC: tl.constexpr, I4DOT: tl.constexpr):
+                  LORA_PREC: tl.constexpr, I4DOT: tl.constexpr, FAST: tl.constexpr, UNROLL: tl.constexpr,
+                  GPS: tl.constexpr):
     pid_m, pid_n = _tile_pid(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
     cols = pid_n.to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
@@ -579,7 +644,7 @@ def _qgemm_kernel(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr, out_
     cmask = cols < N
     acc = _qgemm_tile(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr, rows, cols, rmask, cmask,
                       N, Gn, R, stride_am, stride_wn, FMT, BM, BN, KB, STEPS, BR, HAS_BIAS, HAS_LORA, DOT_FP8,
-                      MAGIC, LORA_PREC, I4DOT)
+                      MAGIC, LORA_PREC, I4DOT, FAST, UNROLL, GPS)
     optrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
     omask = rmask[:, None] & cmask[None, :]
     if OUT_BF16_BITS:
@@ -614,6 +679,12 @@ def _gemm_config(M: int, N: int, K: int, G: int, R: int, fmt: str, cap):
     # M = 4096, K, N in {3072, 12288} on an H100 (bench/tune_quant.py), same outputs bit for bit
     i4dot = 2 if fmt == "int4" and _nv(cap, (9, 0)) else 0
     return dict(BM=BM, BN=BN, BK=BK, BR=16, GROUP_M=8, num_warps=warps, num_stages=3, i4dot=i4dot)
+
+
+# The fast GEMM's tile on GPUs for M > 64 (a k-step of 128 channels spans two groups of 64): a first
+# choice, compiled for sm_90 without spills in 69 KB of shared memory, not yet timed (bench/tune_quant.py
+# --fast sweeps the candidates on a GPU).
+FAST_TILE = dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3)
 
 
 def _i4dot(cfg, fmt: str, G: int, interp: bool, cap) -> int:
@@ -675,6 +746,8 @@ def _gemm_launch(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_d
     R = 0 if lora_act is None else lora_act.shape[1]
     out = _empty((M, N), device=qa.device, dtype=out_dtype)
     cfg = _gemm_config(M, N, K, G, R, fmt, None if interp else cap)
+    if config and config.get("fast") and not interp and M > 64:
+        cfg.update(FAST_TILE)
     if config:
         cfg.update(config)
     qa, sa, qw, sw, b, la, lu, has_lora, dot_fp8, magic = _gemm_operands(qa, sa, qw, sw, bias, lora_act, lora_up, fmt,
@@ -682,20 +755,49 @@ def _gemm_launch(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_d
     bf16_bits = interp and out_dtype == torch.bfloat16
     ok = out.view(torch.int16) if bf16_bits else out
     BR = cfg["BR"]
+    steps, gps, unroll = _ksteps(cfg, G, Gn)
     args = [qa, sa, qw, sw, b, la, lu, ok, M, N, Gn, R, qa.stride(0), qw.stride(0), out.stride(0)]
     const = dict(FMT=_FMT[fmt], G=G, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
-                 KB=cfg["BK"] // 2 if fmt == "int4" else cfg["BK"], STEPS=G // cfg["BK"], BR=BR, GROUP_M=cfg["GROUP_M"],
+                 KB=cfg["BK"] // 2 if fmt == "int4" else cfg["BK"], STEPS=steps, BR=BR, GROUP_M=cfg["GROUP_M"],
                  HAS_BIAS=bias is not None, HAS_LORA=has_lora, DOT_FP8=dot_fp8, MAGIC=magic,
-                 OUT_BF16_BITS=bf16_bits, LORA_PREC=_lora_prec(interp, cap), I4DOT=_i4dot(cfg, fmt, G, interp, cap))
+                 OUT_BF16_BITS=bf16_bits, LORA_PREC=_lora_prec(interp, cap), I4DOT=_i4dot(cfg, fmt, G, interp, cap),
+                 FAST=bool(cfg.get("fast", False)), UNROLL=unroll, GPS=gps)
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
     opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, args, const, grid, opts
 
 
-def quant_gemm_triton(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_dtype, *, _config=None):
-    """``out [M, N]`` of ``torch.ops.pydiff.quant_gemm`` (arguments already checked)."""
+def _ksteps(cfg, G: int, Gn: int):
+    """``(STEPS, GPS, UNROLL)`` of a config: k-steps per group (BK <= G), groups per k-step (BK > G:
+    the fast GEMM only, whose per-element ratios need no per-group accumulator; BK must then be a
+    power-of-two multiple of G dividing K, else BK falls back to the default), and k-steps per loop
+    iteration of the fast GEMM (config ``unroll``, if it divides their count).  Sets ``cfg["BK"]``."""
+    bk = int(cfg["BK"])
+    if G and bk > G:
+        gps = bk // G
+        if not cfg.get("fast") or bk % G or gps & (gps - 1) or Gn % gps:
+            bk = cfg["BK"] = _pow2_divisor(G, 128)
+    if not G:
+        return 1, 1, 1
+    steps, gps = max(1, G // bk), max(1, bk // G)
+    u = int(cfg.get("unroll", 1)) if cfg.get("fast") else 1
+    n = Gn * steps // gps
+    return steps, gps, (u if u > 1 and n % u == 0 else 1)
+
+
+def _with_precision(config, precision: str):
+    if precision == "exact":
+        return config
+    return {**(config or {}), "fast": True}
+
+
+def quant_gemm_triton(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_dtype, *, precision="exact",
+                      _config=None):
+    """``out [M, N]`` of ``torch.ops.pydiff.quant_gemm`` (arguments already checked); with
+    ``precision="fast"`` the one-accumulator form of ``pydiff.reference.quant.quant_gemm_fast_ref``."""
     out, args, const, grid, opts = _gemm_launch(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size,
-                                                out_dtype, cap=_cap(qa.device), config=_config)
+                                                out_dtype, cap=_cap(qa.device),
+                                                config=_with_precision(_config, precision))
     if out.numel() > 0:
         _run_shrinking_stages(_qgemm_kernel, grid, args, const, opts)
     return out
@@ -711,7 +813,8 @@ def _qgemm_quant_kernel(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr
                         LORA_PREC: tl.constexpr, GELU: tl.constexpr, HAS_SMOOTH: tl.constexpr,
                         OFMT: tl.constexpr, OQMAX: tl.constexpr, G2: tl.constexpr, GB: tl.constexpr,
                         GPT: tl.constexpr, INTERP: tl.constexpr, HAS_LD2: tl.constexpr, BR2: tl.constexpr,
-                        I4DOT: tl.constexpr):
+                        I4DOT: tl.constexpr, FAST: tl.constexpr, UNROLL: tl.constexpr,
+                  GPS: tl.constexpr):
     """One ``[BM, GPT * GB]`` output tile: GPT whole output groups of G2 columns, each held in GB =
     next_pow2(G2) lanes (lanes >= G2 masked), so every group's amax is a reduction inside the tile.
     With HAS_LD2: ``lora_act2[rows, :] += y_tile @ lora_down[cols, :]`` (fp32 atomics)."""
@@ -730,7 +833,7 @@ def _qgemm_quant_kernel(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr
         cmask = (cin < G2) & (gl < Gn2)
     acc = _qgemm_tile(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr, rows, cols, rmask, cmask,
                       N, Gn, R, stride_am, stride_wn, FMT, BM, BN, KB, STEPS, BR, HAS_BIAS, HAS_LORA, DOT_FP8,
-                      MAGIC, LORA_PREC, I4DOT)
+                      MAGIC, LORA_PREC, I4DOT, FAST, UNROLL, GPS)
     y = acc
     if GELU:
         y = _gelu_tanh(y)
@@ -802,21 +905,23 @@ def _gemm_quant_launch(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_dow
     sm = smooth.contiguous() if smooth is not None else sa
     ld2 = lora_down.contiguous() if R2 > 0 else sa
     qk = q.view(torch.uint8) if out_fmt == "fp8" else q
+    steps, gps, unroll = _ksteps(cfg, G, Gn)
     args = [qa, sa, qw, sw, b, la, lu, sm, ld2, qk, s, la2, M, N, Gn, R, qa.stride(0), qw.stride(0), Gn2, qk.shape[1],
             R2]
     const = dict(FMT=_FMT[fmt], BM=cfg["BM"], BK=cfg["BK"], KB=cfg["BK"] // 2 if fmt == "int4" else cfg["BK"],
-                 STEPS=G // cfg["BK"], BR=cfg["BR"], GROUP_M=cfg["GROUP_M"], HAS_BIAS=bias is not None,
+                 STEPS=steps, BR=cfg["BR"], GROUP_M=cfg["GROUP_M"], HAS_BIAS=bias is not None,
                  HAS_LORA=has_lora, DOT_FP8=dot_fp8, MAGIC=magic, LORA_PREC=_lora_prec(interp, cap),
                  GELU=epilogue == "gelu_tanh", HAS_SMOOTH=smooth is not None, OFMT=_FMT[out_fmt],
                  OQMAX=_QMAX[out_fmt], G2=G2, GB=GB, GPT=cfg["GPT"], INTERP=interp, HAS_LD2=R2 > 0,
-                 BR2=cfg["BR2"], I4DOT=_i4dot(cfg, fmt, G, interp, cap))
+                 BR2=cfg["BR2"], I4DOT=_i4dot(cfg, fmt, G, interp, cap),
+                 FAST=bool(cfg.get("fast", False)), UNROLL=unroll, GPS=gps)
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(Gn2, cfg["GPT"]),)
     opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return (q, s, la2), args, const, grid, opts
 
 
 def quant_gemm_quant_triton(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, group_size, epilogue,
-                            out_fmt, out_group_size, *, _config=None):
+                            out_fmt, out_group_size, *, precision="exact", _config=None):
     """``(q, scales, lora_act2)`` of ``torch.ops.pydiff.quant_gemm_quant`` (arguments already checked):
     one kernel whose GEMM tile goes through the GELU, ``/ smooth`` and the per-group quantization in
     registers (round half to even; fp8 through the integer e4m3 encoder) and adds its share of
@@ -825,12 +930,13 @@ def quant_gemm_quant_triton(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lor
     a tile: then ``quant_gemm_triton`` (fp32 out) + ``quantize_triton`` (same result)."""
     R2 = 0 if lora_down is None else lora_down.shape[1]
     if int(out_group_size) > (FUSED_MAX_GROUP_LORA2 if R2 > 0 else FUSED_MAX_GROUP):
-        y = quant_gemm_triton(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, torch.float32)
+        y = quant_gemm_triton(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, torch.float32,
+                              precision=precision, _config=_config)
         return quantize_triton(y, smooth, lora_down, None, None, out_fmt, out_group_size,
                                "gelu_tanh" if epilogue == "gelu_tanh" else "none", 0.0)
     outs, args, const, grid, opts = _gemm_quant_launch(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down,
                                                        fmt, group_size, epilogue, out_fmt, out_group_size,
-                                                       cap=_cap(qa.device), config=_config)
+                                                       cap=_cap(qa.device), config=_with_precision(_config, precision))
     if outs[1].numel() > 0:
         _run_shrinking_stages(_qgemm_quant_kernel, grid, args, const, opts)
     return outs

@@ -187,6 +187,34 @@ def _gemm_quant_torch(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down
     return q.contiguous(), s.contiguous(), la.contiguous()
 
 
+PRECISIONS = ("exact", "fast")
+
+
+def _check_precision(precision) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+
+
+def _fast_on_triton(backend: Optional[str], dev: torch.device) -> bool:
+    """precision="fast" runs the Triton kernel for backend triton, and for auto / cuda on a GPU."""
+    name = _backend.resolve(backend, dev, auto_triton=True)
+    return name == "triton" or (name == "cuda" and _backend.triton_usable(dev))
+
+
+def _gemm_fast_torch(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_dtype):
+    """precision="fast" on torch: the reference's fp16 operands, an fp32 matmul, the fp32 epilogue."""
+    from pydiff.reference.quant import fast_operands_ref
+
+    a16, ra = fast_operands_ref(qa, sa, fmt, group_size)
+    w16, rw = fast_operands_ref(qw, sw, fmt, group_size)
+    out = (a16.float() @ w16.float().T) * ra[:, None] * rw[None, :]
+    if lora_act is not None and lora_up is not None:
+        out = out + lora_act.float() @ lora_up.float()
+    if bias is not None:
+        out = out + bias.float()[None, :]
+    return out.to(out_dtype)
+
+
 def _tk():
     from pydiff.triton_kernels import quant
 
@@ -297,17 +325,34 @@ def _is_hopper(index: int) -> bool:
 def quant_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, *, fmt: str = "int4",
                group_size: int = 64, bias: Optional[torch.Tensor] = None, lora_act: Optional[torch.Tensor] = None,
                lora_up: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
-               backend: Optional[str] = None, check: bool = True) -> torch.Tensor:
+               backend: Optional[str] = None, check: bool = True, precision: str = "exact") -> torch.Tensor:
     """``out [M, N] = sum_g sa[:, g] sw[:, g]^T * (qa_g @ qw_g^T) + lora_act @ lora_up + bias``.
 
     ``qa, sa`` come from :func:`quantize` of the activations ``[M, K]``, ``qw, sw`` from
     :func:`quantize` of the weight ``[N, K]`` with the same ``fmt`` and ``group_size``.  The group
     sums are exact integers (int4, int8); the epilogue is fp32; ``out_dtype`` fp32/fp16/bf16.
     ``lora_up`` is ``[R, N]`` (any float dtype), ``bias`` ``[N]``.
+
+    ``precision="fast"`` trades the exact group sums for one accumulation over K: each operand
+    element becomes ``fp16(q * scale / row_max_scale)`` (relative error <= 2^-11, no overflow or
+    underflow whatever the activations' range) and the fp16 products are summed in fp32 over all
+    of K, ``out = ref_a ref_w^T * sum_k op_a op_w + ...`` (definition:
+    :func:`pydiff.reference.quant.quant_gemm_fast_ref`).  On Hopper the exact form must finish and
+    fold each group's sum (every 64 channels) before the next, which stalls the tensor cores; the
+    fast form is a plain pipelined GEMM.  It runs on Triton (GPU, or the interpreter); without
+    Triton, and on the ``cpu`` / ``torch`` backends, on torch (fp32 matmul of the fp16 operands).
     """
     if check:
         check_quant_gemm_args(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_dtype)
+        _check_precision(precision)
     dev = qa.device
+    if precision == "fast":
+        if lora_act is not None and lora_act.shape[1] == 0:
+            lora_act = lora_up = None
+        args = (qa, sa, qw, sw, bias, lora_act, lora_up, fmt, int(group_size), out_dtype)
+        if _fast_on_triton(backend, dev):
+            return _tk().quant_gemm_triton(*args, precision="fast")
+        return _gemm_fast_torch(*args)
     name = _backend.resolve(backend, dev, auto_triton=dev.type == "cuda" and _is_hopper(_index(dev)))
     if lora_act is not None and lora_act.shape[1] == 0:
         lora_act = lora_up = None
@@ -324,7 +369,8 @@ def quant_gemm_quant(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: t
                      lora_act: Optional[torch.Tensor] = None, lora_up: Optional[torch.Tensor] = None,
                      epilogue: str = "none", smooth: Optional[torch.Tensor] = None,
                      lora_down: Optional[torch.Tensor] = None, out_fmt: Optional[str] = None,
-                     out_group_size: Optional[int] = None, backend: Optional[str] = None, check: bool = True):
+                     out_group_size: Optional[int] = None, backend: Optional[str] = None, check: bool = True,
+                     precision: str = "exact"):
     """The quantized GEMM with its output quantized for the next layer: ``(q, scales, lora_act2)`` of::
 
         y = quant_gemm(qa, sa, qw, sw, bias=bias, lora_act=lora_act, lora_up=lora_up)  # fp32 [M, N]
@@ -349,13 +395,25 @@ def quant_gemm_quant(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: t
     fall back to the GEMM + quantize kernels); ``cpu`` and ``cuda`` compose their GEMM (fp32 result) and quantize kernels
     (deterministic); ``torch`` is the reference.  For CUDA tensors the default (``auto``) picks the
     fused Triton kernel when triton is installed: the CUDA composition writes and re-reads an fp32
-    intermediate, which is what the fusion exists to avoid.
+    intermediate, which is what the fusion exists to avoid.  ``precision="fast"``: the GEMM of
+    :func:`quant_gemm`'s fast form (fused on Triton; elsewhere its torch form, then :func:`quantize`).
     """
     out_fmt = fmt if out_fmt is None else out_fmt
     out_group_size = group_size if out_group_size is None else out_group_size
     if check:
         check_quant_gemm_quant_args(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, group_size,
                                     epilogue, out_fmt, out_group_size)
+        _check_precision(precision)
+    if precision == "fast":
+        if lora_act is not None and lora_act.shape[1] == 0:
+            lora_act = lora_up = None
+        if _fast_on_triton(backend, qa.device):
+            return _tk().quant_gemm_quant_triton(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt,
+                                                 int(group_size), epilogue, out_fmt, int(out_group_size),
+                                                 precision="fast")
+        y = _gemm_fast_torch(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, int(group_size), torch.float32)
+        return quantize(y, out_fmt, int(out_group_size), smooth=smooth, lora_down=lora_down,
+                        prologue="gelu_tanh" if epilogue == "gelu_tanh" else "none", backend=backend, check=False)
     # auto on CUDA tensors: the fused Triton kernel (the CUDA registration is a GEMM + quantize composition)
     name = _backend.resolve(backend, qa.device, auto_triton=True)
     if lora_act is not None and lora_act.shape[1] == 0:

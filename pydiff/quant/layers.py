@@ -157,6 +157,11 @@ class QuantizedLayer(nn.Module):
     """
 
     fmt: str
+    #: ``"exact"`` (default: exact integer group sums) or ``"fast"``: the GEMMs run with
+    #: ``quant_gemm(..., precision="fast")`` (fp16 operands ``q * scale / row max``, one fp32
+    #: accumulation over K; see :func:`pydiff.ops.quant.quant_gemm`).  A plain attribute: set it on a
+    #: layer, or on all of a model's with ``for m in model.modules(): m.precision = "fast"``.
+    precision: str = "exact"
 
     def _init_parts(self, part_k: Sequence[int], out_features: int, *, fmt: str, group_size: Optional[int],
                     rank: int, bias: bool, smooth: bool, dtype: torch.dtype, out_dtype: Optional[torch.dtype],
@@ -253,14 +258,15 @@ class QuantizedLayer(nn.Module):
         if len(qs) == 1:
             q, sa = qs[0]
             return qops.quant_gemm(q, sa, self.qweight, self.wscales, fmt=self.fmt, group_size=self.part_groups[0],
-                                   bias=self.bias, lora_act=lora_act, lora_up=lora_up, out_dtype=out_dtype)
+                                   bias=self.bias, lora_act=lora_act, lora_up=lora_up, out_dtype=out_dtype,
+                                   precision=self.precision)
         out = None
         last = len(qs) - 1
         for p, (q, sa) in enumerate(qs):
             o = qops.quant_gemm(q, sa, getattr(self, _pname("qweight", p)), getattr(self, _pname("wscales", p)),
                                 fmt=self.fmt, group_size=self.part_groups[p], bias=self.bias if p == last else None,
                                 lora_act=lora_act if p == last else None, lora_up=lora_up if p == last else None,
-                                out_dtype=torch.float32)
+                                out_dtype=torch.float32, precision=self.precision)
             out = o if out is None else out + o
         return out.to(out_dtype)
 
@@ -470,7 +476,8 @@ class QuantizedLinear(QuantizedLayer):
                                      lora_act=la if self.rank else None, lora_up=self.lora_up if self.rank else None,
                                      epilogue=epilogue, smooth=consumer.smooth,
                                      lora_down=consumer.lora_down if consumer.rank else None,
-                                     out_fmt=consumer.fmt, out_group_size=consumer.part_groups[0])
+                                     out_fmt=consumer.fmt, out_group_size=consumer.part_groups[0],
+                                     precision=self.precision)
 
     def forward_quantized(self, q: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype,
                           lora_act: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -498,7 +505,8 @@ class QuantizedLinear(QuantizedLayer):
                                  f"empty [M, 0] tensor, got {_desc(lora_act)}")
             lora_act = lora_up = None
         return qops.quant_gemm(q, scales, self.qweight, self.wscales, fmt=self.fmt, group_size=self.part_groups[0],
-                               bias=self.bias, lora_act=lora_act, lora_up=lora_up, out_dtype=out_dtype)
+                               bias=self.bias, lora_act=lora_act, lora_up=lora_up, out_dtype=out_dtype,
+                               precision=self.precision)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \

@@ -196,6 +196,48 @@ def quant_gemm_ref(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: tor
     return out if out_dtype is None else out.to(out_dtype)
 
 
+def fast_operands_ref(q: torch.Tensor, scales: torch.Tensor, fmt: str, group_size: int):
+    """The fp16 operand and fp32 row factor of ``quant_gemm(..., precision="fast")``::
+
+        ref[r]     = max_g |scales[r, g]|              (fp32; 1 where it is 0, so zero rows stay 0)
+        ratio[r,g] = fp16(scales[r, g] / ref[r])       (fp32 IEEE division, rounded to fp16; |ratio| <= 1)
+        op[r, k]   = fp16(q[r, k] * ratio[r, k // G])  (one correctly rounded fp16 multiply)
+
+    ``op`` is within 2^-10 (relative: two roundings) of the dequantized value / ``ref``; normalizing
+    by the row's largest scale keeps every element within fp16's range whatever the activations'
+    magnitude (only groups below 2^-14 of their row's largest reach fp16's subnormals: absolute error
+    < 2^-24 ref there).  Returns ``(op [R, K] float16, ref [R] float32)``."""
+    v = q_values(q, fmt).to(torch.float32)
+    s = scales.to(torch.float32)
+    ref = s.abs().amax(dim=1) if s.shape[1] else torch.ones(s.shape[0], device=s.device)
+    ref = torch.where(s.isnan().any(dim=1), torch.full_like(ref, float("nan")), ref)  # (amax may skip NaN)
+    ref = torch.where(ref == 0, torch.ones_like(ref), ref)
+    ratio = (s / ref[:, None]).to(torch.float16).to(torch.float32).repeat_interleave(group_size, dim=1)
+    return (v * ratio).to(torch.float16), ref  # the fp32 product of an fp16 and a small integer is exact
+
+
+def quant_gemm_fast_ref(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None, lora_act: Optional[torch.Tensor] = None,
+                        lora_up: Optional[torch.Tensor] = None, fmt: str = "int4", group_size: int = 64,
+                        out_dtype: Optional[torch.dtype] = torch.float32) -> torch.Tensor:
+    """``quant_gemm(..., precision="fast")`` in float64 arithmetic: one fp16 operand per side
+    (:func:`fast_operands_ref`), summed over all K at once instead of exact per-group integer sums::
+
+        out[m, n] = ref_a[m] ref_w[n] sum_k op_a[m, k] op_w[n, k] + lora_act @ lora_up + bias
+
+    It differs from :func:`quant_gemm_ref` by the fp16 roundings of each operand (<= 2^-10 relative
+    per operand); in exchange the GEMM is one accumulation over K, which the tensor cores pipeline
+    without the per-group wait-and-fold of the exact form."""
+    a16, ra = fast_operands_ref(qa, sa, fmt, group_size)
+    w16, rw = fast_operands_ref(qw, sw, fmt, group_size)
+    out = (a16.to(torch.float64) @ w16.to(torch.float64).T) * (ra.to(torch.float64)[:, None] * rw.to(torch.float64)[None, :])
+    if lora_act is not None and lora_up is not None and lora_act.shape[1] > 0:
+        out += lora_act.to(torch.float64) @ lora_up.to(torch.float64)
+    if bias is not None:
+        out += bias.to(torch.float64)[None, :]
+    return out if out_dtype is None else out.to(out_dtype)
+
+
 EPILOGUES = ("none", "gelu_tanh")
 
 
