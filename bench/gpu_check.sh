@@ -6,7 +6,9 @@
 #   bash bench/gpu_check.sh                  (about 5 minutes; results under ${OUT:-bench/results})
 #   GPU_CHECK_PARTS="solver,quant" bash bench/gpu_check.sh      (a subset of bench/run.py's parts)
 #   GPU_CHECK_TESTS="test_quant_gpu.py" T_TUNE=0 bash bench/gpu_check.sh   (other tests; no tile sweep)
-#   GPU_CHECK_NCU="sampling quantize" bash bench/gpu_check.sh    (also Nsight Compute on those kernels: ncu.txt)
+#   GPU_CHECK_NCU="sampling quantize" bash bench/gpu_check.sh    (also Nsight Compute on those kernels: ncu.txt;
+#                                                   NCU_SECTIONS="--section ..." replaces the default sections)
+#   TUNE_ARGS="--fast --fmts int4" bash bench/gpu_check.sh       (arguments of the tile sweep, bench/tune_quant.py)
 #   GPU_CHECK_STACKPROF=1 bash bench/gpu_check.sh    (also the invertible stack's kernel breakdown, in bench.log)
 # What comes back under $OUT (at most 8 files): build.log, gpu_tests.log, fails.txt (if any), bench.log,
 # bench_gpu.json (all parts merged), tune_quant.json, summary.txt.  Deadline: T_TOTAL seconds
@@ -89,7 +91,8 @@ EOF
 tl=$(( T_TUNE > $(left) + 30 ? $(left) + 30 : T_TUNE ))  # the sweep may run 30 s past the deadline
 if [ "$tl" -ge 15 ]; then
   timeout -k 10 "$tl" python3 bench/tune_quant.py --budget $(( tl - 10 )) --out "$OUTDIR/tune_quant.json" \
-    > /tmp/tune.log 2>&1; echo "tune: rc $? ($(since) s)"; grep -A12 "best tile" /tmp/tune.log; grep MISMATCH /tmp/tune.log
+    ${TUNE_ARGS:-} > /tmp/tune.log 2>&1; echo "tune: rc $? ($(since) s)"; grep -A12 "best tile" /tmp/tune.log
+  grep MISMATCH /tmp/tune.log
 fi
 
 # 5. Summary: the targets of the issues, from the merged JSON.
@@ -100,9 +103,9 @@ python3 bench/summary.py "$OUTDIR/bench_gpu.json" | tee "$OUTDIR/summary.txt"
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -1)
 for part in ${GPU_CHECK_NCU:-}; do
   [ -n "$NCU" ] || { echo "ncu: not found"; break; }
-  timeout -k 5 25 "$NCU" --clock-control none \
-    --kernel-name regex:"solver_step|partial_kernel|select_kernel|qgemm|quant_gemm|quantize|gn_" \
-    --section SpeedOfLight --section WarpStateStats --section Occupancy --section ComputeWorkloadAnalysis \
+  timeout -k 5 "${T_NCU:-25}" "$NCU" --clock-control none \
+    --kernel-name regex:"${NCU_REGEX:-solver_step|partial_kernel|select_kernel|qgemm|quant_gemm|quantize|gn_}" \
+    ${NCU_SECTIONS:---section SpeedOfLight --section WarpStateStats --section Occupancy --section ComputeWorkloadAnalysis} \
     python3 bench/gpu_profile.py "$part" >> "$OUTDIR/ncu.txt" 2>&1
   echo "ncu $part: rc $? ($(since) s)"
 done

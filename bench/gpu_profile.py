@@ -6,9 +6,10 @@ time goes; nothing is timed here):
 
 Kernels: the DPM-Solver++(2M) + CFG step on fp32 1x16x21x90x160 (CUDA, Triton); categorical
 sampling of [4096 x 126464] bf16 logits to tokens + probability (CUDA, Triton); the W4A4 GEMM
-4096 x 3072 x 3072, groups of 64 (CUDA; Triton on int8 and on e4m3 tensor cores); activation
+4096 x 3072 x 3072, groups of 64 (CUDA; Triton on int8 and on e4m3 tensor cores; part wgmma: the
+Hopper warpgroup-MMA kernel with both tile layouts and the precision="fast" Triton GEMM); activation
 quantization bf16 [4096, 3072] -> int4 g64 (CUDA, Triton); GroupNorm+SiLU 8x256x64x64 fp32 forward
-and backward (CUDA, Triton).  Parts: solver, sampling, gemm, quantize, groupnorm (default: all).
+and backward (CUDA, Triton).  Parts: solver, sampling, gemm, wgmma, quantize, groupnorm (default: all but wgmma).
 ``--clock-control none`` keeps the GPU's clocks as they are."""
 import sys
 
@@ -43,6 +44,18 @@ def main():
         from pydiff.triton_kernels import quant as tq
         for i4 in (0, 2):
             tq.quant_gemm_triton(qa, sa, qw, sw, None, None, None, "int4", G, torch.bfloat16, _config={"i4dot": i4})
+    if "wgmma" in which:  # the Hopper warpgroup-MMA W4A4 kernel, both tile layouts; the fast Triton GEMM
+        import os
+
+        M, N, K, G = 4096, 3072, 3072, 64
+        qa, sa, _ = quantize(rnd(M, K, dt=torch.bfloat16), "int4", G, backend="cuda")
+        qw, sw, _ = quantize(rnd(N, K, dt=torch.bfloat16), "int4", G, backend="cuda")
+        for mode in ("1", "2"):
+            os.environ["PYDIFF_CUDA_WGMMA"] = mode
+            quant_gemm(qa, sa, qw, sw, fmt="int4", group_size=G, out_dtype=torch.bfloat16, backend="cuda")
+        os.environ.pop("PYDIFF_CUDA_WGMMA")
+        quant_gemm(qa, sa, qw, sw, fmt="int4", group_size=G, out_dtype=torch.bfloat16, backend="triton",
+                   precision="fast")
     if "quantize" in which:  # bf16 [4096, 3072] -> int4 g64 (the CUDA kernel ran at 4.6x its byte floor)
         x = rnd(4096, 3072, dt=torch.bfloat16)
         for b in ("cuda", "triton"):

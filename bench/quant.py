@@ -131,15 +131,28 @@ def gemm_rows(device, shapes):
                                      time_us=t * 1e6, tflops=flops / t / 1e12, x_bf16=(t_bf16 / t) if t_bf16 else None,
                                      weight_mib=_mib(qw, sw)))
             if fmt == "int4" and _wgmma_available(device):
+                for mode, name in (("1", "wgmma f16 tensor cores"), ("2", "wgmma f16, swizzled tiles")):
+                    try:
+                        with _wgmma_on(mode):
+                            t = bench(lambda: Q.quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=g,
+                                                           out_dtype=torch.bfloat16, backend="cuda", check=False),
+                                      device)
+                    except Exception as exc:  # noqa: BLE001
+                        print(f"quant_gemm int4 cuda wgmma {mode}: {_why(exc)}")
+                    else:
+                        rows.append(_row(shape=shape, impl=f"pydiff {fmt} g{g} (cuda, {name})", time_us=t * 1e6,
+                                         tflops=flops / t / 1e12, x_bf16=(t_bf16 / t) if t_bf16 else None,
+                                         weight_mib=_mib(qw, sw)))
+            if fmt in ("int4", "int8") and device.type == "cuda" and "triton" in _backends(device) and g < K:
+                # precision="fast": fp16 operands, one accumulation over K (not the exact group sums)
                 try:
-                    with _wgmma_on():
-                        t = bench(lambda: Q.quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=g, out_dtype=torch.bfloat16,
-                                                       backend="cuda", check=False), device)
+                    t = bench(lambda: Q.quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=g, out_dtype=torch.bfloat16,
+                                                   backend="triton", check=False, precision="fast"), device)
                 except Exception as exc:  # noqa: BLE001
-                    print(f"quant_gemm int4 cuda wgmma: {_why(exc)}")
+                    print(f"quant_gemm {fmt} triton fast: {_why(exc)}")
                 else:
-                    rows.append(_row(shape=shape, impl=f"pydiff {fmt} g{g} (cuda, wgmma f16 tensor cores)",
-                                     time_us=t * 1e6, tflops=flops / t / 1e12, x_bf16=(t_bf16 / t) if t_bf16 else None,
+                    rows.append(_row(shape=shape, impl=f"pydiff {fmt} g{g} (triton, precision fast)", time_us=t * 1e6,
+                                     tflops=flops / t / 1e12, x_bf16=(t_bf16 / t) if t_bf16 else None,
                                      weight_mib=_mib(qw, sw)))
     return rows
 
@@ -151,10 +164,11 @@ def _wgmma_available(device) -> bool:
 
 
 @contextlib.contextmanager
-def _wgmma_on():
-    """PYDIFF_CUDA_WGMMA=1 for a block (the CUDA quant_gemm reads it on every call)."""
+def _wgmma_on(mode: str = "1"):
+    """PYDIFF_CUDA_WGMMA=mode for a block (the CUDA quant_gemm reads it on every call; 1: the
+    no-swizzle tiles, 2: the 128-byte swizzled ones)."""
     old = os.environ.get("PYDIFF_CUDA_WGMMA")
-    os.environ["PYDIFF_CUDA_WGMMA"] = "1"
+    os.environ["PYDIFF_CUDA_WGMMA"] = mode
     try:
         yield
     finally:
@@ -224,15 +238,18 @@ def linear_rows(device, shapes, mlp_shapes=()):
             return F.linear(h.view(M, K), w)
 
         adaln = dict(prologue="layernorm", shift=shift, scale=scale)
-        variants = list(_backends(device)) + (["cuda wgmma"] if _wgmma_available(device) else [])
+        variants = list(_backends(device)) + (["cuda wgmma"] if _wgmma_available(device) else []) \
+            + (["triton fast"] if device.type == "cuda" and "triton" in _backends(device) else [])
         for b in variants:
             def w4a4(b, rank, pro):
-                qb, gb = (None, "cuda") if b == "cuda wgmma" else (b, b)  # wgmma: the default quantizer
+                # wgmma / fast: the default quantizer; fast: quant_gemm(precision="fast") on Triton
+                qb, gb = {"cuda wgmma": (None, "cuda"), "triton fast": (None, "triton")}.get(b, (b, b))
                 qa, sa, la = Q.quantize(x, "int4", 64, lora_down=ld if rank else None, backend=qb, check=False, **pro)
                 lora = dict(lora_act=la, lora_up=lu) if rank else {}
                 with (_wgmma_on() if b == "cuda wgmma" else contextlib.nullcontext()):
                     return Q.quant_gemm(qa, sa, qw, sw, fmt="int4", group_size=64, out_dtype=torch.bfloat16,
-                                        backend=gb, check=False, **lora)
+                                        backend=gb, check=False, precision="fast" if b == "triton fast" else "exact",
+                                        **lora)
 
             for case, rank, pro, theirs, theirs_name in (
                     ("linear", RANK, {}, bf16_linear, "bf16 F.linear"),

@@ -632,7 +632,7 @@ def test_gpu_wgmma_kernel_equals_mma_sync_kernel(monkeypatch, M, N, K, G, R, out
         qa, sa, qw, sw = _operands(M, N, K, G, "int4", seed=41)
     bias, la, lu = _epilogue_inputs(M, N, R, seed=42)
     outs = {}
-    for mode in ("1", "0"):
+    for mode in ("1", "2", "0"):  # the two tile layouts (no swizzle, 128-byte swizzle), then mma.sync
         monkeypatch.setenv("PYDIFF_CUDA_WGMMA", mode)
         out = torch.full((M, N), float("nan"), device="cuda", dtype=out_dtype)
 
@@ -640,19 +640,21 @@ def test_gpu_wgmma_kernel_equals_mma_sync_kernel(monkeypatch, M, N, K, G, R, out
             out.copy_(quant_gemm(qa, sa, qw, sw, fmt="int4", group_size=G, bias=bias, lora_act=la, lora_up=lu,
                                  out_dtype=out_dtype, backend="cuda"))
 
-        assert _ran_kernel(run, "quant_gemm_wgmma_kernel") == (mode == "1"), mode
+        assert _ran_kernel(run, "quant_gemm_wgmma_kernel") == (mode != "0"), mode
         outs[mode] = out.clone()
-    if not torch.equal(outs["1"], outs["0"]):
-        bad = (outs["1"] != outs["0"]).nonzero()[:8].tolist()
-        monkeypatch.setenv("PYDIFF_CUDA_WGMMA", "1")
-        pytest.fail(f"wgmma kernel != mma.sync kernel at {bad} (of {int((outs['1'] != outs['0']).sum())});"
-                    f" single-element probes (m, n, k) -> nonzero outputs:\n{_wgmma_probes()}")
+    for mode in ("1", "2"):
+        if not torch.equal(outs[mode], outs["0"]):
+            bad = (outs[mode] != outs["0"]).nonzero()[:8].tolist()
+            monkeypatch.setenv("PYDIFF_CUDA_WGMMA", mode)
+            pytest.fail(f"wgmma kernel (layout {mode}) != mma.sync kernel at {bad} (of "
+                        f"{int((outs[mode] != outs['0']).sum())}); single-element probes (m, n, k) -> nonzero "
+                        f"outputs:\n{_wgmma_probes()}")
     _check_int4_vs_ref(outs["1"], qa, sa, qw, sw, G, bias, la, lu,
                        tol={torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[out_dtype])
 
 
 def _wgmma_probes() -> str:
-    """Diagnosis for a failing wgmma test (needs PYDIFF_CUDA_WGMMA=1): one chunk (M = N = 128, K = 64),
+    """Diagnosis for a failing wgmma test (needs PYDIFF_CUDA_WGMMA=1 or 2): one chunk (M = N = 128, K = 64),
     qa[m, ka] = 1 and qw[n, kw] = 1, everything else 0, unit scales; the right answer is a single
     1 at (m, n) when ka == kw and all zeros otherwise. Where the ones land tells which of the
     descriptor strides or fragment indices is off."""
@@ -671,3 +673,32 @@ def _wgmma_probes() -> str:
         lines.append(f"  m={m} n={n} ka={ka} kw={kw}: {nz[:4]}{' ...' if len(nz) > 4 else ''}"
                      f" values {out[out != 0][:4].tolist()}")
     return "\n".join(lines)
+
+
+@pytest.mark.parametrize("fmt", ("int4", "int8"))
+@pytest.mark.parametrize("M,N,K", [(300, 260, 1024), (4096, 384, 3072)])
+def test_gpu_triton_fast_precision_at_gpu_tiles(fmt, M, N, K):
+    """quant_gemm(precision="fast") on the GPU's default tile (FAST_TILE: k-steps of 128 channels over
+    two groups) against its float64 definition (first 64 rows) within fp32 accumulation error, and
+    against the exact GEMM within the fp16 operand rounding."""
+    from pydiff.reference.quant import fast_operands_ref, quant_gemm_fast_ref
+
+    if not triton_quant_ok():
+        pytest.skip("triton is not importable")
+    G = 64
+    qa, sa, qw, sw = _operands(M, N, K, G, fmt, seed=M + K)
+    sa = sa * torch.exp2(torch.randint(-30, 31, (M, 1), device=GPU).float())  # rows far outside fp16's range
+    bias, la, lu = _epilogue_inputs(M, N, 8, seed=3)
+    out = quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=G, bias=bias, lora_act=la, lora_up=lu,
+                     out_dtype=torch.float32, backend="triton", precision="fast")
+    r = 64
+    args = (qa[:r].cpu(), sa[:r].cpu(), qw.cpu(), sw.cpu(), bias.cpu(), la[:r].cpu(), lu.cpu(), fmt, G)
+    ref = quant_gemm_fast_ref(*args, None)
+    a16, ra = fast_operands_ref(args[0], args[1], fmt, G)
+    w16, rw = fast_operands_ref(args[2], args[3], fmt, G)
+    mag = (a16.double().abs() @ w16.double().abs().T) * ra.double()[:, None] * rw.double()[None, :] \
+        + args[5].double().abs() @ args[6].double().abs() + args[4].double().abs()
+    err = (out[:r].cpu().double() - ref).abs()
+    assert (err <= 2.0**-14 * mag).all(), f"max error / magnitude {(err / mag).max().item():.2e}"
+    exact = quant_gemm_ref(*args, None)
+    assert ((out[:r].cpu().double() - exact).abs() <= 2.0**-9 * mag * 1.01).all()

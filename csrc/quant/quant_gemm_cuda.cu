@@ -561,18 +561,34 @@ constexpr int kBufs = 3;                                     // unpacked tiles /
 constexpr int kOffScale = kOffUnp + kBufs * kUnp;            // 131072
 constexpr int kSmemBytes = kOffScale + kBufs * (kWBM + kWBN) * 4;  // 134144
 constexpr int kLBO = 128, kSBO = 1024;                       // core-matrix strides along K / M,N
+constexpr int kAlignPad = 1024;                              // base alignment of the swizzled layout
+static_assert(kOffUnp % 1024 == 0 && kUnp % 1024 == 0 && kTile % 1024 == 0, "swizzled tiles are 1024-byte aligned");
 static_assert((kWBM * kLaPitch + kLoraR * kWBN) * 4 <= kSmemBytes, "epilogue staging must fit");
 static_assert(kWBM == kBM && kWBN == kBN, "the epilogue helpers (stage_lora) assume the mma.sync kernel's tile");
 
+// Two layouts of the unpacked [128 x 64] f16 tiles (template parameter SW of the kernel; PYDIFF_CUDA_WGMMA=1
+// picks the first, 2 the second, until a GPU run says which is faster):
+//  * no swizzle: 8 x 8 core matrices of 128 contiguous bytes, LBO = 128 (along K), SBO = 1024;
+//  * 128-byte swizzle (what CUTLASS uses for K-major f16 tiles of 64 channels): row r's 128 bytes at
+//    r * 128, its 16-byte chunk c (channels 8c .. 8c + 7) at chunk position c ^ (r & 7); 8-row atoms of
+//    1024 bytes (SBO), LBO unused (1); the tile base 1024-byte aligned (the XOR uses address bits 7-9).
 // Shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start address, LBO and SBO
-// in 16-byte units (bits 0-13, 16-29, 32-45), base offset 0, no swizzle (bits 62-63 = 0).
+// in 16-byte units (bits 0-13, 16-29, 32-45), base offset 0, layout type in bits 62-63 (0 none,
+// 1 128-byte swizzle).
+template <bool SW>
 __host__ __device__ constexpr uint64_t desc(uint32_t addr) {
-  return uint64_t((addr & 0x3FFFFu) >> 4) | (uint64_t(kLBO >> 4) << 16) | (uint64_t(kSBO >> 4) << 32);
+  return uint64_t((addr & 0x3FFFFu) >> 4) | (uint64_t(SW ? 1 : kLBO >> 4) << 16) | (uint64_t(kSBO >> 4) << 32) |
+         (uint64_t(SW ? 1 : 0) << 62);
 }
 // Byte offset of f16 element (row, k) of a [128 x 64] tile in that layout.
+template <bool SW>
 __host__ __device__ constexpr int tile_off(int row, int k) {
-  return (row >> 3) * kSBO + (k >> 3) * kLBO + (row & 7) * 16 + (k & 7) * 2;
+  return SW ? (row >> 3) * kSBO + (row & 7) * 128 + ((((k >> 3) ^ row) & 7) << 4) + (k & 7) * 2
+            : (row >> 3) * kSBO + (k >> 3) * kLBO + (row & 7) * 16 + (k & 7) * 2;
 }
+// Start-address advance of the k-th 16-channel step within a tile (2 core matrices / 32 bytes of a row).
+template <bool SW>
+__host__ __device__ constexpr int kstep_off(int s) { return SW ? s * 32 : s * 2 * kLBO; }
 // Two int4 fields of a packed word (bits 0-3 and 16-19 of x) -> an f16 pair of their values.
 __host__ __device__ inline uint32_t nib2_to_h2(uint32_t x) {
   __half2_raw r;
@@ -587,14 +603,16 @@ __host__ __device__ inline uint32_t nib2_to_h2(uint32_t x) {
 }
 }  // namespace w4
 
-template <typename TOut>
+template <typename TOut, bool SW>
 __global__ void __launch_bounds__(w4::kWThreads, 1) quant_gemm_wgmma_kernel(const GemmLaunch L) {
   using namespace w4;  // (names distinct from the mma.sync kernel's)
 #ifdef PYDIFF_CUDA_EMU
-  unsigned char* smem = cuda_emu::dynamic_smem();
+  unsigned char* smem_raw = cuda_emu::dynamic_smem();
 #else
-  extern __shared__ __align__(16) unsigned char smem[];  // (16: the same declaration as above; descriptors need 16)
+  extern __shared__ __align__(16) unsigned char smem_raw[];  // (16: as declared above; descriptors need 16)
 #endif
+  // the swizzled layout needs 1024-byte aligned tiles: the launch adds kAlignPad bytes to align the base
+  unsigned char* smem = smem_raw + (SW ? (kAlignPad - (smem_u32(smem_raw) & (kAlignPad - 1))) & (kAlignPad - 1) : 0);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wq = warp & 3;
   // the warpgroup, through a shuffle so that the compiler sees it warp-uniform (a branch on it is not
   // divergent: without this, ptxas serializes the wgmmas issued under `if (wg == ...)`, C7518)
@@ -636,10 +654,10 @@ __global__ void __launch_bounds__(w4::kWThreads, 1) quant_gemm_wgmma_kernel(cons
     for (int op = 0; op < 2; ++op) {
       const uint4 p = *reinterpret_cast<const uint4*>(slot + op * kWBM * kPackRow);
       const uint32_t w[4] = {p.x, p.y, p.z, p.w};
-      unsigned char* dst = ub + op * kTile + tile_off(cr, 32 * ch);
+      unsigned char* dst = ub + op * kTile;
 #pragma unroll
       for (int i = 0; i < 4; ++i)  // word i = channels 32 ch + 8 i .. + 7 -> core matrix 4 ch + i
-        *reinterpret_cast<uint4*>(dst + i * kLBO) =
+        *reinterpret_cast<uint4*>(dst + tile_off<SW>(cr, 32 * ch + 8 * i)) =
             make_uint4(nib2_to_h2(w[i]), nib2_to_h2(w[i] >> 4), nib2_to_h2(w[i] >> 8), nib2_to_h2(w[i] >> 12));
     }
     reinterpret_cast<float*>(smem + kOffScale)[(g % kBufs) * (kWBM + kWBN) + tid] = sc;
@@ -656,7 +674,7 @@ __global__ void __launch_bounds__(w4::kWThreads, 1) quant_gemm_wgmma_kernel(cons
     wgmma_fence();
 #pragma unroll
     for (int s = 0; s < 4; ++s)  // k-steps of 16 channels = 2 core matrices = 256 bytes along K
-      wgmma_m64n128k16_f16(d, desc(ub + wg * 8 * kSBO + s * 2 * kLBO), desc(ub + kTile + s * 2 * kLBO),
+      wgmma_m64n128k16_f16(d, desc<SW>(ub + wg * 8 * kSBO + kstep_off<SW>(s)), desc<SW>(ub + kTile + kstep_off<SW>(s)),
                            s + acc_d);
     wgmma_commit();
   };
@@ -792,19 +810,30 @@ cudaError_t configure_kernel(const void* kernel, int smem_bytes, bool needs_e4m3
   return cudaSuccess;
 }
 
-template <typename TOut>
+template <typename TOut, bool SW>
 cudaError_t launch_wgmma(const GemmLaunch& L, cudaStream_t stream) {
   static std::atomic<int> state[kMaxDev];
+  const int bytes = w4::kSmemBytes + (SW ? w4::kAlignPad : 0);
   const cudaError_t e =
-      configure_kernel(reinterpret_cast<const void*>(quant_gemm_wgmma_kernel<TOut>), w4::kSmemBytes, false, state);
+      configure_kernel(reinterpret_cast<const void*>(quant_gemm_wgmma_kernel<TOut, SW>), bytes, false, state);
   if (e != cudaSuccess) return e;
   const dim3 grid(unsigned((L.a.M + w4::kWBM - 1) / w4::kWBM), unsigned((L.a.N + w4::kWBN - 1) / w4::kWBN));
 #ifdef PYDIFF_CUDA_EMU
-  cuda_emu::launch(quant_gemm_wgmma_kernel<TOut>, grid, dim3(w4::kWThreads), w4::kSmemBytes, stream, L);
+  cuda_emu::launch(quant_gemm_wgmma_kernel<TOut, SW>, grid, dim3(w4::kWThreads), bytes, stream, L);
 #else
-  quant_gemm_wgmma_kernel<TOut><<<grid, w4::kWThreads, w4::kSmemBytes, stream>>>(L);
+  quant_gemm_wgmma_kernel<TOut, SW><<<grid, w4::kWThreads, bytes, stream>>>(L);
 #endif
   return cudaGetLastError();
+}
+
+template <bool SW>
+cudaError_t dispatch_wgmma(const GemmLaunch& L, cudaStream_t s) {
+  switch (L.a.out_dtype) {
+    case FloatType::kF32: return launch_wgmma<float, SW>(L, s);
+    case FloatType::kF16: return launch_wgmma<__half, SW>(L, s);
+    case FloatType::kBF16: return launch_wgmma<__nv_bfloat16, SW>(L, s);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 template <QuantFormat FMT, typename TOut, bool NATIVE4>
@@ -855,19 +884,20 @@ bool use_native_int4(int64_t group_size) {
 // The warpgroup-MMA kernel? int4 with groups of 64k channels (up to 16384), 16-byte aligned qa / qw, a
 // compute capability 9.0 GPU and a build with an sm_90a image (PYDIFF_CUDA_SM90A, set by setup.py);
 // opt-in with PYDIFF_CUDA_WGMMA=1 until it has been timed on a GPU (the CPU emulator checks it).
-bool use_wgmma(const QuantGemmArgs& a, const GemmLaunch& L) {
+// Returns 0 (no), 1 (the no-swizzle layout) or 2 (the 128-byte swizzled layout): PYDIFF_CUDA_WGMMA.
+int use_wgmma(const QuantGemmArgs& a, const GemmLaunch& L) {
   // groups of whole 64-channel chunks; |D| <= 64 G <= 2^20 keeps the fp32 accumulators exact
-  if (a.fmt != QuantFormat::kInt4 || a.group_size % 64 != 0 || a.group_size > 16384 || !L.aligned16) return false;
+  if (a.fmt != QuantFormat::kInt4 || a.group_size % 64 != 0 || a.group_size > 16384 || !L.aligned16) return 0;
   const char* env = std::getenv("PYDIFF_CUDA_WGMMA");
-  if (env == nullptr || env[0] != '1') return false;
+  if (env == nullptr || (env[0] != '1' && env[0] != '2') || env[1] != '\0') return 0;
 #if !defined(PYDIFF_CUDA_EMU) && !defined(PYDIFF_CUDA_SM90A)
-  return false;
+  return 0;
 #else
   int dev = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return false;
-  return major == 9 && minor == 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return 0;
+  return major == 9 && minor == 0 ? env[0] - '0' : 0;
 #endif
 }
 
@@ -896,14 +926,7 @@ int quant_gemm_cuda(const QuantGemmArgs& a, void* stream) {
   const int osz = a.out_dtype == FloatType::kF32 ? 4 : 2;
   L.out_pair_ok = (a.N % 2 == 0) && (reinterpret_cast<uintptr_t>(a.out) % (2 * osz) == 0);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (use_wgmma(a, L)) {
-    switch (a.out_dtype) {
-      case FloatType::kF32: return int(launch_wgmma<float>(L, s));
-      case FloatType::kF16: return int(launch_wgmma<__half>(L, s));
-      case FloatType::kBF16: return int(launch_wgmma<__nv_bfloat16>(L, s));
-      default: return int(cudaErrorInvalidValue);
-    }
-  }
+  if (const int wg = use_wgmma(a, L)) return int(wg == 2 ? dispatch_wgmma<true>(L, s) : dispatch_wgmma<false>(L, s));
   switch (a.fmt) {
     case QuantFormat::kInt4:
       return int(native4 ? dispatch_out<QuantFormat::kInt4, true>(L, s) : dispatch_out<QuantFormat::kInt4>(L, s));

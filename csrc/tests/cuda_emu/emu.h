@@ -56,7 +56,7 @@
 // Emulated PTX (definitions from the PTX ISA, "Warp-level matrix instructions" and "cp.async"):
 //   ldmatrix.sync.aligned.m8n8.x4.shared.b16, cp.async.cg.shared.global (16 bytes, zero fill),
 //   cp.async.commit_group / wait_group, wgmma.mma_async m64n128k16 f16 (shared-memory descriptors
-//   without swizzle) with wgmma.fence / commit_group / wait_group, mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 and
+//   without swizzle or 128-byte swizzled) with wgmma.fence / commit_group / wait_group, mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 and
 //   .f32.e4m3.e4m3.f32 (the e4m3 sum of a k-step is computed exactly and rounded once to fp32;
 //   hardware may round differently, tests must allow for that; a launch on a device below sm_89
 //   that reaches it fails, as the kernel's __trap() would).
@@ -783,11 +783,12 @@ inline void mma_m16n8k32_e4m3(float (&d)[4], const uint32_t (&a)[4], const uint3
 
 // ================================================================ warpgroup MMA (sm_90a)
 // wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 d, a-desc, b-desc, scale-d, 1, 1, 0, 0: A (64 x 16)
-// and B (16 x 128, stored as 128 x 16) in shared memory, both K-major without swizzle, described by
+// and B (16 x 128, stored as 128 x 16) in shared memory, both K-major, without swizzle or with the
+// 128-byte swizzle (layout type 1, see wgmma_operands), described by
 // 64-bit matrix descriptors (PTX ISA, "Matrix Descriptor Format": start address, leading-dimension
 // byte offset LBO = distance between core matrices adjacent along K, stride-dimension byte offset
 // SBO = distance between 8-row blocks, in 16-byte units in bits 0-13, 16-29, 32-45; base offset bits
-// 49-51 and swizzle mode bits 62-63 must be 0 here). A core matrix is 8 rows x 16 bytes (8 f16),
+// 49-51 must be 0 here, layout type in bits 62-63). A core matrix is 8 rows x 16 bytes (8 f16),
 // its rows 16 bytes apart. Accumulators (PTX ISA, "wgmma D fragment", warp q of the warpgroup,
 // gid = lane >> 2, tig = lane & 3): d[4 j + 2 h + e] = D[16 q + gid + 8 h][8 j + 2 tig + e].
 // Deferred like cp.async: d is written only when wgmma.wait_group retires the commit group, so
@@ -810,11 +811,25 @@ namespace detail {
 inline void wgmma_operands(const WgmmaOp& op, double (&A)[2][16], double (&B)[32][16]) {
   const unsigned t = threadIdx.x, lane = t & 31, q = (t >> 5) & 3, gid = lane >> 2, tig = lane & 3;
   auto elem = [](uint64_t desc, int row, int k) {
-    if (((desc >> 49) & 7) != 0 || (desc >> 62) != 0)
-      fail("wgmma: descriptor %#llx has a base offset or a swizzle mode (not emulated)", (unsigned long long)desc);
+    const unsigned mode = unsigned(desc >> 62);
+    if (((desc >> 49) & 7) != 0 || mode > 1)
+      fail("wgmma: descriptor %#llx has a base offset or a 64 / 32-byte swizzle (not emulated)",
+           (unsigned long long)desc);
     const size_t start = size_t(desc & 0x3FFF) << 4, lbo = size_t((desc >> 16) & 0x3FFF) << 4,
                  sbo = size_t((desc >> 32) & 0x3FFF) << 4;
-    const size_t off = start + size_t(row >> 3) * sbo + size_t(k >> 3) * lbo + size_t(row & 7) * 16 + size_t(k & 7) * 2;
+    size_t off;
+    if (mode == 0) {
+      off = start + size_t(row >> 3) * sbo + size_t(k >> 3) * lbo + size_t(row & 7) * 16 + size_t(k & 7) * 2;
+    } else {
+      // 128-byte swizzle, K-major: rows of 128 bytes, 8-row atoms SBO apart (LBO unused); the 16-byte
+      // chunk bits 4-6 of the address are XORed with its bits 7-9 (the row within the atom). The
+      // address is the offset in the block's shared memory, whose base the emulator puts at 0 (a
+      // kernel aligns its tiles to 1024 bytes, as the hardware's absolute-address XOR requires).
+      if (sbo != 1024) fail("wgmma: 128-byte swizzle descriptor %#llx with SBO %zu (emulated: 1024)",
+                            (unsigned long long)desc, sbo);
+      off = start + size_t(row >> 3) * sbo + size_t(row & 7) * 128 + size_t(k) * 2;
+      off ^= ((off >> 7) & 7) << 4;
+    }
     const unsigned char* p = block().smem + off;
     check_smem(p, 2, 2, "wgmma operand");
     __half_raw h;

@@ -74,7 +74,8 @@ struct Case {
   FloatType bias_dt = FloatType::kF32, la_dt = FloatType::kF32, lu_dt = FloatType::kF32;
   int device = 0;
   int int4_mma = -1;  // PYDIFF_CUDA_INT4_MMA for the call: -1 unset, 0 / 1 forced
-  bool wgmma = false;  // PYDIFF_CUDA_WGMMA=1 for the call (the Hopper warpgroup-MMA kernel, opt-in)
+  bool wgmma = false;  // PYDIFF_CUDA_WGMMA for the call (the Hopper warpgroup-MMA kernel, opt-in): run with
+                      // "1" (no-swizzle tiles) and again with "2" (128-byte swizzled tiles)
 };
 
 const char* fmt_name(QuantFormat f) {
@@ -131,6 +132,8 @@ bool same(const cuda_emu::Buffer& b, const void* host, size_t bytes) {
   return b.intact() && (bytes == 0 || std::memcmp(b.data(), host, bytes) == 0);
 }
 
+int wgmma_layout = 1;  // PYDIFF_CUDA_WGMMA value for cases that opt in (1 or 2)
+
 void run_case(const Case& c, uint64_t seed) {
   const auto t0 = std::chrono::steady_clock::now();
   const int64_t M = c.M, N = c.N, K = c.K, G = c.G, R = c.R, Gn = K / G;
@@ -178,7 +181,7 @@ void run_case(const Case& c, uint64_t seed) {
   a.out = out.data(), a.out_dtype = c.out;
   cudaSetDevice(c.device);
   if (c.int4_mma >= 0) setenv("PYDIFF_CUDA_INT4_MMA", c.int4_mma ? "1" : "0", 1);
-  if (c.wgmma) setenv("PYDIFF_CUDA_WGMMA", "1", 1);
+  if (c.wgmma) setenv("PYDIFF_CUDA_WGMMA", wgmma_layout == 2 ? "2" : "1", 1);
   const size_t nl = cuda_emu::launches().size();
   const int rc = pydiff::quant_gemm_cuda(a, nullptr);
   unsetenv("PYDIFF_CUDA_INT4_MMA");
@@ -206,10 +209,17 @@ void run_case(const Case& c, uint64_t seed) {
         L.func == reinterpret_cast<const void*>(&pydiff::quant_gemm_kernel<QuantFormat::kInt4, __half, true>) ||
         L.func == reinterpret_cast<const void*>(&pydiff::quant_gemm_kernel<QuantFormat::kInt4, __nv_bfloat16, true>);
     CHECK(ran_native == want_native, "%s: the %s int4 MMA ran", tag, ran_native ? "native" : "unpacked (int8)");
-    const bool ran_wgmma = L.func == reinterpret_cast<const void*>(&pydiff::quant_gemm_wgmma_kernel<float>) ||
-                           L.func == reinterpret_cast<const void*>(&pydiff::quant_gemm_wgmma_kernel<__half>) ||
-                           L.func == reinterpret_cast<const void*>(&pydiff::quant_gemm_wgmma_kernel<__nv_bfloat16>);
-    CHECK(ran_wgmma == want_wgmma, "%s: the warpgroup-MMA kernel %s", tag, ran_wgmma ? "ran" : "did not run");
+    const bool sw = wgmma_layout == 2;
+    const void* wk[2][3] = {
+        {reinterpret_cast<const void*>(&pydiff::quant_gemm_wgmma_kernel<float, false>),
+         reinterpret_cast<const void*>(&pydiff::quant_gemm_wgmma_kernel<__half, false>),
+         reinterpret_cast<const void*>(&pydiff::quant_gemm_wgmma_kernel<__nv_bfloat16, false>)},
+        {reinterpret_cast<const void*>(&pydiff::quant_gemm_wgmma_kernel<float, true>),
+         reinterpret_cast<const void*>(&pydiff::quant_gemm_wgmma_kernel<__half, true>),
+         reinterpret_cast<const void*>(&pydiff::quant_gemm_wgmma_kernel<__nv_bfloat16, true>)}};
+    const bool ran_wgmma = L.func == wk[sw][0] || L.func == wk[sw][1] || L.func == wk[sw][2];
+    CHECK(ran_wgmma == want_wgmma, "%s: the warpgroup-MMA kernel (layout %d) %s", tag, wgmma_layout,
+          ran_wgmma ? "ran" : "did not run");
   }
   CHECK(same(qa, qa_h.data(), qa_h.size()) && same(qw, qw_h.data(), qw_h.size()) &&
             same(sa, sa_h.data(), sa_h.size() * 4) && same(sw, sw_h.data(), sw_h.size() * 4) &&
@@ -457,7 +467,16 @@ int main(int argc, char** argv) {
        .mode = X, .wgmma = true},
   };
   uint64_t seed = 1;
-  for (const Case& c : cases) run_case(c, seed++);
+  for (const Case& c : cases) {
+    wgmma_layout = 1;
+    run_case(c, seed);
+    if (c.wgmma) {  // the same case with the 128-byte swizzled tiles
+      wgmma_layout = 2;
+      run_case(c, seed);
+      wgmma_layout = 1;
+    }
+    ++seed;
+  }
   host_checks();
   const int before = pydiff_test::failures;
   for (int i = 0; i < sweep; ++i) {  // case i: generator seed 1000 + i, data seed 5000 + i
@@ -465,6 +484,7 @@ int main(int argc, char** argv) {
     Case c = random_case(r);
     const std::string what = "sweep case " + std::to_string(i);
     c.what = what.c_str();
+    wgmma_layout = 1 + (i & 1);  // the two tile layouts of the warpgroup-MMA kernel, alternately
     run_case(c, uint64_t(5000 + i));
   }
   if (sweep > 0) std::printf("%s random sweep: %d cases\n", pydiff_test::failures == before ? "ok  " : "FAIL", sweep);
