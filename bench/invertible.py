@@ -16,6 +16,8 @@ forward + backward per timing.  Methods, same input shape:
   rebuild.  (A coupling block at state width C does half the conv FLOPs of a residual block at C.)
 * ``reversible`` / ``reversible-f64`` / ``reversible-fixed``: those couplings in
   :class:`pydiff.nn.ReversibleSequential`, coupling state in fp32 / float64 / int64 fixed point.
+* CUDA only: ``plain (CUDA graph)`` and ``reversible (CUDA graph)``, the forward and backward
+  captured by ``torch.cuda.make_graphed_callables`` (no per-kernel host launches).
 
 Memory: on CUDA the allocator's peak during forward + backward above what was allocated before
 (``peak_mib``); everywhere the bytes of distinct storages saved for backward, counted with
@@ -121,6 +123,21 @@ def rows(device, cfg: dict | None = None, depths=None, reps: int = 10) -> list:
         out.append(dict(part="invertible", shape=shape, depth=16, method=m, time_ms=t * 1e3, saved_mib=saved,
                         peak_mib=peak))
         del net
+    if device.type == "cuda":
+        # the whole forward + backward as CUDA graphs (torch.cuda.make_graphed_callables): what a
+        # training loop that is host-bound on its launches can do; the reversible stack issues ~3x the
+        # kernels of plain autograd (its backward rebuilds the activations), so it gains more
+        for m in ("plain", "reversible"):
+            net = build(m, C, 16, device)
+            try:
+                g = torch.cuda.make_graphed_callables(net, (x,))
+                t, saved, peak = _measure(g, x, w, device, True, reps)
+            except Exception as exc:  # noqa: BLE001  (report, go on)
+                print(f"invertible {m} CUDA graph: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            out.append(dict(part="invertible", shape=shape, depth=16, method=m + " (CUDA graph)", time_ms=t * 1e3,
+                            saved_mib=saved, peak_mib=peak))
+            del net, g
     base = out[0]
     for r in out:
         r["x_plain"] = r["time_ms"] / base["time_ms"]

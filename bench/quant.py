@@ -154,7 +154,34 @@ def gemm_rows(device, shapes):
                     rows.append(_row(shape=shape, impl=f"pydiff {fmt} g{g} (triton, precision fast)", time_us=t * 1e6,
                                      tflops=flops / t / 1e12, x_bf16=(t_bf16 / t) if t_bf16 else None,
                                      weight_mib=_mib(qw, sw)))
+        if os.environ.get("PYDIFF_QUANT_DIAG") == "1" and device.type == "cuda":
+            rows += _diag_rows(x, w, shape, flops, t_bf16, device)
     return rows
+
+
+def _diag_rows(x, w, shape, flops, t_bf16, device):
+    """What the per-group fold costs (PYDIFF_QUANT_DIAG=1): the exact GEMMs with one group per row
+    (no fold but at the end) next to int8 in groups of 64 (a fold every 64 channels, no unpacking)."""
+    K = x.shape[1]
+    out = []
+    for fmt, g in (("int4", K), ("int8", 64)):
+        qa, sa, _ = Q.quantize(x, fmt, g)
+        qw, sw, _ = Q.quantize(w, fmt, g)
+        cases = [("triton", None), ("cuda", None)]
+        if fmt == "int4" and _wgmma_available(device):
+            cases += [("cuda", "1"), ("cuda", "2")]
+        for b, mode in cases:
+            try:
+                with (_wgmma_on(mode) if mode else contextlib.nullcontext()):
+                    t = bench(lambda: Q.quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=g, out_dtype=torch.bfloat16,
+                                                   backend=b, check=False), device)
+            except Exception as exc:  # noqa: BLE001
+                print(f"diag {fmt} g{g} {b} {mode}: {_why(exc)}")
+                continue
+            name = f"{b}, wgmma layout {mode}" if mode else b
+            out.append(_row(shape=shape, impl=f"diag: pydiff {fmt} g{g} ({name})", time_us=t * 1e6,
+                            tflops=flops / t / 1e12, x_bf16=(t_bf16 / t) if t_bf16 else None))
+    return out
 
 
 def _wgmma_available(device) -> bool:
@@ -346,10 +373,19 @@ def rows(device: torch.device, quick: bool = False, bw=None, out=None):
     out = [] if out is None else out
     shapes = QUICK_SHAPES if quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     mlp_shapes = MLP_QUICK_SHAPES if quick else (MLP_GPU_SHAPES if device.type == "cuda" else MLP_CPU_SHAPES)
+    # a subset for a short GPU session: PYDIFF_QUANT_TABLES="gemm,linear" (of gemm, quantize, linear, mlp),
+    # PYDIFF_QUANT_SHAPES=1 (the first n shapes)
+    tables = os.environ.get("PYDIFF_QUANT_TABLES", "gemm,quantize,linear,mlp").split(",")
+    n = int(os.environ.get("PYDIFF_QUANT_SHAPES", "0") or 0)
+    shapes = shapes[:n] if n > 0 else shapes
+    mlp_shapes = mlp_shapes if "mlp" in tables else []
     bw = bw or copy_bandwidth(device, (64 << 20) if device.type == "cpu" else (512 << 20))
-    out += [dict(r, part="gemm") for r in gemm_rows(device, shapes)]
-    out += [dict(r, part="quantize") for r in quantize_rows(device, shapes, bw, compile_baseline=not quick)]
-    out += [dict(r, part="linear") for r in linear_rows(device, shapes, mlp_shapes)]
+    if "gemm" in tables:
+        out += [dict(r, part="gemm") for r in gemm_rows(device, shapes)]
+    if "quantize" in tables:
+        out += [dict(r, part="quantize") for r in quantize_rows(device, shapes, bw, compile_baseline=not quick)]
+    if "linear" in tables or mlp_shapes:
+        out += [dict(r, part="linear") for r in linear_rows(device, shapes if "linear" in tables else [], mlp_shapes)]
     return out
 
 

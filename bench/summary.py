@@ -95,6 +95,11 @@ def targets(rows):
                            r["mem_frac"] <= 0.10))
         lines.append(_line(6, f"16-block stack {r['shape']} {m}: time / plain", f"{r['x_plain']:.2f}x", "<= 1.15x",
                            r["x_plain"] <= 1.15))
+    g = {r["method"]: r for r in inv if r["method"].endswith("(CUDA graph)")}
+    if "reversible (CUDA graph)" in g and "plain (CUDA graph)" in g:  # both graphed: the kernels' own ratio
+        ratio = g["reversible (CUDA graph)"]["time_ms"] / g["plain (CUDA graph)"]["time_ms"]
+        lines.append(_line(6, "16-block stack, both as CUDA graphs: reversible time / plain", f"{ratio:.2f}x",
+                           "<= 1.15x", ratio <= 1.15))
     return lines
 
 
