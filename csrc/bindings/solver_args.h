@@ -23,32 +23,43 @@ inline DType to_dtype(const at::Tensor& t, const char* name) {
   return DType::kF32;
 }
 
-inline void check_like(const std::optional<at::Tensor>& t, const at::Tensor& x, const std::string& name) {
-  if (!t.has_value()) return;
-  TORCH_CHECK_VALUE(t->sizes() == x.sizes(), name, ": expected shape ", x.sizes(), " (the shape of x), got ", t->sizes());
-  TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), name, ": expected dtype ", x.scalar_type(), " (the dtype of x), got ",
-                   t->scalar_type());
-  TORCH_CHECK_VALUE(t->device() == x.device(), name, ": expected device ", x.device(), ", got ", t->device());
+// `index` >= 0 names a list entry ("history[2]"); the name string is only built on failure.
+inline void check_like(const at::Tensor& t, const at::Tensor& x, const char* name, int index = -1) {
+  if (C10_LIKELY(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type() && t.device() == x.device())) return;
+  const std::string n = index < 0 ? std::string(name) : std::string(name) + "[" + std::to_string(index) + "]";
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), n, ": expected shape ", x.sizes(), " (the shape of x), got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), n, ": expected dtype ", x.scalar_type(), " (the dtype of x), got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device(), n, ": expected device ", x.device(), ", got ", t.device());
+}
+
+inline void check_like(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
+  if (t.has_value()) check_like(*t, x, name);
 }
 
 // Holds contiguous copies (where needed) alive while the kernel runs.
 struct SolverStepCall {
   SolverStepArgs args{};
-  std::vector<at::Tensor> keep;
+  std::vector<at::Tensor> keep;  // only non-contiguous inputs' copies (usually empty: no allocation)
   at::Tensor out_x, out_h;
 };
 
+// The data pointer of t, or of a contiguous copy kept in `call` (t.contiguous() for a contiguous
+// tensor would return t itself; checking first saves the handle copy and the vector push).
+inline const void* contig_ptr(SolverStepCall& call, const at::Tensor& t) {
+  if (t.is_contiguous()) return t.data_ptr();
+  call.keep.push_back(t.contiguous());
+  return call.keep.back().data_ptr();
+}
+
 inline const void* contig_ptr(SolverStepCall& call, const std::optional<at::Tensor>& t) {
-  if (!t.has_value()) return nullptr;
-  at::Tensor c = t->contiguous();
-  call.keep.push_back(c);
-  return c.data_ptr();
+  return t.has_value() ? contig_ptr(call, *t) : nullptr;
 }
 
 inline SolverStepCall make_solver_step_call(const at::Tensor& x, const std::optional<at::Tensor>& model_cond,
                                             const std::optional<at::Tensor>& model_uncond,
-                                            const std::vector<at::Tensor>& history, const std::optional<at::Tensor>& noise,
-                                            const std::optional<at::Tensor>& row_scale, const std::vector<double>& coeffs,
+                                            at::TensorList history, const std::optional<at::Tensor>& noise,
+                                            const std::optional<at::Tensor>& row_scale, c10::ArrayRef<double> coeffs,
                                             const std::optional<at::Tensor>& coeff_table,
                                             const std::optional<at::Tensor>& step, double clip_lo, double clip_hi,
                                             bool write_history,
@@ -64,7 +75,7 @@ inline SolverStepCall make_solver_step_call(const at::Tensor& x, const std::opti
                     "model_uncond: given without model_cond (pass the conditional output as model_cond)");
   const int k = int(history.size());
   TORCH_CHECK_VALUE(k <= kMaxHistory, "history: expected at most ", kMaxHistory, " entries, got ", k);
-  for (int i = 0; i < k; ++i) check_like(history[i], x, "history[" + std::to_string(i) + "]");
+  for (int i = 0; i < k; ++i) check_like(history[i], x, "history", i);
   const int nc = num_step_coeffs(k);
   a.numel = x.numel();
   a.inner = x.size(0) > 0 ? x.numel() / x.size(0) : 1;
@@ -117,17 +128,36 @@ inline SolverStepCall make_solver_step_call(const at::Tensor& x, const std::opti
   a.out_h = write_history ? call.out_h.data_ptr() : nullptr;
   if (x0_stats.has_value()) {
     const at::Tensor& t = *x0_stats;
-    std::vector<int64_t> want{2};
-    for (int64_t d : x.sizes()) want.push_back(d);
     TORCH_CHECK_TYPE(t.scalar_type() == at::kDouble, "x0_stats: expected dtype float64, got ", t.scalar_type());
-    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(want), "x0_stats: expected shape ", at::IntArrayRef(want),
-                      " ([2, *x.shape]: running sums of x0 and x0^2), got ", t.sizes());
+    if (!(t.dim() == x.dim() + 1 && t.size(0) == 2 && t.sizes().slice(1) == x.sizes())) {
+      std::vector<int64_t> want{2};
+      for (int64_t d : x.sizes()) want.push_back(d);
+      TORCH_CHECK_VALUE(false, "x0_stats: expected shape ", at::IntArrayRef(want),
+                        " ([2, *x.shape]: running sums of x0 and x0^2), got ", t.sizes());
+    }
     TORCH_CHECK_VALUE(t.is_contiguous(), "x0_stats: expected a contiguous tensor (it is updated in place)");
     TORCH_CHECK_VALUE(t.device() == x.device(), "x0_stats: expected device ", x.device(), ", got ", t.device());
     a.x0_stats = t.data_ptr<double>();
   }
   return call;
 }
+
+// The bodies of torch.ops.pydiff.solver_step (x0_stats absent) and solver_step_track (x0_stats
+// given, updated in place) for CPU tensors (solver_ops.cpp) and CUDA tensors (solver_ops_cuda.cpp,
+// only with PYDIFF_WITH_CUDA). The TORCH_LIBRARY_IMPL registrations call them, and so does the
+// direct Python binding pydiff._C.solver_step_direct (module.cpp), which skips the dispatcher.
+std::tuple<at::Tensor, at::Tensor> solver_step_cpu_impl(
+    const at::Tensor& x, const std::optional<at::Tensor>& model_cond, const std::optional<at::Tensor>& model_uncond,
+    at::TensorList history, const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& row_scale,
+    c10::ArrayRef<double> coeffs, const std::optional<at::Tensor>& coeff_table, const std::optional<at::Tensor>& step,
+    double clip_lo, double clip_hi, bool write_history, const std::optional<at::Tensor>& x0_stats);
+#ifdef PYDIFF_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> solver_step_cuda_impl(
+    const at::Tensor& x, const std::optional<at::Tensor>& model_cond, const std::optional<at::Tensor>& model_uncond,
+    at::TensorList history, const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& row_scale,
+    c10::ArrayRef<double> coeffs, const std::optional<at::Tensor>& coeff_table, const std::optional<at::Tensor>& step,
+    double clip_lo, double clip_hi, bool write_history, const std::optional<at::Tensor>& x0_stats);
+#endif
 
 inline void check_rescale_args(const at::Tensor& c, const at::Tensor& u, double guidance, double phi) {
   to_dtype(c, "model_cond");

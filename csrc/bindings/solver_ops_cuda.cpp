@@ -6,6 +6,22 @@
 #include "solver_args.h"
 
 namespace pydiff {
+
+std::tuple<at::Tensor, at::Tensor> solver_step_cuda_impl(
+    const at::Tensor& x, const std::optional<at::Tensor>& model_cond, const std::optional<at::Tensor>& model_uncond,
+    at::TensorList history, const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& row_scale,
+    c10::ArrayRef<double> coeffs, const std::optional<at::Tensor>& coeff_table, const std::optional<at::Tensor>& step,
+    double clip_lo, double clip_hi, bool write_history, const std::optional<at::Tensor>& x0_stats) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "x: expected a CUDA tensor, got ", x.device());
+  c10::cuda::CUDAGuard guard(x.device());
+  SolverStepCall call = make_solver_step_call(x, model_cond, model_uncond, history, noise, row_scale, coeffs,
+                                              coeff_table, step, clip_lo, clip_hi, write_history, x0_stats);
+  const int err = solver_step_cuda(call.args, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+  TORCH_CHECK(err == 0, x0_stats.has_value() ? "pydiff.solver_step_track" : "pydiff.solver_step",
+              ": CUDA kernel launch failed with cudaError ", err);
+  return {std::move(call.out_x), std::move(call.out_h)};
+}
+
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> solver_step_cuda_op(const at::Tensor& x, const std::optional<at::Tensor>& model_cond,
@@ -16,13 +32,8 @@ std::tuple<at::Tensor, at::Tensor> solver_step_cuda_op(const at::Tensor& x, cons
                                                        const std::optional<at::Tensor>& coeff_table,
                                                        const std::optional<at::Tensor>& step, double clip_lo,
                                                        double clip_hi, bool write_history) {
-  TORCH_CHECK_VALUE(x.is_cuda(), "x: expected a CUDA tensor, got ", x.device());
-  c10::cuda::CUDAGuard guard(x.device());
-  SolverStepCall call = make_solver_step_call(x, model_cond, model_uncond, history.vec(), noise, row_scale, coeffs.vec(),
-                                              coeff_table, step, clip_lo, clip_hi, write_history);
-  const int err = solver_step_cuda(call.args, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
-  TORCH_CHECK(err == 0, "pydiff.solver_step: CUDA kernel launch failed with cudaError ", err);
-  return {call.out_x, call.out_h};
+  return solver_step_cuda_impl(x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step,
+                               clip_lo, clip_hi, write_history, std::nullopt);
 }
 
 std::tuple<at::Tensor, at::Tensor> solver_step_track_cuda_op(
@@ -30,13 +41,8 @@ std::tuple<at::Tensor, at::Tensor> solver_step_track_cuda_op(
     at::TensorList history, const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& row_scale,
     c10::ArrayRef<double> coeffs, const std::optional<at::Tensor>& coeff_table, const std::optional<at::Tensor>& step,
     double clip_lo, double clip_hi, bool write_history, at::Tensor& x0_stats) {
-  TORCH_CHECK_VALUE(x.is_cuda(), "x: expected a CUDA tensor, got ", x.device());
-  c10::cuda::CUDAGuard guard(x.device());
-  SolverStepCall call = make_solver_step_call(x, model_cond, model_uncond, history.vec(), noise, row_scale, coeffs.vec(),
-                                              coeff_table, step, clip_lo, clip_hi, write_history, x0_stats);
-  const int err = solver_step_cuda(call.args, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
-  TORCH_CHECK(err == 0, "pydiff.solver_step_track: CUDA kernel launch failed with cudaError ", err);
-  return {call.out_x, call.out_h};
+  return solver_step_cuda_impl(x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step,
+                               clip_lo, clip_hi, write_history, x0_stats);
 }
 
 at::Tensor cfg_rescale_cuda_op(const at::Tensor& c, const at::Tensor& u, double guidance, double phi) {
