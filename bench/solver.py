@@ -27,15 +27,20 @@ CONFIGS = {  # the issue's target (DPM-Solver++ 2M) first: a run stopped at its 
 }
 
 
-def _coeffs(k: int, noise: bool) -> StepCoeffs:
+def _coeffs(k: int, noise: bool, outs: int = 2) -> StepCoeffs:
+    """The step's coefficients; with ``outs`` 2 it also writes the x0 estimate d as the history entry
+    (multistep solvers), with 1 only x_next (DDIM: its history row stays zero, so the op skips that
+    write, as the byte floor of ``bytes_needed`` assumes)."""
     c = StepCoeffs(k).set(g=7.5, px=1 / 0.8, pm=-0.6 / 0.8)
     c.out(0, x=0.9, d=0.05, z=0.1 if noise else 0.0, h=[-0.02 * (i + 1) for i in range(k)])
-    c.out(1, d=1.0)
+    if outs == 2:
+        c.out(1, d=1.0)
     return c
 
 
-def eager_step(x, u, c, hist, z, co: list, k: int):
-    """The same step written as a user writes it in eager torch (zero terms skipped)."""
+def eager_step(x, u, c, hist, z, co: list, k: int, outs: int = 2):
+    """The same step written as a user writes it in eager torch (zero terms skipped); returns
+    ``(x_next, d)``, or ``x_next`` alone when ``outs`` is 1."""
     g, px, pm = co[0], co[1], co[2]
     r0 = co[6:6 + 5 + k]
     m = u + g * (c - u)
@@ -45,7 +50,7 @@ def eager_step(x, u, c, hist, z, co: list, k: int):
         out = out + r0[4] * z
     for i in range(k):
         out = out + r0[5 + i] * hist[i]
-    return out, d
+    return (out, d) if outs == 2 else out
 
 
 def bytes_needed(numel: int, elem: int, k: int, noise: bool, outs: int) -> int:
@@ -65,7 +70,7 @@ def kernel_rows(device: torch.device, shapes, dtype=torch.float32, compile_basel
         hist_all = [mk() for _ in range(3)]
         z = mk()
         for name, (k, noise, outs) in CONFIGS.items():
-            co = _coeffs(k, noise)
+            co = _coeffs(k, noise, outs)
             hist = hist_all[:k]
             zz = z if noise else None
             nbytes = bytes_needed(numel, x.element_size(), k, noise, outs)
@@ -78,14 +83,14 @@ def kernel_rows(device: torch.device, shapes, dtype=torch.float32, compile_basel
                     continue  # the interpreter is a correctness tool, not a backend to time
                 variants[f"pydiff[{b}]"] = (lambda b=b: pydiff.solver_step(x, c, u, hist, zz, coeffs=co, backend=b,
                                                                             check=False))
-            variants["eager torch"] = lambda: eager_step(x, u, c, hist, zz, co.v, k)
+            variants["eager torch"] = lambda: eager_step(x, u, c, hist, zz, co.v, k, outs)
             if compile_baseline:
                 torch._dynamo.reset()  # one compile per configuration, no recompile-limit surprises
                 cfn = torch.compile(eager_step, fullgraph=True)
                 try:
-                    cfn(x, u, c, hist, zz, co.v, k)
+                    cfn(x, u, c, hist, zz, co.v, k, outs)
                     sync(device)
-                    variants["torch.compile"] = lambda: cfn(x, u, c, hist, zz, co.v, k)
+                    variants["torch.compile"] = lambda: cfn(x, u, c, hist, zz, co.v, k, outs)
                 except Exception as exc:  # no compiler toolchain: report, don't fail the run
                     print(f"  torch.compile unavailable: {type(exc).__name__}: {str(exc)[:120]}")
             for vname, fn in variants.items():
