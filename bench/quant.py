@@ -130,33 +130,32 @@ def gemm_rows(device, shapes):
                     rows.append(_row(shape=shape, impl=f"pydiff {fmt} g{g} (triton, {name} tensor cores)",
                                      time_us=t * 1e6, tflops=flops / t / 1e12, x_bf16=(t_bf16 / t) if t_bf16 else None,
                                      weight_mib=_mib(qw, sw)))
+            gemm = dict(fmt=fmt, group_size=g, out_dtype=torch.bfloat16, check=False)
             if fmt == "int4" and _wgmma_available(device):
                 for mode, name in (("1", "wgmma f16 tensor cores"), ("2", "wgmma f16, swizzled tiles")):
-                    try:
-                        with _wgmma_on(mode):
-                            t = bench(lambda: Q.quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=g,
-                                                           out_dtype=torch.bfloat16, backend="cuda", check=False),
-                                      device)
-                    except Exception as exc:  # noqa: BLE001
-                        print(f"quant_gemm int4 cuda wgmma {mode}: {_why(exc)}")
-                    else:
-                        rows.append(_row(shape=shape, impl=f"pydiff {fmt} g{g} (cuda, {name})", time_us=t * 1e6,
-                                         tflops=flops / t / 1e12, x_bf16=(t_bf16 / t) if t_bf16 else None,
-                                         weight_mib=_mib(qw, sw)))
+                    _timed_row(rows, device, shape, f"pydiff {fmt} g{g} (cuda, {name})", flops, t_bf16, _mib(qw, sw),
+                               lambda: Q.quant_gemm(qa, sa, qw, sw, backend="cuda", **gemm), mode)
             if fmt in ("int4", "int8") and device.type == "cuda" and "triton" in _backends(device) and g < K:
                 # precision="fast": fp16 operands, one accumulation over K (not the exact group sums)
-                try:
-                    t = bench(lambda: Q.quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=g, out_dtype=torch.bfloat16,
-                                                   backend="triton", check=False, precision="fast"), device)
-                except Exception as exc:  # noqa: BLE001
-                    print(f"quant_gemm {fmt} triton fast: {_why(exc)}")
-                else:
-                    rows.append(_row(shape=shape, impl=f"pydiff {fmt} g{g} (triton, precision fast)", time_us=t * 1e6,
-                                     tflops=flops / t / 1e12, x_bf16=(t_bf16 / t) if t_bf16 else None,
-                                     weight_mib=_mib(qw, sw)))
+                _timed_row(rows, device, shape, f"pydiff {fmt} g{g} (triton, precision fast)", flops, t_bf16,
+                           _mib(qw, sw),
+                           lambda: Q.quant_gemm(qa, sa, qw, sw, backend="triton", precision="fast", **gemm))
         if os.environ.get("PYDIFF_QUANT_DIAG") == "1" and device.type == "cuda":
             rows += _diag_rows(x, w, shape, flops, t_bf16, device)
     return rows
+
+
+def _timed_row(rows, device, shape, impl, flops, t_bf16, weight_mib, fn, wgmma_mode=None):
+    """Time ``fn`` (with PYDIFF_CUDA_WGMMA=wgmma_mode when given) and append its GEMM row; a failure
+    is printed and skipped (a path this GPU or build lacks)."""
+    try:
+        with (_wgmma_on(wgmma_mode) if wgmma_mode else contextlib.nullcontext()):
+            t = bench(fn, device)
+    except Exception as exc:  # noqa: BLE001
+        print(f"{impl}: {_why(exc)}")
+        return
+    rows.append(_row(shape=shape, impl=impl, time_us=t * 1e6, tflops=flops / t / 1e12,
+                     x_bf16=(t_bf16 / t) if t_bf16 else None, weight_mib=weight_mib))
 
 
 def _diag_rows(x, w, shape, flops, t_bf16, device):
@@ -171,16 +170,10 @@ def _diag_rows(x, w, shape, flops, t_bf16, device):
         if fmt == "int4" and _wgmma_available(device):
             cases += [("cuda", "1"), ("cuda", "2")]
         for b, mode in cases:
-            try:
-                with (_wgmma_on(mode) if mode else contextlib.nullcontext()):
-                    t = bench(lambda: Q.quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=g, out_dtype=torch.bfloat16,
-                                                   backend=b, check=False), device)
-            except Exception as exc:  # noqa: BLE001
-                print(f"diag {fmt} g{g} {b} {mode}: {_why(exc)}")
-                continue
             name = f"{b}, wgmma layout {mode}" if mode else b
-            out.append(_row(shape=shape, impl=f"diag: pydiff {fmt} g{g} ({name})", time_us=t * 1e6,
-                            tflops=flops / t / 1e12, x_bf16=(t_bf16 / t) if t_bf16 else None))
+            _timed_row(out, device, shape, f"diag: pydiff {fmt} g{g} ({name})", flops, t_bf16, None,
+                       lambda: Q.quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=g, out_dtype=torch.bfloat16,
+                                            backend=b, check=False), mode)
     return out
 
 
