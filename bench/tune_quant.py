@@ -68,7 +68,7 @@ def _cfg(c):
     return d
 
 
-def sweep(device, shapes, candidates, fmts, budget, int4_candidates=(), fast=False):
+def sweep(device, shapes, candidates, fmts, budget, int4_candidates=(), fast=False, groups=None):
     from pydiff.ops import quant as Q
     from pydiff.triton_kernels.quant import _cap, _gemm_config, quant_gemm_triton
 
@@ -76,7 +76,7 @@ def sweep(device, shapes, candidates, fmts, budget, int4_candidates=(), fast=Fal
     rows = []
     for M, K, N in shapes:
         for fmt in fmts:
-            g = GROUP[fmt] or K
+            g = (groups or GROUP)[fmt] or K
             x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
             w = torch.randn(N, K, device=device, dtype=torch.bfloat16) / K**0.5
             ref_backend = "torch" if device.type == "cpu" else None
@@ -161,13 +161,14 @@ def main(argv=None):
                                                                                           INT4_CANDIDATES)
     import triton
 
+    groups = dict(GROUP)
     if args.fast:  # int4 / int8 in groups of 64 (per-token int8 has no group fold to save)
-        GROUP["int8"] = 64
+        groups["int8"] = 64
         fmts = [f for f in fmts if f != "fp8"]
         cands, i4 = (QUICK_FAST if args.quick else FAST_CANDIDATES), ()
     print(f"# quant GEMM tile sweep on {device_name(device)}, torch {torch.__version__}, triton {triton.__version__}"
           f"{' (precision fast)' if args.fast else ''}")
-    rows = sweep(device, shapes, cands, fmts, args.budget, i4, fast=args.fast)
+    rows = sweep(device, shapes, cands, fmts, args.budget, i4, fast=args.fast, groups=groups)
     cols = ["shape", "fmt", "config", "time_us", "tflops", "equal", "error"]
     for r in rows:
         print("  ".join(f"{r[c]:.1f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols))

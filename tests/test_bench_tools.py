@@ -31,6 +31,25 @@ def test_tune_quant_quick_tiles_agree(tmp_path, capsys):
     assert all(r.get("equal") for r in rows if "time_us" in r) and len(rows) >= 6
 
 
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the CPU smoke run of the sweep needs Triton's interpreter")
+def test_tune_quant_quick_fast_tiles_agree(tmp_path, capsys):
+    """--fast: the precision="fast" GEMM's candidate tile (a k-step over two groups, unrolled) agrees
+    with the default tile within 2^-12 of the output's largest value, int4 and int8 in groups of 64."""
+    pytest.importorskip("triton")
+    import json
+
+    import tune_quant
+
+    out = tmp_path / "tune_fast.json"
+    assert tune_quant.main(["--quick", "--fast", "--fmts", "int4,int8", "--out", str(out)]) == 0
+    assert "MISMATCH" not in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["fmt"] for r in rows} == {"int4", "int8"} and len(rows) == 4
+    assert all(r.get("equal") for r in rows) and any("unroll=2" in r["config"] for r in rows)
+    assert tune_quant.GROUP["int8"] is None  # the module's table is left as it was
+
+
 def _rows(x_floor, call_us, x_amax, gemm_us, fp8_us, mem_frac, x_plain):
     return [
         dict(part="kernel", shape="1x16x21x90x160", config="dpmpp2m_cfg", impl="pydiff[cuda]", x_floor=x_floor),
