@@ -45,8 +45,10 @@ def _exp_neg(x):
     p = p * r + 0.5
     p = p * r + 1.0
     p = p * r + 1.0
-    k = tl.maximum(t.to(tl.int32, bitcast=True) - 0x4B400000, -1023)  # = int(kf), without a conversion
-    two_k = ((k + 1023).to(tl.int64) << 52).to(tl.float64, bitcast=True)
+    # the biased exponent k + 1023 = int(kf) + 1023 straight from t's bits (t = 1.5 * 2^23 + kf), clamped
+    # at 0 (2^k underflows to 0.0 below 2^-1022), then placed in bits 52-62: 2^k as a float64
+    kb = tl.maximum(t.to(tl.int32, bitcast=True) - (0x4B400000 - 1023), 0)
+    two_k = (kb.to(tl.uint32).to(tl.uint64) << 52).to(tl.float64, bitcast=True)
     return p.to(tl.float64) * two_k
 
 
@@ -57,7 +59,8 @@ def _max_nan(a, b):
 
 @triton.jit
 def _partial_kernel(logits_ptr, thr_ptr, mask_ptr, pm1, pm2, ps, pt, parg, pbad, V, row_stride, nchunks, inv_t,
-                    HAS_T: tl.constexpr, HAS_M: tl.constexpr, CHUNK: tl.constexpr, STATS: tl.constexpr):
+                    HAS_T: tl.constexpr, HAS_M: tl.constexpr, CHUNK: tl.constexpr, STATS: tl.constexpr,
+                    UNIT_T: tl.constexpr):
     pid = tl.program_id(0)  # one grid dimension (y and z stop at 65535 rows)
     c = pid % nchunks
     r = (pid // nchunks).to(tl.int64)
@@ -73,11 +76,15 @@ def _partial_kernel(logits_ptr, thr_ptr, mask_ptr, pm1, pm2, ps, pt, parg, pbad,
     if HAS_T:
         tau = tl.load(thr_ptr + r)
         kv = tl.where(x >= tau, x, float("-inf"))
+        m1 = tl.max(kv, 0)
     else:
         kv = x
-    m1 = tl.max(kv, 0)
+        m1 = mx  # = max(x) unless the chunk is bad (NaN / +inf: the row's outputs are NaN / -2 whatever m1 is)
     m1s = tl.where(m1 > float("-inf"), m1, 0.0)
-    xs = (kv - m1s) * inv_t
+    if UNIT_T:
+        xs = kv - m1s  # (x * 1.0 is x: the same values as with the multiply)
+    else:
+        xs = (kv - m1s) * inv_t
     e = _exp_neg(xs)  # exactly 0 where kv = -inf (xs = -inf: 2^k underflows to 0)
     s = tl.sum(e, 0)
     i = r * nchunks + c
@@ -96,7 +103,7 @@ def _partial_kernel(logits_ptr, thr_ptr, mask_ptr, pm1, pm2, ps, pt, parg, pbad,
 
 
 @triton.jit
-def _rescan_e(row_ptr, offs, valid, tau, m_sel, inv_t, HAS_T: tl.constexpr):
+def _rescan_e(row_ptr, offs, valid, tau, m_sel, inv_t, HAS_T: tl.constexpr, UNIT_T: tl.constexpr):
     """``e = exp((l - m_c) / T)`` of the logits at ``offs`` as the partial kernel computed them (0 where
     not kept or not ``valid``)."""
     x = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
@@ -104,14 +111,16 @@ def _rescan_e(row_ptr, offs, valid, tau, m_sel, inv_t, HAS_T: tl.constexpr):
         kv = tl.where(x >= tau, x, float("-inf"))
     else:
         kv = x  # (a valid row has no NaN)
-    return _exp_neg((kv - m_sel) * inv_t)  # 0 where kv = -inf
+    if UNIT_T:
+        return _exp_neg(kv - m_sel)  # 0 where kv = -inf
+    return _exp_neg((kv - m_sel) * inv_t)
 
 
 @triton.jit
 def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, pm2, ps, pt, parg, pbad,
                    tok_ptr, prob_ptr, stats_ptr, V, row_stride, nchunks, t_stat, inv_t,
                    ARGMAX: tl.constexpr, HAS_T: tl.constexpr, HAS_M: tl.constexpr, NCP: tl.constexpr,
-                   CHUNK: tl.constexpr, STATS: tl.constexpr):
+                   CHUNK: tl.constexpr, STATS: tl.constexpr, UNIT_T: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     on = 1
     if HAS_M:
@@ -177,7 +186,7 @@ def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, p
         last = tl.full([], -1, dtype=tl.int64)
         for b in range(CHUNK // SUB):
             offs = sel.to(tl.int64) * CHUNK + b * SUB + tl.arange(0, SUB).to(tl.int64)
-            e = _rescan_e(row_ptr, offs, (offs < V) & live, tau, m_sel, inv_t, HAS_T)
+            e = _rescan_e(row_ptr, offs, (offs < V) & live, tau, m_sel, inv_t, HAS_T, UNIT_T)
             bs = tl.sum(e, 0)
             hit = (found < 0) & (run + bs > rem) & (bs > 0)
             found = tl.where(hit, b, found)
@@ -186,14 +195,14 @@ def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, p
             last = tl.maximum(last, tl.max(tl.where(e > 0, offs, -1), 0))
         fb = tl.maximum(found, 0)
         offs = sel.to(tl.int64) * CHUNK + fb * SUB + tl.arange(0, SUB).to(tl.int64)
-        e = _rescan_e(row_ptr, offs, (offs < V) & live & (found >= 0), tau, m_sel, inv_t, HAS_T)
+        e = _rescan_e(row_ptr, offs, (offs < V) & live & (found >= 0), tau, m_sel, inv_t, HAS_T, UNIT_T)
         ce = before + tl.cumsum(e, 0)
         tok = tl.min(tl.where((ce > rem) & (e > 0), offs, 2 ** 62), 0)
         # not reached (rounding: the piece's prefix ends a hair below the sum that chose it): its last
         # kept token; no piece chosen (beyond the last cumulative sum): the chunk's last kept token
         last_b = tl.max(tl.where(e > 0, offs, -1), 0)
         tok = tl.where(tok == 2 ** 62, tl.where(found >= 0, last_b, last), tok)
-        te = _rescan_e(row_ptr, tok + tl.zeros([2], dtype=tl.int64), (tok >= 0) & live, tau, m_sel, inv_t, HAS_T)
+        te = _rescan_e(row_ptr, tok + tl.zeros([2], dtype=tl.int64), (tok >= 0) & live, tau, m_sel, inv_t, HAS_T, UNIT_T)
         etok = tl.max(te, 0)
         prob = etok * w_sel / Z
     nan = float("nan")
@@ -249,9 +258,10 @@ def sample_categorical_triton(logits, threshold, row_mask, seeds, offsets, tempe
     seeds, offsets = seeds.contiguous(), offsets.contiguous()
     _partial_kernel[(nchunks * R,)](logits, thr, msk, pm1, pm2, ps, pt, parg, pbad, V, row_stride, nchunks,
                                   inv_t, HAS_T=threshold is not None, HAS_M=row_mask is not None,
-                                  CHUNK=chunk, STATS=want_stats)
+                                  CHUNK=chunk, STATS=want_stats, UNIT_T=inv_t == 1.0)
     _select_kernel[(R,)](logits, thr, msk, seeds, offsets, pm1, pm2, ps, pt, parg, pbad, tokens, prob, stats, V,
                          row_stride, nchunks, t_stat, inv_t, ARGMAX=temperature == 0,
                          HAS_T=threshold is not None, HAS_M=row_mask is not None,
-                         NCP=max(2, triton.next_power_of_2(nchunks)), CHUNK=chunk, STATS=want_stats)
+                         NCP=max(2, triton.next_power_of_2(nchunks)), CHUNK=chunk, STATS=want_stats,
+                         UNIT_T=inv_t == 1.0)
     return tokens, prob, stats
