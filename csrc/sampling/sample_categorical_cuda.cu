@@ -50,9 +50,10 @@ __device__ __forceinline__ double exp_neg(float x) {
   p = fmaf(p, r, 0.5f);
   p = fmaf(p, r, 1.f);
   p = fmaf(p, r, 1.f);
-  int k = __float_as_int(t) - 0x4B400000;  // = int(kf): |k| <= 1443 < 2^22
-  k = k < -1022 ? -1023 : k;
-  return double(p) * __longlong_as_double(static_cast<long long>(k + 1023) << 52);
+  // the biased exponent int(kf) + 1023 straight from t's bits (|kf| <= 1443 < 2^22), 0 below 2^-1022
+  // (2^k underflows to 0.0), placed in bits 52-62: 2^k as a double
+  const int kb = max(__float_as_int(t) - (0x4B400000 - 1023), 0);
+  return double(p) * __longlong_as_double(static_cast<long long>(static_cast<unsigned>(kb)) << 52);
 }
 
 __device__ __forceinline__ double warp_sum(double v) {
@@ -74,9 +75,22 @@ __device__ __forceinline__ void merge_top2(float& m1, float& m2, int64_t& arg, f
   }
 }
 
+// sum e and sum e * x over a thread's logits, x = (v - m1) / T (UNIT: T = 1, no multiply: the same x).
+template <bool STATS, bool UNIT>
+__device__ __forceinline__ void exp_sums(const float (&v)[kPerThread], float m1, float inv_tf, double& s, double& t) {
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    const float x = UNIT ? v[j] - m1 : (v[j] - m1) * inv_tf;
+    const double e = exp_neg(x);  // exactly 0 where v[j] = -inf (x = -inf: 2^k underflows to 0)
+    s += e;
+    if (STATS) t += e > 0 ? e * double(x) : 0.0;
+  }
+}
+
 // STATS = false (tokens + prob, temperature > 0): per logit only the max, the NaN/+inf flag and the
 // float64 sum; the second max, first argmax and entropy sum (statistics and argmax only) are skipped.
-template <typename T, bool STATS>
+// HAS_T = false (no threshold): every logit is kept, no per-logit comparison.
+template <typename T, bool STATS, bool HAS_T>
 __global__ void __launch_bounds__(kThreads) partial_kernel(SampleArgs a, Partial* __restrict__ part, int nchunks) {
   const int64_t row = blockIdx.y;
   const int c = blockIdx.x;
@@ -118,7 +132,7 @@ __global__ void __launch_bounds__(kThreads) partial_kernel(SampleArgs a, Partial
     const int64_t i = index(j);
     const float x = v[j];  // -inf past the vocabulary
     bad |= (x != x) | (x == INFINITY);
-    const float kv = x >= tau ? x : -INFINITY;
+    const float kv = !HAS_T || x >= tau ? x : -INFINITY;  // (no threshold: NaN stays, the row is bad anyway)
     v[j] = kv;
     if (STATS) {
       merge_top2(m1, m2, arg, v[j], -INFINITY, (i < a.vocab && v[j] > -INFINITY) ? i : -1);
@@ -158,13 +172,10 @@ __global__ void __launch_bounds__(kThreads) partial_kernel(SampleArgs a, Partial
   const float inv_tf = fminf(float(inv_t), FLT_MAX);  // T < 1 / FLT_MAX: inf * 0 would give NaN at the max
   double s = 0, t = 0;
   if (m1 > -INFINITY) {
-#pragma unroll
-    for (int j = 0; j < kPerThread; ++j) {
-      const float x = (v[j] - m1) * inv_tf;
-      const double e = exp_neg(x);  // exactly 0 where v[j] = -inf (x = -inf: 2^k underflows to 0)
-      s += e;
-      if (STATS) t += e > 0 ? e * double(x) : 0.0;
-    }
+    if (inv_tf == 1.f)
+      exp_sums<STATS, true>(v, m1, inv_tf, s, t);
+    else
+      exp_sums<STATS, false>(v, m1, inv_tf, s, t);
   }
   s = warp_sum(s);
   if (STATS) t = warp_sum(t);
@@ -355,20 +366,15 @@ cudaError_t launch(const SampleArgs& a, void* ws, cudaStream_t s) {
   }
   const int rows_per_block = 4;
   const bool stats = a.want_stats || a.temperature == 0.0;
+  const bool has_t = a.threshold != nullptr;
+  auto pk = stats ? (has_t ? partial_kernel<T, true, true> : partial_kernel<T, true, false>)
+                  : (has_t ? partial_kernel<T, false, true> : partial_kernel<T, false, false>);
 #ifdef PYDIFF_CUDA_EMU
-  if (stats)
-    cuda_emu::launch(partial_kernel<T, true>, dim3(unsigned(nchunks), unsigned(a.rows)), dim3(kThreads), 0, s, a,
-                     part, nchunks);
-  else
-    cuda_emu::launch(partial_kernel<T, false>, dim3(unsigned(nchunks), unsigned(a.rows)), dim3(kThreads), 0, s, a,
-                     part, nchunks);
+  cuda_emu::launch(pk, dim3(unsigned(nchunks), unsigned(a.rows)), dim3(kThreads), 0, s, a, part, nchunks);
   cuda_emu::launch(select_kernel<T>, dim3(unsigned((a.rows + rows_per_block - 1) / rows_per_block)),
                    dim3(32 * rows_per_block), 0, s, a, part, nchunks);
 #else
-  if (stats)
-    partial_kernel<T, true><<<dim3(unsigned(nchunks), unsigned(a.rows)), kThreads, 0, s>>>(a, part, nchunks);
-  else
-    partial_kernel<T, false><<<dim3(unsigned(nchunks), unsigned(a.rows)), kThreads, 0, s>>>(a, part, nchunks);
+  pk<<<dim3(unsigned(nchunks), unsigned(a.rows)), kThreads, 0, s>>>(a, part, nchunks);
   select_kernel<T><<<unsigned((a.rows + rows_per_block - 1) / rows_per_block), 32 * rows_per_block, 0, s>>>(
       a, part, nchunks);
 #endif
