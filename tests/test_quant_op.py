@@ -473,3 +473,28 @@ def test_quant_gemm_quant_fast_precision(backend):
     qr, sr = quantize_values(y.float(), "int4", G)
     assert torch.allclose(s.double(), sr.double(), rtol=2.0**-12, atol=0)
     assert step_diff(q, qr, "int4").max().item() <= 1 and la2.shape == (M, 0)
+
+
+def test_quant_gemm_fast_precision_under_torch_compile():
+    """precision="fast" traces whole (fullgraph) and gives the eager result: under torch.compile it
+    takes the torch form, never the Python Triton launcher."""
+    from pydiff import backend as B
+    from pydiff.ops import quant as Q
+
+    g = torch.Generator().manual_seed(5)
+    qa, sa, _ = quantize_ref(torch.randn(7, 128, generator=g), fmt="int4", group_size=64)
+    qw, sw, _ = quantize_ref(torch.randn(9, 128, generator=g), fmt="int4", group_size=64)
+
+    def f(qa, sa, qw, sw):
+        return quant_gemm(qa, sa, qw, sw, out_dtype=torch.float32, precision="fast")
+
+    eager = f(qa, sa, qw, sw)
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend="eager")(qa, sa, qw, sw)
+    assert torch.allclose(out, eager, rtol=1e-6, atol=1e-6 * eager.abs().max().item())
+    orig = B._compiling
+    try:
+        B._compiling = lambda: True
+        assert not Q._fast_on_triton("triton", torch.device("cpu"))
+    finally:
+        B._compiling = orig

@@ -196,7 +196,10 @@ def _check_precision(precision) -> None:
 
 
 def _fast_on_triton(backend: Optional[str], dev: torch.device) -> bool:
-    """precision="fast" runs the Triton kernel for backend triton, and for auto / cuda on a GPU."""
+    """precision="fast" runs the Triton kernel for backend triton, and for auto / cuda on a GPU; not
+    while torch.compile traces (the launcher is plain Python: the torch form keeps the graph whole)."""
+    if _backend._compiling():
+        return False
     name = _backend.resolve(backend, dev, auto_triton=True)
     return name == "triton" or (name == "cuda" and _backend.triton_usable(dev))
 
@@ -340,7 +343,8 @@ def quant_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.T
     :func:`pydiff.reference.quant.quant_gemm_fast_ref`).  On Hopper the exact form must finish and
     fold each group's sum (every 64 channels) before the next, which stalls the tensor cores; the
     fast form is a plain pipelined GEMM.  It runs on Triton (GPU, or the interpreter); without
-    Triton, and on the ``cpu`` / ``torch`` backends, on torch (fp32 matmul of the fp16 operands).
+    Triton, on the ``cpu`` / ``torch`` backends and under ``torch.compile``, on torch (fp32 matmul of
+    the fp16 operands).
     """
     if check:
         check_quant_gemm_args(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_dtype)
