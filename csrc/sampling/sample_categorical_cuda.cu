@@ -34,7 +34,7 @@ struct Partial {
 };
 
 __device__ __forceinline__ double exp_neg(float x) {
-  x = fmaxf(x, -1000.f);
+  x = x < -1000.f ? -1000.f : x;  // (as fmaxf, but a NaN stays NaN: the partial kernel finds NaN by its sum)
   // kf = rint(x / ln2) as the C++ kernel computes it (rounded product, then to the nearest integer,
   // ties to even), by adding 1.5 * 2^23: k is then the low bits of the sum (no F2I / FRND, which
   // issue at a quarter of the FP32 rate)
@@ -131,8 +131,9 @@ __global__ void __launch_bounds__(kThreads) partial_kernel(SampleArgs a, Partial
   for (int j = 0; j < kPerThread; ++j) {
     const int64_t i = index(j);
     const float x = v[j];  // -inf past the vocabulary
-    bad |= (x != x) | (x == INFINITY);
-    const float kv = !HAS_T || x >= tau ? x : -INFINITY;  // (no threshold: NaN stays, the row is bad anyway)
+    // NaN / +inf: with a threshold checked here; without one, +inf is the max and NaN makes the sum NaN
+    if (HAS_T) bad |= (x != x) | (x == INFINITY);
+    const float kv = !HAS_T || x >= tau ? x : -INFINITY;
     v[j] = kv;
     if (STATS) {
       merge_top2(m1, m2, arg, v[j], -INFINITY, (i < a.vocab && v[j] > -INFINITY) ? i : -1);
@@ -176,7 +177,11 @@ __global__ void __launch_bounds__(kThreads) partial_kernel(SampleArgs a, Partial
       exp_sums<STATS, true>(v, m1, inv_tf, s, t);
     else
       exp_sums<STATS, false>(v, m1, inv_tf, s, t);
+  } else if (!HAS_T) {
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) s = v[j] != v[j] ? double(NAN) : s;  // only NaN and -inf here
   }
+  if (!HAS_T) bad |= m1 == INFINITY;  // (the NaN case: S != S below)
   s = warp_sum(s);
   if (STATS) t = warp_sum(t);
   __shared__ double ss[kThreads / 32], st[kThreads / 32];
@@ -187,7 +192,8 @@ __global__ void __launch_bounds__(kThreads) partial_kernel(SampleArgs a, Partial
     double S = 0, Tt = 0;
     for (int w = 0; w < kThreads / 32; ++w) { S += ss[w]; Tt += st[w]; }
     Partial p;
-    p.s = S; p.t = Tt; p.m1 = m1; p.m2 = m2; p.arg = arg; p.bad = bad; p.pad = 0;
+    p.s = S; p.t = Tt; p.m1 = m1; p.m2 = m2; p.arg = arg; p.pad = 0;
+    p.bad = bad | (!HAS_T && S != S);  // without a threshold a NaN logit reaches S (exp_neg keeps NaN)
     part[row * nchunks + c] = p;
   }
 }

@@ -79,7 +79,13 @@ float store(DType d, unsigned char* p, int64_t i, float v) {
   return pydiff::to_float(h);
 }
 
-enum RowKind { kNormal, kAllNegInf, kNaN, kPosInf, kHuge, kTies, kSingle, kNaNTau, kMasked, kNumKinds };
+// kNaNNegInf: every logit -inf but one NaN (no finite maximum: the partial kernel's NaN check without a
+// threshold must not rely on the exponential sums alone)
+// kNaNNegInfChunk: the same in the first 4096 logits only (a whole chunk of the partial kernel), the
+// rest normal: the row has a finite maximum, and that chunk alone must flag it.
+enum RowKind {
+  kNormal, kAllNegInf, kNaN, kPosInf, kHuge, kTies, kSingle, kNaNTau, kMasked, kNaNNegInf, kNaNNegInfChunk, kNumKinds
+};
 
 struct Case {
   DType dt;
@@ -115,7 +121,7 @@ void run_case(const Case& c, uint64_t seed) {
       float v = float(rng.normal() * c.scale + shift);
       if (i >= V) v = std::numeric_limits<float>::quiet_NaN();  // padding: never read
       if (i < V) {
-        if (kind == kAllNegInf) v = -INFINITY;
+        if (kind == kAllNegInf || kind == kNaNNegInf || (kind == kNaNNegInfChunk && i < 4096)) v = -INFINITY;
         if (kind == kHuge) v = float((rng.uni() * 2 - 1) * big);
         if (kind == kTies) v = float(rng.integer(0, 2));
         if (kind == kSingle) v = -INFINITY;
@@ -132,7 +138,10 @@ void run_case(const Case& c, uint64_t seed) {
       vals[size_t(i)] = store(c.dt, row, i, float(rng.normal() * 5));
       mx = vals[size_t(i)];
     }
-    if (kind == kNaN) store(c.dt, row, rng.integer(0, V - 1), std::numeric_limits<float>::quiet_NaN());
+    if (kind == kNaN || kind == kNaNNegInf)
+      store(c.dt, row, rng.integer(0, V - 1), std::numeric_limits<float>::quiet_NaN());
+    if (kind == kNaNNegInfChunk)
+      store(c.dt, row, rng.integer(0, std::min<int64_t>(V, 4096) - 1), std::numeric_limits<float>::quiet_NaN());
     if (kind == kPosInf) store(c.dt, row, rng.integer(0, V - 1), INFINITY);
     if (c.thresholds && rng.uni() < 0.8) {
       const int which = int(rng.integer(0, 2));
@@ -305,6 +314,8 @@ int main() {
       const int64_t R = V > 10000 ? 4 : V > 3000 ? 9 : 33;
       run_case({dt, R, V, 0, T, false, false, 3.0, false}, seed++);
       run_case({dt, R, V, int64_t(V % 3) + 1, T, true, true, 3.0, true}, seed++);
+      // special rows without a threshold (the partial kernel then finds NaN through its sums)
+      run_case({dt, R, V, 0, T, false, false, 3.0, true}, seed++);
     }
   // temperatures x thresholds / masks / specials on a few sizes
   for (const double T : temps)
@@ -312,6 +323,7 @@ int main() {
       run_case({dt, 9, 4097, 5, T, true, true, 8.0, true}, seed++);
       run_case({dt, 37, 97, 0, T, true, false, 0.5, true}, seed++);
       run_case({dt, 5, 1, 0, T, true, true, 1.0, true}, seed++);
+      run_case({dt, 9, 4097, 3, T, false, true, 8.0, true}, seed++);
     }
   // wide spread (most tokens underflow against the max), many chunks with weights far apart
   for (const DType dt : dts) {
