@@ -240,6 +240,12 @@ __global__ void select_kernel(SampleArgs a, const Partial* __restrict__ part, in
   }
   Z = warp_sum(Z);
   tsum = warp_sum(tsum);
+  // A valid row has Z >= 1 (the chunk holding the maximum contributes e = 1 at weight 1); anything else
+  // (a NaN the partial kernels did not flag) is an invalid row, never a token search over NaN sums.
+  if (!(Z >= 1.0)) {
+    if (lane == 0) { a.tokens[row] = -2; a.prob[row] = nan; st[0] = st[1] = st[2] = nan; }
+    return;
+  }
   if (lane == 0) {
     st[0] = stats ? 1.0 / Z : nan;
     st[1] = stats ? (1.0 - exp((double(M2) - double(M)) / t_stat)) / Z : nan;
