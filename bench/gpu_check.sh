@@ -62,9 +62,16 @@ TESTS=${GPU_CHECK_TESTS:-test_solver_gpu.py test_sampling_gpu.py test_invertible
   test_samplers.py::test_gpu_cuda_graph_stochastic_matches_eager_with_generator \
   test_samplers.py::test_gpu_cuda_graph_with_diffusers_unet_and_x0_trajectory}
 export PYDIFF_FAILLOG="$(cd "$OUTDIR" && pwd)/fails.txt"  # each failure with its traceback, as it happens
+export PYDIFF_TESTLOG=/tmp/pydiff_testlog.txt  # each finished test (outcome, seconds, id): appended to gpu_tests.log
+rm -f "$PYDIFF_TESTLOG"
 (cd tests && timeout -k 10 "$(limit "$T_TESTS")" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider $XD $TO \
   $TESTS) > "$OUTDIR/gpu_tests.log" 2>&1
 echo "tests (rc $?, $(since) s): $(grep -E '(passed|failed|error|skipped)' "$OUTDIR/gpu_tests.log" | tail -1)"
+if [ -f "$PYDIFF_TESTLOG" ]; then  # which tests finished, and the slowest (a run cut at its limit says what it reached)
+  echo "finished tests: $(wc -l < "$PYDIFF_TESTLOG") ($(grep -c '^passed' "$PYDIFF_TESTLOG") passed); slowest:"
+  sort -k2 -t' ' -rn "$PYDIFF_TESTLOG" | head -5
+  { echo "=== finished tests (PYDIFF_TESTLOG)"; cat "$PYDIFF_TESTLOG"; } >> "$OUTDIR/gpu_tests.log"
+fi
 grep -E "^(FAILED|ERROR)" "$OUTDIR/gpu_tests.log" | head -20
 
 # 3. Benchmarks, one process per part (a CUDA error in one part cannot poison the others).

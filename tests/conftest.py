@@ -40,13 +40,20 @@ def pytest_configure(config):
 
 
 _FAILLOG = os.environ.get("PYDIFF_FAILLOG")
+_TESTLOG = os.environ.get("PYDIFF_TESTLOG")
 
 
 def pytest_runtest_logreport(report):
     """With PYDIFF_FAILLOG=path, append each failure to that file as soon as it happens (the GPU check
-    runs under a hard time limit: a run cut short still says what failed and why). Written by the
-    controlling process only under pytest-xdist."""
-    if not _FAILLOG or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+    runs under a hard time limit: a run cut short still says what failed and why); with
+    PYDIFF_TESTLOG=path, one line per finished test (outcome, seconds, node id), so such a run also
+    says which tests it reached. Written by the controlling process only under pytest-xdist."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    if _TESTLOG and (report.when == "call" or (report.when == "setup" and not report.passed)):
+        with open(_TESTLOG, "a") as f:
+            f.write(f"{report.outcome} {report.duration:.1f}s {report.nodeid}\n")
+    if not _FAILLOG or not report.failed:
         return
     text = report.longreprtext or ""
     if len(text) > 2500:
