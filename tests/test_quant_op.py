@@ -453,8 +453,9 @@ def test_quant_gemm_fast_precision(backend, fmt):
     exact = quant_gemm_ref(qa, sa, qw, sw, b, la, lu, fmt, G, None)
     emag = gemm_magnitude(qa, sa, qw, sw, b, la, lu, fmt, G)
     assert ((out.double() - exact).abs() <= 2.0**-9 * emag).all()
-    with pytest.raises(ValueError, match="precision: expected one of"):
-        quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=G, backend=backend, precision="fp16")
+    for chk in (True, False):  # a typo raises even without the argument checks
+        with pytest.raises(ValueError, match="precision: expected one of"):
+            quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=G, backend=backend, precision="Fast", check=chk)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -473,6 +474,8 @@ def test_quant_gemm_quant_fast_precision(backend):
     qr, sr = quantize_values(y.float(), "int4", G)
     assert torch.allclose(s.double(), sr.double(), rtol=2.0**-12, atol=0)
     assert step_diff(q, qr, "int4").max().item() <= 1 and la2.shape == (M, 0)
+    with pytest.raises(ValueError, match="precision: expected one of"):
+        quant_gemm_quant(qa, sa, qw, sw, backend=backend, precision="fp16", check=False)
 
 
 def test_quant_gemm_fast_precision_under_torch_compile():

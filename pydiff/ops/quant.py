@@ -348,9 +348,9 @@ def quant_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.T
     """
     if check:
         check_quant_gemm_args(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_dtype)
-        _check_precision(precision)
     dev = qa.device
-    if precision == "fast":
+    if precision != "exact":
+        _check_precision(precision)  # (even with check=False: a typo must not fall back to the exact form)
         if lora_act is not None and lora_act.shape[1] == 0:
             lora_act = lora_up = None
         args = (qa, sa, qw, sw, bias, lora_act, lora_up, fmt, int(group_size), out_dtype)
@@ -407,8 +407,8 @@ def quant_gemm_quant(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: t
     if check:
         check_quant_gemm_quant_args(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, group_size,
                                     epilogue, out_fmt, out_group_size)
+    if precision != "exact":
         _check_precision(precision)
-    if precision == "fast":
         if lora_act is not None and lora_act.shape[1] == 0:
             lora_act = lora_up = None
         if _fast_on_triton(backend, qa.device):
