@@ -8,8 +8,10 @@
 //   q = 0 (and scale := NaN) when scale is not finite, q = 0 when scale == 0, else
 //   int: clamp(rint(y / scale), -QMAX - 1, QMAX); fp8: e4m3_rne(clamp(y / scale, -448, 448)).
 //
-// Organisation: a CTA of 8 warps owns 16 rows (2 per warp) with lora_down, of 4 warps 4 rows (1 per
-// warp: four times the CTAs, more loads in flight) without it. Lanes own 8 consecutive channels of a
+// Organisation: without lora_down and LayerNorm, with groups of 32 / 64 / 128 / 256, one pass
+// (quantize_onepass_kernel: a warp per row, x read once). Otherwise two passes: a CTA of 8 warps owns
+// 16 rows (2 per warp) with lora_down, of 4 warps 4 rows (1 per warp: four times the CTAs, more loads
+// in flight) without it. Lanes own 8 consecutive channels of a
 // 256-channel chunk (16-byte loads of bf16/fp16 x when aligned), so every 8-channel vector lies in
 // one group (G % 32 == 0) and a quad of lanes covers 32 channels of one group.
 //   0. LayerNorm only: per row, sums of (x - x0) and (x - x0)^2 in float64 (x0 = the row's first
@@ -348,6 +350,40 @@ __global__ void __launch_bounds__(WARPS * 32, 24 / WARPS) quantize_kernel(const 
   }
 }
 
+// One pass, for what needs no row statistics and no shared memory: no lora_down, prologue none or
+// tanh-GELU, groups of G = 32, 64, 128 or 256 channels (a 256-channel chunk holds whole groups). A warp
+// owns a row; per chunk each lane computes y of its 8 channels once, the G / 8 lanes of a group
+// combine their amax (the same NaN-propagating max of |y|'s bit patterns as pass A), and every lane
+// quantizes its values from registers: x is read once, no atomics, no barrier. Same operations as
+// quantize_kernel (compute_y, the scale division, store_q), so the same bits.
+template <QuantFormat FMT, typename TX, int G>
+__global__ void __launch_bounds__(128) quantize_onepass_kernel(const QLaunch L) {
+  static_assert(G % 32 == 0 && kChunk % G == 0, "whole groups in a chunk");
+  constexpr int kLanes = G / kVec;  // lanes of a group: 4, 8, 16 or 32
+  const QuantizeArgs& a = L.a;
+  const int lane = threadIdx.x & 31;
+  const int64_t m = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5), K = a.K, Gn = L.Gn;
+  if (m >= a.M) return;  // (whole warps: the shuffles below stay within full warps)
+  for (int64_t c0 = 0; c0 < K; c0 += kChunk) {
+    const int64_t k = c0 + int64_t(lane) * kVec;
+    const bool act = k < K;  // K % G == 0: a group's lanes are all in or all out
+    float y[kVec];
+    int am = 0;
+    if (act) {
+      compute_y<TX>(L, m, k, 0.0, 1.0, y);
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) am = max(am, __float_as_int(fabsf(y[v])));
+    }
+#pragma unroll
+    for (int o = 1; o < kLanes; o <<= 1) am = max(am, __shfl_xor_sync(0xffffffffu, am, o));
+    if (!act) continue;
+    float sc = __fdiv_rn(__int_as_float(am), QMax<FMT>::v);
+    if (!isfinite(sc)) sc = __int_as_float(0x7FC00000);  // NaN: the group held NaN or inf
+    if (lane % kLanes == 0) a.scales[m * Gn + k / G] = sc;
+    store_q<FMT>(L, m, k, y, sc);
+  }
+}
+
 // Once per device and instantiation (no attribute call during CUDA-graph capture after a warm-up):
 // opt in to the device's largest dynamic shared memory per block.
 template <QuantFormat FMT, typename TX, int RPW, int WARPS>
@@ -378,8 +414,33 @@ cudaError_t launch_rows(const QLaunch& L, size_t smem, int dev, int optin, cudaS
   return cudaGetLastError();
 }
 
+template <QuantFormat FMT, typename TX, int G>
+cudaError_t launch_onepass(const QLaunch& L, cudaStream_t stream) {
+  const int64_t blocks = (L.a.M + 3) / 4;
+#ifdef PYDIFF_CUDA_EMU
+  cuda_emu::launch(quantize_onepass_kernel<FMT, TX, G>, dim3(unsigned(blocks)), dim3(128), 0, stream, L);
+#else
+  quantize_onepass_kernel<FMT, TX, G><<<unsigned(blocks), 128, 0, stream>>>(L);
+#endif
+  return cudaGetLastError();
+}
+
+// Whether quantize_onepass_kernel applies (else quantize_kernel: lora_down, LayerNorm, other groups).
+bool onepass(const QuantizeArgs& a) {
+  const int64_t G = a.group_size;
+  return a.rank == 0 && a.prologue != QuantPrologue::kLayerNorm && (G == 32 || G == 64 || G == 128 || G == 256);
+}
+
 template <QuantFormat FMT, typename TX>
 cudaError_t launch(const QLaunch& L, size_t smem, int dev, int optin, cudaStream_t stream) {
+  if (onepass(L.a)) {
+    switch (L.a.group_size) {
+      case 32: return launch_onepass<FMT, TX, 32>(L, stream);
+      case 64: return launch_onepass<FMT, TX, 64>(L, stream);
+      case 128: return launch_onepass<FMT, TX, 128>(L, stream);
+      default: return launch_onepass<FMT, TX, 256>(L, stream);
+    }
+  }
   if (L.a.rank > 0) return launch_rows<FMT, TX, 2, 8>(L, smem, dev, optin, stream);
   return launch_rows<FMT, TX, 1, 4>(L, smem, dev, optin, stream);
 }
@@ -418,7 +479,7 @@ int quantize_cuda(const QuantizeArgs& a, void* stream) {
   cudaError_t e = cudaGetDevice(&dev);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (e != cudaSuccess) return int(e);
-  if (smem > size_t(optin)) return int(cudaErrorNotSupported);
+  if (smem > size_t(optin) && !onepass(a)) return int(cudaErrorNotSupported);  // (the one-pass kernel uses none)
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (a.fmt) {
     case QuantFormat::kInt4: return int(dispatch_x<QuantFormat::kInt4>(L, smem, dev, optin, s));

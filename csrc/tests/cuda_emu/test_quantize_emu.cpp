@@ -345,6 +345,7 @@ void host_checks() {
   expect(b, cudaSuccess, "M == 0");
   b = a;
   b.K = 32 * 14600, b.group_size = 32;  // 4 rows (no lora_down) x 14600 groups x 4 bytes > 227 KiB
+  b.prologue = QuantPrologue::kLayerNorm;  // (the two-pass kernel: the one-pass one needs no shared memory)
   expect(b, cudaErrorNotSupported, "shared memory above the opt-in limit");
   CHECK(cuda_emu::launches().size() == nl, "host checks: no launch expected");
   std::printf("ok   host-side argument checks and the shared-memory limit\n");
