@@ -78,6 +78,18 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def resolve_tensor(backend: str | None, t: torch.Tensor) -> str:
+    """``resolve(backend, t.device)`` (no ``auto_triton``) for the calls on every op's hot path: a CPU
+    or CUDA tensor whose compiled kernels are built is answered from ``t.is_cpu`` / ``t.is_cuda``
+    (~0.03 us) without reading ``t.device`` (~0.2 us; resolve took 0.4-0.6 us in all), else by resolve."""
+    name = backend or _state["backend"]
+    if t.is_cuda and (name == "auto" or name == "cuda") and _ext.has_cuda_kernels():
+        return "cuda"
+    if t.is_cpu and (name == "auto" or name == "cpu") and _ext.has_cpu_kernels():
+        return "cpu"
+    return resolve(backend, t.device)
+
+
 def resolve(backend: str | None, device: torch.device, *, auto_triton: bool = False) -> str:
     """The backend a call runs on; raises if a forced backend cannot run on ``device``.
 

@@ -412,3 +412,19 @@ def test_raw_track_op_checks_x0_stats():
         torch.ops.pydiff.solver_step_track(*args, torch.zeros((2, 2, 3, 4), dtype=torch.float64))
     with pytest.raises(ValueError, match="contiguous"):
         torch.ops.pydiff.solver_step_track(*args, torch.zeros((2, 2, 5, 3), dtype=torch.float64).transpose(2, 3))
+
+
+@pytest.mark.parametrize("backend", [None, "auto", "cpu", "torch", "triton", "cuda", "nope"])
+def test_resolve_tensor_agrees_with_resolve(backend):
+    """backend.resolve_tensor (solver_step's hot-path resolution) answers as resolve(backend, t.device),
+    errors included, for CPU and meta tensors."""
+    from pydiff import backend as B
+
+    for t in (torch.zeros(2), torch.zeros(2, device="meta")):
+        try:
+            want = B.resolve(backend, t.device)
+        except (ValueError, RuntimeError) as exc:
+            with pytest.raises(type(exc), match="backend"):
+                B.resolve_tensor(backend, t)
+        else:
+            assert B.resolve_tensor(backend, t) == want
