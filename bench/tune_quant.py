@@ -83,7 +83,7 @@ def sweep(device, shapes, candidates, fmts, budget, int4_candidates=(), fast=Fal
             qa, sa, _ = Q.quantize(x, fmt, g, backend=ref_backend)
             qw, sw, _ = Q.quantize(w, fmt, g, backend=ref_backend)
             flops = 2.0 * M * N * K
-            default = _gemm_config(M, N, K, g, 0, fmt, None if device.type == "cpu" else _cap(device))
+            default = _gemm_config(M, N, K, g, 0, fmt, None if device.type == "cpu" else _cap(device), fast=fast)
 
             def run(cfg):
                 return quant_gemm_triton(qa, sa, qw, sw, None, None, None, fmt, g, torch.bfloat16, _config=cfg,
@@ -95,9 +95,6 @@ def sweep(device, shapes, candidates, fmts, budget, int4_candidates=(), fast=Fal
                 return bool(((out.float() - ref.float()).abs().max() <= 2.0**-12 * ref.float().abs().max()).item())
 
             ref = run(None)
-            if fast:
-                from pydiff.triton_kernels.quant import FAST_TILE
-                default = dict(default, **FAST_TILE) if M > 64 and device.type == "cuda" else default
             shape = f"{M}x{K}x{N}"
             t = bench(lambda: run(None), device)
             rows.append(dict(shape=shape, fmt=fmt, config="default " + _short(default), time_us=t * 1e6,

@@ -653,8 +653,15 @@ def _qgemm_kernel(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr, out_
         tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-def _gemm_config(M: int, N: int, K: int, G: int, R: int, fmt: str, cap):
-    """Tile shapes chosen by size (no autotuning).
+# The fast GEMM's tile on GPUs for M > 64 (a k-step of 128 channels spans two groups of 64): a first
+# choice, compiled for sm_90 without spills in 69 KB of shared memory, not yet timed (bench/tune_quant.py
+# --fast sweeps the candidates on a GPU).
+FAST_TILE = dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3)
+
+
+def _gemm_config(M: int, N: int, K: int, G: int, R: int, fmt: str, cap, fast: bool = False):
+    """Tile shapes chosen by size (no autotuning); ``fast``: the precision="fast" GEMM's (FAST_TILE on
+    GPUs for M > 64).
 
     BK = the largest power of two dividing G, at most 128 (one int32 accumulator per group).  The
     GPU shapes were checked by compiling for sm_80/89/90: no register spills, shared memory < 99 KB
@@ -678,13 +685,10 @@ def _gemm_config(M: int, N: int, K: int, G: int, R: int, fmt: str, cap):
     # int4 on Hopper: the e4m3 tensor cores (i4dot 2) ran 1.15-1.22x faster than int8 (i4dot 0) at
     # M = 4096, K, N in {3072, 12288} on an H100 (bench/tune_quant.py), same outputs bit for bit
     i4dot = 2 if fmt == "int4" and _nv(cap, (9, 0)) else 0
-    return dict(BM=BM, BN=BN, BK=BK, BR=16, GROUP_M=8, num_warps=warps, num_stages=3, i4dot=i4dot)
-
-
-# The fast GEMM's tile on GPUs for M > 64 (a k-step of 128 channels spans two groups of 64): a first
-# choice, compiled for sm_90 without spills in 69 KB of shared memory, not yet timed (bench/tune_quant.py
-# --fast sweeps the candidates on a GPU).
-FAST_TILE = dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3)
+    cfg = dict(BM=BM, BN=BN, BK=BK, BR=16, GROUP_M=8, num_warps=warps, num_stages=3, i4dot=i4dot)
+    if fast and M > 64:
+        cfg.update(FAST_TILE)
+    return cfg
 
 
 def _i4dot(cfg, fmt: str, G: int, interp: bool, cap) -> int:
@@ -745,9 +749,7 @@ def _gemm_launch(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_d
     interp = cap is None if interp is None else interp
     R = 0 if lora_act is None else lora_act.shape[1]
     out = _empty((M, N), device=qa.device, dtype=out_dtype)
-    cfg = _gemm_config(M, N, K, G, R, fmt, None if interp else cap)
-    if config and config.get("fast") and not interp and M > 64:
-        cfg.update(FAST_TILE)
+    cfg = _gemm_config(M, N, K, G, R, fmt, None if interp else cap, fast=bool(config and config.get("fast")))
     if config:
         cfg.update(config)
     qa, sa, qw, sw, b, la, lu, has_lora, dot_fp8, magic = _gemm_operands(qa, sa, qw, sw, bias, lora_act, lora_up, fmt,
@@ -813,8 +815,7 @@ def _qgemm_quant_kernel(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr
                         LORA_PREC: tl.constexpr, GELU: tl.constexpr, HAS_SMOOTH: tl.constexpr,
                         OFMT: tl.constexpr, OQMAX: tl.constexpr, G2: tl.constexpr, GB: tl.constexpr,
                         GPT: tl.constexpr, INTERP: tl.constexpr, HAS_LD2: tl.constexpr, BR2: tl.constexpr,
-                        I4DOT: tl.constexpr, FAST: tl.constexpr, UNROLL: tl.constexpr,
-                  GPS: tl.constexpr):
+                        I4DOT: tl.constexpr, FAST: tl.constexpr, UNROLL: tl.constexpr, GPS: tl.constexpr):
     """One ``[BM, GPT * GB]`` output tile: GPT whole output groups of G2 columns, each held in GB =
     next_pow2(G2) lanes (lanes >= G2 masked), so every group's amax is a reduction inside the tile.
     With HAS_LD2: ``lora_act2[rows, :] += y_tile @ lora_down[cols, :]`` (fp32 atomics)."""
@@ -931,7 +932,7 @@ def quant_gemm_quant_triton(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lor
     R2 = 0 if lora_down is None else lora_down.shape[1]
     if int(out_group_size) > (FUSED_MAX_GROUP_LORA2 if R2 > 0 else FUSED_MAX_GROUP):
         y = quant_gemm_triton(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, torch.float32,
-                              precision=precision, _config=_config)
+                              precision=precision)
         return quantize_triton(y, smooth, lora_down, None, None, out_fmt, out_group_size,
                                "gelu_tanh" if epilogue == "gelu_tanh" else "none", 0.0)
     outs, args, const, grid, opts = _gemm_quant_launch(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down,

@@ -33,6 +33,7 @@ import torch
 from pydiff import _ext, backend as _backend
 from pydiff.ops._library import lib
 from pydiff.reference.quant import (
+    fast_operands_ref,
     FORMATS,
     GROUP_MULTIPLE,
     EPILOGUES,
@@ -206,8 +207,6 @@ def _fast_on_triton(backend: Optional[str], dev: torch.device) -> bool:
 
 def _gemm_fast_torch(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_dtype):
     """precision="fast" on torch: the reference's fp16 operands, an fp32 matmul, the fp32 epilogue."""
-    from pydiff.reference.quant import fast_operands_ref
-
     a16, ra = fast_operands_ref(qa, sa, fmt, group_size)
     w16, rw = fast_operands_ref(qw, sw, fmt, group_size)
     out = (a16.float() @ w16.float().T) * ra[:, None] * rw[None, :]
@@ -337,7 +336,7 @@ def quant_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.T
     ``lora_up`` is ``[R, N]`` (any float dtype), ``bias`` ``[N]``.
 
     ``precision="fast"`` trades the exact group sums for one accumulation over K: each operand
-    element becomes ``fp16(q * scale / row_max_scale)`` (relative error <= 2^-11, no overflow or
+    element becomes ``fp16(q * fp16(scale / row_max_scale))`` (relative error <= 2^-10, no overflow or
     underflow whatever the activations' range) and the fp16 products are summed in fp32 over all
     of K, ``out = ref_a ref_w^T * sum_k op_a op_w + ...`` (definition:
     :func:`pydiff.reference.quant.quant_gemm_fast_ref`).  On Hopper the exact form must finish and
@@ -349,18 +348,15 @@ def quant_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.T
     if check:
         check_quant_gemm_args(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_dtype)
     dev = qa.device
+    if lora_act is not None and lora_act.shape[1] == 0:
+        lora_act = lora_up = None
+    args = (qa, sa, qw, sw, bias, lora_act, lora_up, fmt, int(group_size), out_dtype)
     if precision != "exact":
         _check_precision(precision)  # (even with check=False: a typo must not fall back to the exact form)
-        if lora_act is not None and lora_act.shape[1] == 0:
-            lora_act = lora_up = None
-        args = (qa, sa, qw, sw, bias, lora_act, lora_up, fmt, int(group_size), out_dtype)
         if _fast_on_triton(backend, dev):
             return _tk().quant_gemm_triton(*args, precision="fast")
         return _gemm_fast_torch(*args)
     name = _backend.resolve(backend, dev, auto_triton=dev.type == "cuda" and _is_hopper(_index(dev)))
-    if lora_act is not None and lora_act.shape[1] == 0:
-        lora_act = lora_up = None
-    args = (qa, sa, qw, sw, bias, lora_act, lora_up, fmt, int(group_size), out_dtype)
     if name in ("cuda", "cpu"):
         return torch.ops.pydiff.quant_gemm(*args)
     if name == "triton":
@@ -407,10 +403,10 @@ def quant_gemm_quant(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: t
     if check:
         check_quant_gemm_quant_args(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, group_size,
                                     epilogue, out_fmt, out_group_size)
+    if lora_act is not None and lora_act.shape[1] == 0:
+        lora_act = lora_up = None
     if precision != "exact":
         _check_precision(precision)
-        if lora_act is not None and lora_act.shape[1] == 0:
-            lora_act = lora_up = None
         if _fast_on_triton(backend, qa.device):
             return _tk().quant_gemm_quant_triton(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt,
                                                  int(group_size), epilogue, out_fmt, int(out_group_size),
@@ -420,8 +416,6 @@ def quant_gemm_quant(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: t
                         prologue="gelu_tanh" if epilogue == "gelu_tanh" else "none", backend=backend, check=False)
     # auto on CUDA tensors: the fused Triton kernel (the CUDA registration is a GEMM + quantize composition)
     name = _backend.resolve(backend, qa.device, auto_triton=True)
-    if lora_act is not None and lora_act.shape[1] == 0:
-        lora_act = lora_up = None
     args = (qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, int(group_size), epilogue, out_fmt,
             int(out_group_size))
     if name in ("cuda", "cpu"):
