@@ -105,32 +105,19 @@ def gemm_rows(device, shapes):
             g = GROUP[fmt] or K
             qa, sa, _ = Q.quantize(x, fmt, g, backend="torch" if device.type == "cpu" else None)
             qw, sw, _ = Q.quantize(w, fmt, g, backend="torch" if device.type == "cpu" else None)
-            for b in _backends(device):
-                try:
-                    fn = lambda: Q.quant_gemm(qa, sa, qw, sw, fmt=fmt, group_size=g,  # noqa: E731
-                                              out_dtype=torch.bfloat16, backend=b, check=False)
-                    t = bench(fn, device)
-                except Exception as exc:  # noqa: BLE001  (report and go on: fp8 needs sm_89+)
-                    print(f"quant_gemm {fmt} {b}: {_why(exc)}")
-                    continue
-                rows.append(_row(shape=shape, impl=f"pydiff {fmt} g{g} ({b})", time_us=t * 1e6,
-                                 tflops=flops / t / 1e12, x_bf16=(t_bf16 / t) if t_bf16 else None,
-                                 weight_mib=_mib(qw, sw)))
+            gemm = dict(fmt=fmt, group_size=g, out_dtype=torch.bfloat16, check=False)
+            for b in _backends(device):  # (a failure is reported and skipped: fp8 needs sm_89+)
+                _timed_row(rows, device, shape, f"pydiff {fmt} g{g} ({b})", flops, t_bf16, _mib(qw, sw),
+                           lambda: Q.quant_gemm(qa, sa, qw, sw, backend=b, **gemm))
             if fmt == "int4" and device.type == "cuda" and "triton" in _backends(device):
                 # the same Triton kernel on the fp16 / fp8 tensor cores (i4dot; see triton_kernels/quant.py)
                 from pydiff.triton_kernels.quant import quant_gemm_triton
 
                 for mode, name in ((1, "fp16"), (2, "fp8 e4m3")):
-                    try:
-                        t = bench(lambda: quant_gemm_triton(qa, sa, qw, sw, None, None, None, fmt, g, torch.bfloat16,
-                                                            _config={"i4dot": mode}), device)
-                    except Exception as exc:  # noqa: BLE001
-                        print(f"quant_gemm int4 triton i4dot={mode}: {_why(exc)}")
-                        continue
-                    rows.append(_row(shape=shape, impl=f"pydiff {fmt} g{g} (triton, {name} tensor cores)",
-                                     time_us=t * 1e6, tflops=flops / t / 1e12, x_bf16=(t_bf16 / t) if t_bf16 else None,
-                                     weight_mib=_mib(qw, sw)))
-            gemm = dict(fmt=fmt, group_size=g, out_dtype=torch.bfloat16, check=False)
+                    _timed_row(rows, device, shape, f"pydiff {fmt} g{g} (triton, {name} tensor cores)", flops, t_bf16,
+                               _mib(qw, sw),
+                               lambda: quant_gemm_triton(qa, sa, qw, sw, None, None, None, fmt, g, torch.bfloat16,
+                                                         _config={"i4dot": mode}))
             if fmt == "int4" and _wgmma_available(device):
                 for mode, name in (("1", "wgmma f16 tensor cores"), ("2", "wgmma f16, swizzled tiles")):
                     _timed_row(rows, device, shape, f"pydiff {fmt} g{g} (cuda, {name})", flops, t_bf16, _mib(qw, sw),
