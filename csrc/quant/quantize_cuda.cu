@@ -188,6 +188,22 @@ template <> struct QMax<QuantFormat::kInt4> { static constexpr float v = 7.0f; }
 template <> struct QMax<QuantFormat::kInt8> { static constexpr float v = 127.0f; };
 template <> struct QMax<QuantFormat::kFp8E4M3> { static constexpr float v = 448.0f; };
 
+// max |y[v]| as an integer bit pattern (non-negative floats order like their bits; NaN's bits exceed
+// inf's, so a max over lanes propagates NaN as the definition asks).
+__device__ __forceinline__ int amax_bits(const float (&y)[kVec]) {
+  int am = 0;
+#pragma unroll
+  for (int v = 0; v < kVec; ++v) am = max(am, __float_as_int(fabsf(y[v])));
+  return am;
+}
+
+// A group's scale from its amax bits: amax / QMAX (IEEE division), NaN where not finite (NaN or inf).
+template <QuantFormat FMT>
+__device__ __forceinline__ float group_scale(int am) {
+  const float s = __fdiv_rn(__int_as_float(am), QMax<FMT>::v);
+  return isfinite(s) ? s : __int_as_float(0x7FC00000);
+}
+
 // Quantize y[0..7] (channels k .. k + 7 of row m) with scale s and store them.
 template <QuantFormat FMT>
 __device__ __forceinline__ void store_q(const QLaunch& L, int64_t m, int64_t k, const float (&y)[kVec], float s) {
@@ -283,8 +299,7 @@ __global__ void __launch_bounds__(WARPS * 32, 24 / WARPS) quantize_kernel(const 
       int am = 0;
       if (act) {
         compute_y<TX>(L, m, k, mean[i], rstd[i], y);
-#pragma unroll
-        for (int v = 0; v < kVec; ++v) am = max(am, __float_as_int(fabsf(y[v])));
+        am = amax_bits(y);
       } else {
 #pragma unroll
         for (int v = 0; v < kVec; ++v) y[v] = 0.f;
@@ -317,8 +332,7 @@ __global__ void __launch_bounds__(WARPS * 32, 24 / WARPS) quantize_kernel(const 
   // ---- scales
   for (int64_t idx = tid; idx < kRows * Gn; idx += kThreads) {
     const int64_t row = idx / Gn, g = idx % Gn, m = m0 + row;
-    float s = __fdiv_rn(__int_as_float(amax_s[idx]), QMax<FMT>::v);
-    if (!isfinite(s)) s = __int_as_float(0x7FC00000);  // NaN: the group held NaN or inf
+    const float s = group_scale<FMT>(amax_s[idx]);
     scale_s[idx] = s;
     if (m < M) a.scales[m * Gn + g] = s;
   }
@@ -371,14 +385,12 @@ __global__ void __launch_bounds__(128) quantize_onepass_kernel(const QLaunch L) 
     int am = 0;
     if (act) {
       compute_y<TX>(L, m, k, 0.0, 1.0, y);
-#pragma unroll
-      for (int v = 0; v < kVec; ++v) am = max(am, __float_as_int(fabsf(y[v])));
+      am = amax_bits(y);
     }
 #pragma unroll
     for (int o = 1; o < kLanes; o <<= 1) am = max(am, __shfl_xor_sync(0xffffffffu, am, o));
     if (!act) continue;
-    float sc = __fdiv_rn(__int_as_float(am), QMax<FMT>::v);
-    if (!isfinite(sc)) sc = __int_as_float(0x7FC00000);  // NaN: the group held NaN or inf
+    const float sc = group_scale<FMT>(am);
     if (lane % kLanes == 0) a.scales[m * Gn + k / G] = sc;
     store_q<FMT>(L, m, k, y, sc);
   }
