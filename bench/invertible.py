@@ -19,10 +19,13 @@ forward + backward per timing.  Methods, same input shape:
 * CUDA only: ``plain (CUDA graph)`` and ``reversible (CUDA graph)``, the forward and backward
   captured by ``torch.cuda.make_graphed_callables`` (no per-kernel host launches).
 
-Memory: on CUDA the allocator's peak during forward + backward above what was allocated before
-(``peak_mib``); everywhere the bytes of distinct storages saved for backward, counted with
-saved-tensor hooks (``saved_mib``, what the forward keeps alive for the backward).  Part 2 sweeps
-the depth (4..32 blocks on the CPU, 4..64 on CUDA): ours stays flat.
+Memory: ``peak_mib`` is, on CUDA, the allocator's peak during forward + backward above what was
+allocated before; elsewhere the peak of the tensors created during the step, tracked op by op
+(:func:`pydiff.testing.memory.peak_bytes`).  ``saved_mib``: the bytes of distinct storages saved for
+backward (saved-tensor hooks: what the forward keeps alive for the backward).  Part 2 sweeps the
+depth (4..32 blocks on the CPU, 4..64 on CUDA): ours stays flat.  Part 3 (off CUDA,
+``part="invertible_model"``): the GPU-size stack on the ``meta`` device, where the same op-by-op
+count gives the GPU's peak without a GPU (H100, 11-27: plain 3212 MiB measured, 3138 modelled).
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ from torch.utils.checkpoint import checkpoint  # noqa: E402
 from pydiff.nn import AdditiveCoupling, ReversibleSequential  # noqa: E402
 
 from _timing import bench, device_name, sync  # noqa: E402
-from pydiff.testing.memory import saved_bytes as _saved_bytes
+from pydiff.testing.memory import peak_bytes as _peak_bytes, saved_bytes as _saved_bytes  # noqa: E402
 
 GPU_CFG = dict(C=256, H=64, B=8)
 CPU_CFG = dict(C=64, H=32, B=2)
@@ -90,24 +93,26 @@ def _measure(net, x, w, device, time_it: bool, reps: int):
     y, saved = _saved_bytes(lambda: net(x))
     (y * w).sum().backward()
     del y
-    peak = None
+    net.zero_grad(set_to_none=False)  # grads allocated: the peak counts activations, not grads
     if device.type == "cuda":
-        net.zero_grad(set_to_none=False)  # grads allocated: the peak counts activations, not grads
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         step()
         sync(device)
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    t = bench(step, device, warmup=1, reps=reps, min_time=0.1) if time_it else None
+    else:  # the tensors created during the step, tracked op by op (pydiff.testing.memory.peak_bytes)
+        peak = _peak_bytes(step)[1] / 2**20
+    t = bench(step, device, warmup=1, reps=reps, min_time=0.1) if time_it and device.type != "meta" else None
     return t, saved / 2**20, peak
 
 
-def rows(device, cfg: dict | None = None, depths=None, reps: int = 10) -> list:
+def rows(device, cfg: dict | None = None, depths=None, reps: int = 10, model: bool | None = None) -> list:
     """Part 1 (``part="invertible"``): the 16-block stack, every method: ``time_ms``, ``x_plain``
     (time / plain's), ``saved_mib``, ``peak_mib`` (CUDA) and ``mem_frac`` (memory / plain's, peak
     on CUDA, saved bytes elsewhere).  Part 2 (``part="invertible_depth"``): saved (and peak) memory
-    against depth for plain, checkpoint and reversible-f64."""
+    against depth for plain, checkpoint and reversible-f64.  ``model`` (default: off CUDA): also the
+    GPU-size memory model on the meta device (:func:`model_rows`)."""
     device = torch.device(device)
     cfg = cfg or (GPU_CFG if device.type == "cuda" else CPU_CFG)
     depths = depths or ((4, 8, 16, 32, 64) if device.type == "cuda" else (4, 8, 16, 32))
@@ -120,8 +125,8 @@ def rows(device, cfg: dict | None = None, depths=None, reps: int = 10) -> list:
     for m in METHODS:
         net = build(m, C, 16, device)
         t, saved, peak = _measure(net, x, w, device, True, reps)
-        out.append(dict(part="invertible", shape=shape, depth=16, method=m, time_ms=t * 1e3, saved_mib=saved,
-                        peak_mib=peak))
+        out.append(dict(part="invertible", shape=shape, depth=16, method=m, time_ms=None if t is None else t * 1e3,
+                        saved_mib=saved, peak_mib=peak))
         del net
     if device.type == "cuda":
         # the whole forward + backward as CUDA graphs (torch.cuda.make_graphed_callables): what a
@@ -140,15 +145,39 @@ def rows(device, cfg: dict | None = None, depths=None, reps: int = 10) -> list:
             del net, g
     base = out[0]
     for r in out:
-        r["x_plain"] = r["time_ms"] / base["time_ms"]
-        key = "peak_mib" if device.type == "cuda" else "saved_mib"
-        r["mem_frac"] = r[key] / base[key]
+        r["x_plain"] = r["time_ms"] / base["time_ms"] if r["time_ms"] is not None else None
+        r["mem_frac"] = r["peak_mib"] / base["peak_mib"]
     for d in depths:
         for m in ("plain", "checkpoint", "reversible-f64"):
             net = build(m, C, d, device)
             _, saved, peak = _measure(net, x, w, device, False, 1)
             out.append(dict(part="invertible_depth", shape=shape, depth=d, method=m, saved_mib=saved, peak_mib=peak))
             del net
+    if model if model is not None else device.type != "cuda":
+        out += model_rows((4, 16, 64))
+    return out
+
+
+def model_rows(depths=(4, 8, 16, 32, 64)) -> list:
+    """The GPU-size stack (``GPU_CFG``) on the ``meta`` device: nothing is computed or allocated,
+    and :func:`pydiff.testing.memory.peak_bytes` adds up the tensors alive op by op, so a CPU
+    reads in about a second what a GPU's allocator would show as the peak (without cuDNN
+    workspaces and allocator rounding; on the H100 run of 11-27 plain measured 3212 MiB against
+    3138 here).  ``part="invertible_model"``: ``peak_mib`` and ``mem_frac`` per method at 16 blocks,
+    and ``peak_mib`` against depth for plain and reversible."""
+    device = torch.device("meta")
+    C, H, B = GPU_CFG["C"], GPU_CFG["H"], GPU_CFG["B"]
+    shape = f"{B}x{C}x{H}x{H}"
+    x = torch.empty(B, C, H, H, device=device, requires_grad=True)
+    w = torch.empty(B, C, H, H, device=device)
+    out = []
+    for d in sorted(set(depths) | {16}):
+        for m in METHODS if d == 16 else ("plain", "reversible", "reversible-f64"):
+            _, saved, peak = _measure(build(m, C, d, device), x, w, device, False, 1)
+            out.append(dict(part="invertible_model", shape=shape, depth=d, method=m, saved_mib=saved, peak_mib=peak))
+    plain = {r["depth"]: r["peak_mib"] for r in out if r["method"] == "plain"}
+    for r in out:
+        r["mem_frac"] = r["peak_mib"] / plain[r["depth"]]
     return out
 
 
@@ -172,7 +201,7 @@ def plot(rows, path: str) -> None:
     a1.set_xscale("log", base=2)
     a1.set_yscale("log")
     a1.set_xlabel("blocks")
-    a1.set_ylabel("peak extra MiB (CUDA allocator)" if gpu else "MiB saved for backward (saved-tensor hooks)")
+    a1.set_ylabel("peak MiB during forward + backward" if gpu else "MiB saved for backward (saved-tensor hooks)")
     a1.set_title(f"activation memory vs depth ({dep[0]['shape'] if dep else ''})")
     a1.legend(fontsize=8)
     main = [r for r in rows if r["part"] == "invertible"]
@@ -221,6 +250,10 @@ def main(argv=None) -> int:
     print()
     print(_table([x for x in r if x["part"] == "invertible_depth"],
                  ["shape", "depth", "method", "saved_mib", "peak_mib"]))
+    mr = [x for x in r if x["part"] == "invertible_model"]
+    if mr:
+        print("\n# the GPU-size stack on the meta device (live tensors op by op; no cuDNN workspaces)")
+        print(_table(mr, ["shape", "depth", "method", "saved_mib", "peak_mib", "mem_frac"]))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         tag = "gpu" if device.type == "cuda" else "cpu"

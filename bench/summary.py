@@ -84,7 +84,8 @@ def targets(rows):
         lines.append(_line(5, f"{r['case']} {r['shape']} {r['impl'][7:][:30]}", f"{r['speedup']:.2f}x bf16",
                            f">= {need}x", r["speedup"] >= need))
     # issue 6
-    inv = [r for r in rows if r.get("part") == "invertible" and r.get("depth") == 16 and "mem_frac" in r]
+    inv = [r for r in rows if r.get("part") == "invertible" and r.get("depth") == 16 and "mem_frac" in r
+           and not r.get("sub")]
     for m in ("reversible", "reversible-f64", "reversible-fixed"):
         r = _find(inv, method=m)
         if not r:

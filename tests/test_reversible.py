@@ -251,7 +251,7 @@ def test_bench_rows_smoke(tmp_path):
         spec = importlib.util.spec_from_file_location("bench_invertible", os.path.join(here, "invertible.py"))
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        rows = mod.rows("cpu", dict(C=8, H=4, B=1), depths=(2, 4), reps=1)
+        rows = mod.rows("cpu", dict(C=8, H=4, B=1), depths=(2, 4), reps=1, model=False)
     finally:
         sys.path.remove(here)
     main = {r["method"]: r for r in rows if r["part"] == "invertible"}
@@ -259,5 +259,101 @@ def test_bench_rows_smoke(tmp_path):
     assert main["reversible"]["saved_mib"] * 2**20 == 1 * 8 * 4 * 4 * 4
     dep = {(r["method"], r["depth"]): r["saved_mib"] for r in rows if r["part"] == "invertible_depth"}
     assert dep[("reversible-f64", 2)] == dep[("reversible-f64", 4)] < dep[("plain", 2)] < dep[("plain", 4)]
+    pk = {(r["method"], r["depth"]): r["peak_mib"] for r in rows if r["part"] == "invertible_depth"}
+    assert pk[("reversible-f64", 2)] == pk[("reversible-f64", 4)] < pk[("plain", 4)]
+    assert main["reversible"]["mem_frac"] < 1 and main["plain"]["mem_frac"] == 1
     mod.plot(rows, str(tmp_path / "inv.png"))
     assert (tmp_path / "inv.png").stat().st_size > 0
+
+
+# ---- peak memory (live tensors, op by op) and the per-block backward ------------------------------
+def test_live_bytes_tracker_counts_new_storages_once():
+    """peak_bytes: new storages count until freed; views and in-place results add nothing."""
+    from pydiff.testing.memory import LiveBytes, peak_bytes
+
+    n = 1000 + int(torch.randint(0, 500, ()).item())
+    x = torch.randn(n)
+
+    def fn():
+        a = x * 2             # +4n
+        v = a[: n // 2]       # a view: +0
+        v.add_(1.0)           # in place: +0
+        b = a + 1             # +4n (peak 8n)
+        del a, v
+        c = b * 3             # +4n, a freed: 8n
+        return c.sum()        # +4 bytes
+
+    out, peak = peak_bytes(fn)
+    assert peak == 8 * n + 4, peak  # a and b, then b and c and the 4-byte sum
+    with LiveBytes() as lb:
+        y = torch.randn(n, 3)
+        z = y.t().contiguous()  # a copy: 2 x 12n alive
+        del y
+    assert lb.peak == 24 * n and lb.current == 12 * n and z.shape == (3, n)
+
+
+def _gpu_size_peaks(methods, depth):
+    """The bench's GPU-size stack (C = 256, 64x64, batch 8) on the meta device: peak MiB per method."""
+    import importlib.util
+    import os
+    import sys
+
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    sys.path.insert(0, here)
+    try:
+        spec = importlib.util.spec_from_file_location("bench_invertible_m", os.path.join(here, "invertible.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        dev = torch.device("meta")
+        C, H, B = mod.GPU_CFG["C"], mod.GPU_CFG["H"], mod.GPU_CFG["B"]
+        x = torch.empty(B, C, H, H, device=dev, requires_grad=True)
+        w = torch.empty(B, C, H, H, device=dev)
+        return {m: mod._measure(mod.build(m, C, depth, dev), x, w, dev, False, 1)[2] for m in methods}
+    finally:
+        sys.path.remove(here)
+
+
+def test_peak_memory_gpu_size_stack_on_meta():
+    """Issue 6's memory target on the GPU-size 16-block stack, measured without a GPU (live tensors
+    on the meta device): the reversible stack's training peak <= 10 % of plain autograd's, the same
+    at 4 and 16 blocks (parameter gradients reach .grad block by block, the rebuilt state and the
+    state gradient are updated in place), float64 state <= 12 %."""
+    p16 = _gpu_size_peaks(("plain", "reversible", "reversible-f64"), 16)
+    p4 = _gpu_size_peaks(("reversible", "reversible-f64"), 4)
+    half = 8 * 128 * 64 * 64 * 4 / 2**20  # one fp32 coupling half: 16 MiB
+    assert p16["plain"] > 150 * half
+    assert p16["reversible"] <= 0.10 * p16["plain"] and p16["reversible"] <= 14 * half, p16
+    assert p16["reversible-f64"] <= 0.12 * p16["plain"], p16
+    assert p4 == {m: p16[m] for m in p4}, (p4, p16)
+
+
+@pytest.mark.parametrize("state_dtype", [None, torch.float64, torch.int64])
+def test_backward_leaves_output_and_incoming_gradient_alone(state_dtype):
+    """The in-place rebuild and gradient updates never touch the caller's output or the gradient
+    handed to backward; a second backward (retain_graph) gives the same gradients again; gradients
+    with respect to one block's parameters alone (autograd.grad) equal the full backward's."""
+    torch.manual_seed(1)
+    blocks = [AdditiveCoupling(resblock(4), resblock(4)) for _ in range(3)] + [ScaledCoupling(resblock(4))] * (
+        state_dtype != torch.int64)
+    stack = ReversibleSequential(blocks, state_dtype=state_dtype)
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    y = stack(x)
+    y0 = y.detach().clone()
+    gy = torch.randn_like(y)
+    gy0 = gy.clone()
+    params = list(stack.parameters())
+    g1 = torch.autograd.grad(y, [x] + params, gy, retain_graph=True)
+    assert torch.equal(y.detach(), y0) and torch.equal(gy, gy0)
+    g2 = torch.autograd.grad(y, [x] + params, gy, retain_graph=True)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+    last = list(blocks[-1].parameters())
+    g3 = torch.autograd.grad(y, last, gy)
+    for a, b in zip(g3, g1[1 + len(params) - len(last):]):
+        assert torch.equal(a, b)
+    # an expanded (stride-0) incoming gradient, e.g. from y.sum(): must not be written
+    y = stack(x)
+    ones = torch.ones(()).expand_as(y)
+    ga = torch.autograd.grad(y, [x], ones)[0]
+    gb = torch.autograd.grad(stack(x), [x], torch.ones_like(y))[0]
+    assert torch.equal(ga, gb)

@@ -7,6 +7,14 @@ one block before moving to the previous one (RevNet: Gomez et al. 2017, "The Rev
 Network"; IDM: Chen et al. 2024, "Invertible Diffusion Models for Compressed Sensing").  Activation
 memory is the final state plus one block's activations, independent of depth.
 
+Each block is its own autograd node (plus an entry and an exit node), so its parameter gradients
+reach ``.grad`` as soon as its backward is done, as in plain autograd, rather than all held until
+the end; the rebuilt state and the state gradient overwrite the previous block's in place (never
+the caller's output or the gradient handed to backward, nor, under ``retain_graph=True``, the saved
+state).  On the GPU-size 16-block stack of bench/invertible.py (C = 256, 64x64, batch 8, fp32) the
+training peak, counted op by op on the meta device, is 210 MiB against plain autograd's 3138 MiB
+(6.7 %; float64 state 306 MiB, 9.7 %), the same at 4 or 64 blocks.
+
 Couplings (``x = cat(x1, x2)`` split on ``dim``, both halves the same shape)::
 
     AdditiveCoupling(F, G):   y1 = x1 + F(x2)              x2 = y2 - G(y1)
@@ -104,7 +112,10 @@ class _Native:
     def add(self, s, f):
         return _coupling_add(s, self.prep(f))
 
-    def sub(self, s, f):
+    def sub(self, s, f, inplace: bool = False):
+        """``s - f``; ``inplace``: written into ``s`` (a state the backward owns)."""
+        if inplace:
+            return _inv_ops.coupling_update(s, self.prep(f), 1.0, -1.0, inplace=True, check=False)
         return _coupling_sub(s, self.prep(f))
 
     @staticmethod
@@ -163,8 +174,8 @@ class _Fixed(_Native):
         # fused: s + rint(f * 2^bits) in int64 (pydiff.ops.invertible.coupling_update_fixed)
         return _inv_ops.coupling_update_fixed(s, f.detach(), 1.0, self.bits, check=False)
 
-    def sub(self, s, f):
-        return _inv_ops.coupling_update_fixed(s, f.detach(), -1.0, self.bits, check=False)
+    def sub(self, s, f, inplace: bool = False):
+        return _inv_ops.coupling_update_fixed(s, f.detach(), -1.0, self.bits, inplace=inplace, check=False)
 
     def mix(self, a, v, x2):  # pragma: no cover - rejected at construction
         raise NotImplementedError("fixed-point state supports additive couplings only")
@@ -304,7 +315,7 @@ class _GradAcc:
         the accumulators.  ``grad_out`` is cast to ``out``'s dtype (as autograd's add would)."""
         outs = out if isinstance(out, (tuple, list)) else (out,)
         gos = grad_out if isinstance(grad_out, (tuple, list)) else (grad_out,)
-        gos = [g.to(o.dtype) for o, g in zip(outs, gos)]
+        gos = [g if g.dtype == o.dtype else g.to(o.dtype) for o, g in zip(outs, gos)]
         seen, plist, pidx = set(), [], []
         for p in params:
             i = self.index.get(id(p))
@@ -328,8 +339,13 @@ class _GradAcc:
         return list(gs[:n])
 
 
-def _add_grad(a: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-    return a if b is None else a + b.to(a.dtype)
+def _add_grad(a: torch.Tensor, b: Optional[torch.Tensor], inplace: bool = False) -> torch.Tensor:
+    """``a + b`` (``b`` None: ``a``); ``inplace``: added into ``a`` (a gradient the backward owns)."""
+    if b is None:
+        return a
+    if inplace:
+        return a.add_(b)  # (b is promoted inside the kernel: no cast copy)
+    return a + b if torch.promote_types(a.dtype, b.dtype) == a.dtype else a + b.to(a.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,9 +381,11 @@ class CouplingBlock(nn.Module):
     def inverse_state(self, y1, y2, cond, codec, dtype):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def backward_state(self, y1, y2, dy1, dy2, cond, codec, dtype, rng, acc):  # pragma: no cover
+    def backward_state(self, y1, y2, dy1, dy2, cond, codec, dtype, rng, acc, own=(False,) * 4):  # pragma: no cover
         """Rebuild ``(x1, x2)`` from ``(y1, y2)`` and backpropagate ``(dy1, dy2)`` through the block:
-        returns ``(x1, x2, dx1, dx2)``; parameter and cond gradients go to ``acc``."""
+        returns ``(x1, x2, dx1, dx2)``; parameter and cond gradients go to ``acc``.  ``own`` says
+        which of ``(y1, y2, dy1, dy2)`` the backward owns: those may be overwritten in place (the
+        rebuilt state and the updated gradient reuse their memory)."""
         raise NotImplementedError
 
 
@@ -398,23 +416,24 @@ class AdditiveCoupling(CouplingBlock):
         x1 = codec.sub(y1, self.F(codec.decode(x2, dtype), *c))
         return x1, x2
 
-    def backward_state(self, y1, y2, dy1, dy2, cond, codec, dtype, rng, acc):
+    def backward_state(self, y1, y2, dy1, dy2, cond, codec, dtype, rng, acc, own=(False,) * 4):
         c = self._c(cond)
         with torch.enable_grad():
             z1 = codec.decode(y1, dtype).detach().requires_grad_()
             rng()
             g = self.G(z1, *c)
         (dz1,) = acc.grad(g, [z1], self.G.parameters(), dy2, self.pass_cond)
-        x2 = codec.sub(y2, g.detach())
-        del g, z1
-        dy1 = _add_grad(dy1, dz1)
+        x2 = codec.sub(y2, g.detach(), inplace=own[1])
+        del g, z1, y2
+        dy1 = _add_grad(dy1, dz1, inplace=own[2])
+        del dz1
         with torch.enable_grad():
             z2 = codec.decode(x2, dtype).detach().requires_grad_()
             rng()
             f = self.F(z2, *c)
         (dz2,) = acc.grad(f, [z2], self.F.parameters(), dy1, self.pass_cond)
-        x1 = codec.sub(y1, f.detach())
-        return x1, x2, dy1, _add_grad(dy2, dz2)
+        x1 = codec.sub(y1, f.detach(), inplace=own[0])
+        return x1, x2, dy1, _add_grad(dy2, dz2, inplace=own[3])
 
 
 class ScaledCoupling(CouplingBlock):
@@ -439,7 +458,7 @@ class ScaledCoupling(CouplingBlock):
         a = (1 - self.v) * self.F(codec.decode(y2, dtype), *self._c(cond))
         return y2, codec.unmix(y1, a, self.v)
 
-    def backward_state(self, y1, y2, dy1, dy2, cond, codec, dtype, rng, acc):
+    def backward_state(self, y1, y2, dy1, dy2, cond, codec, dtype, rng, acc, own=(False,) * 4):
         with torch.enable_grad():
             z = codec.decode(y2, dtype).detach().requires_grad_()
             rng()
@@ -450,22 +469,48 @@ class ScaledCoupling(CouplingBlock):
         params = list(self.F.parameters()) + [self.v]
         (dz,) = acc.grad(y1r, [z], params, dy1, self.pass_cond)
         dx2 = dy1 * self.v.detach().to(dy1.dtype)
-        return y2, x2, _add_grad(dy2, dz), dx2
+        return y2, x2, _add_grad(dy2, dz, inplace=own[3]), dx2
 
 
 # ----------------------------------------------------------------------------------------------
 # The stack
 # ----------------------------------------------------------------------------------------------
-class _Run:
-    """What one call needs in its backward: the stack and the call's conditioning layout."""
+def _keep_graph() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``); True when unknown."""
+    f = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    try:
+        return True if f is None else bool(f())
+    except RuntimeError:  # not inside a backward
+        return True
 
-    __slots__ = ("stack", "cond", "slots", "dtype", "codec", "det", "tape", "autocast", "native_saved", "params")
 
-    def __init__(self, stack, cond, params):
+class _Chain:
+    """What one call of a reversible stack shares between its autograd nodes (one per block, plus
+    the entry and the exit): the call's settings, and in the backward the state rebuilt so far.
+
+    The backward runs exit -> block n-1 -> ... -> block 0 -> entry (each node's gradient comes from
+    the next one), so each block's node finds in :attr:`state` its own output, rebuilt by the node
+    that ran just before it, and leaves there its input.  :attr:`grads` holds the gradients the
+    last block node returned that are the backward's own (not views of the caller's gradient):
+    when the next node receives them, it updates them in place."""
+
+    __slots__ = ("stack", "cond", "slots", "dtype", "codec", "det", "tape", "autocast", "replay", "state",
+                 "grads", "wrap")
+
+    def __init__(self, stack, cond, x: torch.Tensor):
         self.stack = stack
-        self.params = params
         self.cond = tuple(cond)
         self.slots = [i for i, c in enumerate(cond) if isinstance(c, torch.Tensor)]
+        self.dtype, self.codec = x.dtype, stack._codec(reversible=True)
+        self.det = stack._deterministic()
+        self.tape = _RngTape(x.device, stack.preserve_rng_state)
+        self.autocast = _capture_autocast(x.device)
+        self.replay = None
+        self.state = None   # [s1, s2, (own1, own2)] in the codec's dtype
+        self.grads = ()
+        # an int64 fixed-point state crosses node boundaries as its bits viewed as float64 (autograd
+        # carries gradients only for floating-point tensors); the gradients are float64
+        self.wrap = self.codec.name == "fixed"
 
     def fill(self, tensors) -> tuple:
         cond = list(self.cond)
@@ -473,63 +518,121 @@ class _Run:
             cond[i] = t
         return tuple(cond)
 
+    def out(self, s: torch.Tensor) -> torch.Tensor:
+        return s.view(torch.float64) if self.wrap else s
 
-class _ReversibleFunction(torch.autograd.Function):
-    """Forward without autograd, saving only the final state; backward rebuilds block by block."""
+    def inn(self, s: torch.Tensor) -> torch.Tensor:
+        return s.view(torch.int64) if self.wrap else s
+
+
+class _Enter(torch.autograd.Function):
+    """``x -> (s1, s2)``: the input in the state's arithmetic, split in halves (gradient: the
+    halves' gradients concatenated, in x's dtype)."""
 
     @staticmethod
-    def forward(ctx, run: _Run, x: torch.Tensor, *tensors: torch.Tensor):
-        stack = run.stack
-        n_cond = len(run.slots)
-        cond = run.fill(tensors[:n_cond])
-        run.dtype, run.codec = x.dtype, stack._codec(reversible=True)
-        run.det = stack._deterministic()
-        run.tape = _RngTape(x.device, stack.preserve_rng_state)
-        run.autocast = _capture_autocast(x.device)
-        with torch.no_grad(), _deterministic_scope(x.device, run.det):
-            s1, s2 = stack._split(run.codec.encode(x))
-            for blk in stack.blocks:
-                s1, s2 = blk.forward_state(s1, s2, cond, run.codec, run.dtype, run.tape.record)
-            run.native_saved = run.codec is _NATIVE
-            if run.native_saved:      # the output is the state: save it once, chunk it in backward
-                out = torch.cat([s1, s2], dim=stack.dim)
-                ctx.save_for_backward(out, *tensors[:n_cond])
-            else:                     # save the exact state halves; return them decoded
-                out = torch.cat([run.codec.decode(s1, run.dtype), run.codec.decode(s2, run.dtype)], dim=stack.dim)
-                ctx.save_for_backward(s1, s2, *tensors[:n_cond])
-        ctx.run = run
+    def forward(ctx, chain: _Chain, x: torch.Tensor):
+        ctx.chain = chain
+        s1, s2 = chain.stack._split(chain.codec.encode(x))
+        return chain.out(s1), chain.out(s2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d1, d2):
+        chain = ctx.chain
+        chain.state, chain.grads = None, ()
+        return None, torch.cat([d1, d2], dim=chain.stack.dim).to(chain.dtype)
+
+
+class _Exit(torch.autograd.Function):
+    """``(s1, s2) -> y``: the final state decoded and concatenated.  Saves the only activation the
+    stack keeps (the output itself for a model-dtype state, the exact state halves otherwise); its
+    backward starts the rebuild."""
+
+    @staticmethod
+    def forward(ctx, chain: _Chain, s1: torch.Tensor, s2: torch.Tensor):
+        ctx.chain = chain
+        dim = chain.stack.dim
+        if chain.codec is _NATIVE:   # the output is the state: save it once, chunk it in backward
+            out = torch.cat([s1, s2], dim=dim)
+            ctx.save_for_backward(out)
+        else:
+            a, b = chain.inn(s1), chain.inn(s2)
+            out = torch.cat([chain.codec.decode(a, chain.dtype), chain.codec.decode(b, chain.dtype)], dim=dim)
+            ctx.save_for_backward(s1, s2)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gout: torch.Tensor):
-        run = ctx.run
-        stack = run.stack
+    def backward(ctx, gout):
+        chain = ctx.chain
         saved = ctx.saved_tensors
-        n_cond = len(run.slots)
-        if run.native_saved:
-            s1, s2 = stack._split(saved[0])
-            saved = saved[1:]
-        else:
-            s1, s2 = saved[0], saved[1]
-            saved = saved[2:]
-        cond_in = saved[:n_cond]
+        s1, s2 = chain.stack._split(saved[0]) if len(saved) == 1 else (chain.inn(saved[0]), chain.inn(saved[1]))
+        # the caller's output is read only; the saved state halves (float64 / fixed point) are ours
+        # unless this backward keeps the graph for another one (retain_graph=True)
+        own = len(saved) == 2 and not _keep_graph()
+        chain.state = [s1, s2, (own, own)]
+        chain.replay = chain.tape.reader()
+        g = gout.to(chain.codec.grad_dtype or chain.dtype)
+        d1, d2 = chain.stack._split(g)
+        # a cast made a copy that is ours; the caller's gradient is not
+        chain.grads = (d1, d2) if g is not gout else ()
+        return None, d1, d2
+
+
+class _Block(torch.autograd.Function):
+    """One coupling block ``(s1, s2) -> (y1, y2)`` without autograd in the forward (nothing saved
+    but the conditioning tensors); the backward rebuilds the block's input from its output (left in
+    ``chain.state`` by the node after it), recomputes F and G with autograd on, and returns the
+    gradients of the state, the conditioning tensors and the block's parameters, so that they reach
+    ``.grad`` block by block, as in plain autograd (not all at the end)."""
+
+    @staticmethod
+    def forward(ctx, chain: _Chain, k: int, n_params: int, s1: torch.Tensor, s2: torch.Tensor, *tensors):
+        ctx.chain, ctx.k = chain, k
+        n_cond = len(tensors) - n_params
+        ctx.save_for_backward(*tensors[:n_cond])
+        ctx.params = tensors[n_cond:]
+        blk = chain.stack.blocks[k]
+        cond = chain.fill(tensors[:n_cond])
+        with _deterministic_scope(s1.device, chain.det):
+            y1, y2 = blk.forward_state(chain.inn(s1), chain.inn(s2), cond, chain.codec, chain.dtype,
+                                       chain.tape.record)
+        return chain.out(y1), chain.out(y2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy1, dy2):
+        chain, k = ctx.chain, ctx.k
+        if chain.state is None:
+            raise RuntimeError("ReversibleSequential: a block's backward ran before the stack's output node's "
+                               "(backpropagate from the stack's output)")
+        blk = chain.stack.blocks[k]
+        st, chain.state = chain.state, None
+        o1, o2 = st.pop()
+        # the read-only states (by id: the block may free them as soon as it is done with them, so
+        # neither this frame nor the chain holds a reference; a reused id only costs a copy)
+        ro = [id(y) for y, own in zip(st, (o1, o2)) if not own]
+        mine = chain.grads
+        chain.grads = ()
+        g1, g2 = any(dy1 is t for t in mine), any(dy2 is t for t in mine)
+        del mine
+        cond_in = ctx.saved_tensors
         leaves = []
-        for k, c in enumerate(cond_in):
+        for j, c in enumerate(cond_in):
             leaf = c.detach()
-            if ctx.needs_input_grad[2 + k]:
+            if ctx.needs_input_grad[5 + j]:
                 leaf.requires_grad_()
             leaves.append(leaf)
-        cond = run.fill(leaves)
-        acc = _GradAcc(run.params, leaves)
-        gdt = run.codec.grad_dtype or run.dtype
-        dy1, dy2 = stack._split(gout.to(gdt))
-        device = gout.device
-        replay = run.tape.reader()
-        with _deterministic_scope(device, run.det), _autocast_scope(run.autocast), run.tape.fork():
-            for blk in reversed(stack.blocks):
-                s1, s2, dy1, dy2 = blk.backward_state(s1, s2, dy1, dy2, cond, run.codec, run.dtype, replay, acc)
-        dx = torch.cat([dy1, dy2], dim=stack.dim).to(run.dtype)
+        acc = _GradAcc(ctx.params, leaves)
+        with _deterministic_scope(dy1.device, chain.det), _autocast_scope(chain.autocast), chain.tape.fork():
+            x1, x2, dx1, dx2 = blk.backward_state(st.pop(0), st.pop(0), dy1, dy2, chain.fill(leaves), chain.codec,
+                                                  chain.dtype, chain.replay, acc, own=(o1, o2, g1, g2))
+        # what the next node may overwrite: not the caller's output or gradient passed through unchanged
+        if k > 0:
+            chain.state = [x1, x2, (id(x1) not in ro, id(x2) not in ro)]
+        ro = [d for d, own in ((dy1, g1), (dy2, g2)) if not own]
+        chain.grads = tuple(d for d in (dx1, dx2) if not any(d is r for r in ro))
+        del x1, x2, dy1, dy2, ro
         cgrads, j = [], 0
         for leaf in leaves:
             if leaf.requires_grad:
@@ -537,7 +640,7 @@ class _ReversibleFunction(torch.autograd.Function):
                 j += 1
             else:
                 cgrads.append(None)
-        return (None, dx, *cgrads, *acc.pgrads)
+        return (None, None, None, dx1, dx2, *cgrads, *acc.pgrads)
 
 
 class ReversibleSequential(nn.Module):
@@ -614,10 +717,6 @@ class ReversibleSequential(nn.Module):
                              f"got shape {tuple(s.shape)}")
         return s.chunk(2, dim=self.dim)
 
-    @property
-    def _grad_params(self) -> list:
-        return [p for p in self.parameters() if p.requires_grad]
-
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` in the state's arithmetic (float64, int64 fixed point, or ``x`` itself)."""
         return self._codec(True).encode(x)
@@ -656,16 +755,21 @@ class ReversibleSequential(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         self._split(x)
-        params = self._grad_params if torch.is_grad_enabled() else []
+        # the parameters that take gradients, per block (also handed to each block's autograd node)
+        per_block = [[p for p in blk.parameters() if p.requires_grad] for blk in self.blocks] \
+            if torch.is_grad_enabled() else []
         needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(isinstance(c, torch.Tensor) and c.requires_grad for c in cond) or bool(params))
+            x.requires_grad or any(isinstance(c, torch.Tensor) and c.requires_grad for c in cond) or any(per_block))
         if not needs_grad:
             return self.decode(self.forward_state(self.encode(x), *cond, dtype=x.dtype), x.dtype)
         if not self.reversible:
             return self._plain(x, cond)
-        run = _Run(self, cond, params)
-        tensors = [cond[i] for i in run.slots]
-        return _ReversibleFunction.apply(run, x, *tensors, *params)
+        chain = _Chain(self, cond, x)
+        tensors = [cond[i] for i in chain.slots]
+        s1, s2 = _Enter.apply(chain, x)
+        for k, bp in enumerate(per_block):
+            s1, s2 = _Block.apply(chain, k, len(bp), s1, s2, *tensors, *bp)
+        return _Exit.apply(chain, s1, s2)
 
     def _plain(self, x, cond):
         codec = self._codec(reversible=False)

@@ -334,6 +334,8 @@ def coupling_update(x: torch.Tensor, f: torch.Tensor, a: float = 1.0, b: float =
         if inplace:
             _check_inplace(x, f)
     name = _backend.resolve(backend, x.device)
+    if x.is_meta:  # the registered op's fake kernel: allocates what the compiled kernels do, no temporaries
+        name = "cpu"
     if inplace:
         if name in ("cuda", "cpu"):
             torch.ops.pydiff.coupling_update_(x, f, a, b, coeffs)
@@ -365,6 +367,8 @@ def coupling_update_fixed(x: torch.Tensor, f: torch.Tensor, scale: float = 1.0, 
             raise ValueError("x: expected a tensor without internal overlap (not an expanded view) for an in-place "
                              "update")
     name = _backend.resolve(backend, x.device)
+    if x.is_meta:
+        name = "cpu"
     scale, frac_bits = float(scale), int(frac_bits)
     if inplace:
         if name in ("cuda", "cpu"):
