@@ -16,6 +16,9 @@
 # and a 30 s overrun of the sweep come on top); parts that do not fit are skipped and say so.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# the hash of what the compiled extension is built from (a prebuilt wheel records it in .whl/)
+source_hash() { find csrc setup.py CMakeLists.txt -type f | LC_ALL=C sort | xargs cat | sha1sum | cut -c1-40; }
+if [ "${1:-}" = "--source-hash" ]; then source_hash; exit 0; fi
 OUTDIR=${OUT:-bench/results}
 mkdir -p "$OUTDIR"
 export PYDIFF_CUDA_ARCHS=${PYDIFF_CUDA_ARCHS:-9.0a} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
@@ -42,8 +45,15 @@ prebuilt_ok() {
   (cd /tmp && python3 -c "import pydiff, sys; sys.exit(0 if pydiff.build_info().get('cuda_kernels') else 1)") \
     >> "$OUTDIR/build.log" 2>&1
 }
-if ls .whl/pydiff_kernels-*.whl > /dev/null 2>&1 && prebuilt_ok; then
-  echo "build: prebuilt wheel from .whl/ ($(since) s)"
+stale=""
+if ls .whl/pydiff_kernels-*.whl > /dev/null 2>&1 && [ "$(cat .whl/pydiff_kernels.source 2> /dev/null)" != "$(source_hash)" ]; then
+  stale=1; echo "prebuilt wheel: built from other C++/CUDA sources than this tree's (or unrecorded): building instead"
+fi
+if [ -z "$stale" ] && ls .whl/pydiff_kernels-*.whl > /dev/null 2>&1 && prebuilt_ok; then
+  # its compiled code matches this tree; its Python files may be older: this tree's replace them
+  (cd pydiff && find . -name '*.py' -exec cp --parents {} /tmp/site/pydiff/ \;)
+  (cd triton_kernels && find . -name '*.py' -exec cp --parents {} /tmp/site/pydiff/triton_kernels/ \;)
+  echo "build: prebuilt wheel from .whl/, Python files from this tree ($(since) s)"
 else
   [ -n "${PYTHONPATH:-}" ] && rm -rf /tmp/site/pydiff /tmp/site/pydiff_kernels-*
   timeout "$T_BUILD" python3 -m pip install -q --no-build-isolation --no-deps . >> "$OUTDIR/build.log" 2>&1 \

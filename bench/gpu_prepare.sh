@@ -26,6 +26,8 @@ if [ "${PREBUILT:-0}" = 1 ]; then
   rm -f .whl/pydiff_kernels-*.whl
   CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYDIFF_CUDA_ARCHS=9.0a MAX_JOBS=${MAX_JOBS:-2} \
     "$VENV312/bin/pip" wheel -q --no-build-isolation --no-deps . -w .whl
+  # what the wheel's compiled code was built from: gpu_check.sh builds from source when it differs
+  bash bench/gpu_check.sh --source-hash > .whl/pydiff_kernels.source
 fi
 ls -la .whl
 du -sh .whl
