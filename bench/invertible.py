@@ -134,6 +134,8 @@ def rows(device, cfg: dict | None = None, depths=None, reps: int = 10, model: bo
         # kernels of plain autograd (its backward rebuilds the activations), so it gains more
         for m in ("plain", "reversible"):
             net = build(m, C, 16, device)
+            if m == "reversible":  # no random ops in these blocks; RNG states cannot be read under capture
+                net.preserve_rng_state = False
             try:
                 g = torch.cuda.make_graphed_callables(net, (x,))
                 t, saved, peak = _measure(g, x, w, device, True, reps)

@@ -229,6 +229,10 @@ class _RngTape:
 
     def record(self) -> None:
         if self.enabled:
+            if self.cuda is not None and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("preserve_rng_state=True: the RNG state cannot be recorded during CUDA graph "
+                                   "capture; construct the stack with preserve_rng_state=False (blocks without "
+                                   "random ops, e.g. no dropout) to capture it")
             dev = torch.cuda.get_rng_state(self.cuda) if self.cuda is not None else None
             self.states.append((torch.get_rng_state(), dev))
 
@@ -665,7 +669,8 @@ class ReversibleSequential(nn.Module):
             (fixed point with ``frac_bits`` fractional bits, bit-exact inverse; additive couplings
             only).
         frac_bits: fractional bits of the fixed-point state (default 32: step 2.3e-10, |x| < 2**31).
-        preserve_rng_state: record and replay the RNG state around every F/G call (dropout).
+        preserve_rng_state: record and replay the RNG state around every F/G call (dropout).  Off
+            for CUDA graph capture (``torch.cuda.make_graphed_callables``), which cannot read it.
         deterministic: fix the cuDNN algorithm between forward and recompute; default: on when
             ``state_dtype`` is set.
         reversible: ``False`` runs plain autograd (the reference; stores every activation).
