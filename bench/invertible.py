@@ -16,6 +16,8 @@ forward + backward per timing.  Methods, same input shape:
   rebuild.  (A coupling block at state width C does half the conv FLOPs of a residual block at C.)
 * ``reversible`` / ``reversible-f64`` / ``reversible-fixed``: those couplings in
   :class:`pydiff.nn.ReversibleSequential`, coupling state in fp32 / float64 / int64 fixed point.
+* ``plain+fused`` / ``reversible+fused``: ``plain`` and ``reversible`` with every GroupNorm -> SiLU
+  pair replaced by pydiff's fused kernel (:func:`pydiff.nn.fuse_groupnorm_silu`).
 * CUDA only: ``plain (CUDA graph)`` and ``reversible (CUDA graph)``, the forward and backward
   captured by ``torch.cuda.make_graphed_callables`` (no per-kernel host launches).
 
@@ -41,7 +43,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
-from pydiff.nn import AdditiveCoupling, ReversibleSequential  # noqa: E402
+from pydiff.nn import AdditiveCoupling, ReversibleSequential, fuse_groupnorm_silu  # noqa: E402
 
 from _timing import bench, device_name, sync  # noqa: E402
 from pydiff.testing.memory import peak_bytes as _peak_bytes, saved_bytes as _saved_bytes  # noqa: E402
@@ -49,7 +51,8 @@ from pydiff.testing.memory import peak_bytes as _peak_bytes, saved_bytes as _sav
 GPU_CFG = dict(C=256, H=64, B=8)
 CPU_CFG = dict(C=64, H=32, B=2)
 QUICK_CFG = dict(C=16, H=8, B=2)
-METHODS = ("plain", "checkpoint", "coupling-plain", "reversible", "reversible-f64", "reversible-fixed")
+METHODS = ("plain", "checkpoint", "coupling-plain", "reversible", "reversible-f64", "reversible-fixed",
+           "plain+fused", "reversible+fused")
 
 
 def _block(c: int, groups: int = 32) -> nn.Module:
@@ -74,6 +77,10 @@ class _Residual(nn.Module):
 
 def build(method: str, c: int, depth: int, device) -> nn.Module:
     """The ``depth``-block network of ``method`` (see the module docstring), on ``device``."""
+    if method.endswith("+fused"):  # the same network with pydiff's fused GroupNorm+SiLU swapped in
+        net = build(method[:-len("+fused")], c, depth, device)
+        fuse_groupnorm_silu(net)
+        return net
     torch.manual_seed(0)
     if method in ("plain", "checkpoint"):
         return _Residual(c, depth, method == "checkpoint").to(device)

@@ -400,7 +400,7 @@ def groupnorm_silu(x: torch.Tensor, groups: int, weight: Optional[torch.Tensor] 
     if check:
         check_groupnorm_args(x, weight, bias, groups, eps)
     name = _backend.resolve(backend, x.device)
-    if name in ("cuda", "cpu"):
+    if name in ("cuda", "cpu") or x.is_meta:  # (meta: the op's fake kernel, what the compiled ones allocate)
         return torch.ops.pydiff.groupnorm_silu(x, weight, bias, int(groups), eps)[0]
     return _GroupNormSiLU.apply(x, weight, bias, int(groups), eps, name)
 
