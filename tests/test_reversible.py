@@ -1,5 +1,10 @@
 """Reversible coupling stacks (pydiff.nn): exact reconstruction, gradients equal plain autograd's,
 autocast, shared parameters, dropout, memory independent of depth."""
+import contextlib
+import importlib.util
+import os
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -239,21 +244,24 @@ def test_bad_arguments():
         ReversibleSequential([resblock(4)])
 
 
-def test_bench_rows_smoke(tmp_path):
-    """bench/invertible.py at a tiny size: every method runs, ours saves only the final state."""
-    import importlib.util
-    import os
-    import sys
-
+@contextlib.contextmanager
+def _bench_invertible():
+    """bench/invertible.py as a module (bench/ on sys.path while it is used)."""
     here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
     sys.path.insert(0, here)
     try:
         spec = importlib.util.spec_from_file_location("bench_invertible", os.path.join(here, "invertible.py"))
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        rows = mod.rows("cpu", dict(C=8, H=4, B=1), depths=(2, 4), reps=1, model=False)
+        yield mod
     finally:
         sys.path.remove(here)
+
+
+def test_bench_rows_smoke(tmp_path):
+    """bench/invertible.py at a tiny size: every method runs, ours saves only the final state."""
+    with _bench_invertible() as mod:
+        rows = mod.rows("cpu", dict(C=8, H=4, B=1), depths=(2, 4), reps=1, model=False)
     main = {r["method"]: r for r in rows if r["part"] == "invertible"}
     assert set(main) == set(mod.METHODS)
     assert main["reversible"]["saved_mib"] * 2**20 == 1 * 8 * 4 * 4 * 4
@@ -294,23 +302,12 @@ def test_live_bytes_tracker_counts_new_storages_once():
 
 def _gpu_size_peaks(methods, depth):
     """The bench's GPU-size stack (C = 256, 64x64, batch 8) on the meta device: peak MiB per method."""
-    import importlib.util
-    import os
-    import sys
-
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-    sys.path.insert(0, here)
-    try:
-        spec = importlib.util.spec_from_file_location("bench_invertible_m", os.path.join(here, "invertible.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+    with _bench_invertible() as mod:
         dev = torch.device("meta")
         C, H, B = mod.GPU_CFG["C"], mod.GPU_CFG["H"], mod.GPU_CFG["B"]
         x = torch.empty(B, C, H, H, device=dev, requires_grad=True)
         w = torch.empty(B, C, H, H, device=dev)
         return {m: mod._measure(mod.build(m, C, depth, dev), x, w, dev, False, 1)[2] for m in methods}
-    finally:
-        sys.path.remove(here)
 
 
 def test_peak_memory_gpu_size_stack_on_meta():
