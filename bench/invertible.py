@@ -110,15 +110,15 @@ def _measure(net, x, w, device, time_it: bool, reps: int):
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     else:  # the tensors created during the step, tracked op by op (pydiff.testing.memory.peak_bytes)
         peak = _peak_bytes(step)[1] / 2**20
-    t = bench(step, device, warmup=1, reps=reps, min_time=0.1) if time_it and device.type != "meta" else None
+    t = bench(step, device, warmup=1, reps=reps, min_time=0.1) if time_it else None
     return t, saved / 2**20, peak
 
 
 def rows(device, cfg: dict | None = None, depths=None, reps: int = 10, model: bool | None = None) -> list:
     """Part 1 (``part="invertible"``): the 16-block stack, every method: ``time_ms``, ``x_plain``
-    (time / plain's), ``saved_mib``, ``peak_mib`` (CUDA) and ``mem_frac`` (memory / plain's, peak
-    on CUDA, saved bytes elsewhere).  Part 2 (``part="invertible_depth"``): saved (and peak) memory
-    against depth for plain, checkpoint and reversible-f64.  ``model`` (default: off CUDA): also the
+    (time / plain's), ``saved_mib``, ``peak_mib`` and ``mem_frac`` (peak / plain's peak).  Part 2
+    (``part="invertible_depth"``): saved and peak memory against depth for plain, checkpoint and
+    reversible-f64.  ``model`` (default: off CUDA): also the
     GPU-size memory model on the meta device (:func:`model_rows`)."""
     device = torch.device(device)
     cfg = cfg or (GPU_CFG if device.type == "cuda" else CPU_CFG)
@@ -132,8 +132,8 @@ def rows(device, cfg: dict | None = None, depths=None, reps: int = 10, model: bo
     for m in METHODS:
         net = build(m, C, 16, device)
         t, saved, peak = _measure(net, x, w, device, True, reps)
-        out.append(dict(part="invertible", shape=shape, depth=16, method=m, time_ms=None if t is None else t * 1e3,
-                        saved_mib=saved, peak_mib=peak))
+        out.append(dict(part="invertible", shape=shape, depth=16, method=m, time_ms=t * 1e3, saved_mib=saved,
+                        peak_mib=peak))
         del net
     if device.type == "cuda":
         # the whole forward + backward as CUDA graphs (torch.cuda.make_graphed_callables): what a
@@ -154,7 +154,7 @@ def rows(device, cfg: dict | None = None, depths=None, reps: int = 10, model: bo
             del net, g
     base = out[0]
     for r in out:
-        r["x_plain"] = r["time_ms"] / base["time_ms"] if r["time_ms"] is not None else None
+        r["x_plain"] = r["time_ms"] / base["time_ms"]
         r["mem_frac"] = r["peak_mib"] / base["peak_mib"]
     for d in depths:
         for m in ("plain", "checkpoint", "reversible-f64"):
@@ -162,7 +162,9 @@ def rows(device, cfg: dict | None = None, depths=None, reps: int = 10, model: bo
             _, saved, peak = _measure(net, x, w, device, False, 1)
             out.append(dict(part="invertible_depth", shape=shape, depth=d, method=m, saved_mib=saved, peak_mib=peak))
             del net
-    if model if model is not None else device.type != "cuda":
+    if model is None:
+        model = device.type != "cuda"
+    if model:
         out += model_rows((4, 16, 64))
     return out
 
@@ -202,15 +204,13 @@ def plot(rows, path: str) -> None:
         return
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
     dep = [r for r in rows if r["part"] == "invertible_depth"]
-    gpu = any(r.get("peak_mib") is not None for r in dep)
-    key = "peak_mib" if gpu else "saved_mib"
     for m in dict.fromkeys(r["method"] for r in dep):
         sub = sorted((r for r in dep if r["method"] == m), key=lambda r: r["depth"])
-        a1.plot([r["depth"] for r in sub], [r[key] for r in sub], "o-", label=m)
+        a1.plot([r["depth"] for r in sub], [r["peak_mib"] for r in sub], "o-", label=m)
     a1.set_xscale("log", base=2)
     a1.set_yscale("log")
     a1.set_xlabel("blocks")
-    a1.set_ylabel("peak MiB during forward + backward" if gpu else "MiB saved for backward (saved-tensor hooks)")
+    a1.set_ylabel("peak MiB during forward + backward")
     a1.set_title(f"activation memory vs depth ({dep[0]['shape'] if dep else ''})")
     a1.legend(fontsize=8)
     main = [r for r in rows if r["part"] == "invertible"]

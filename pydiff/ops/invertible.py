@@ -49,6 +49,13 @@ def _acc(x: torch.Tensor) -> torch.dtype:
 
 
 # ---------------------------------------------------------------- argument checks
+def _resolve(backend: Optional[str], x: torch.Tensor) -> str:
+    """The backend of a call on ``x``; on the ``meta`` device the registered op (its fake kernel
+    allocates what the compiled kernels do, with no temporaries: what peak-memory models count)."""
+    name = _backend.resolve(backend, x.device)
+    return "cpu" if x.is_meta else name
+
+
 def _check_tensor(name: str, t, dtypes=FLOAT_DTYPES) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -333,9 +340,7 @@ def coupling_update(x: torch.Tensor, f: torch.Tensor, a: float = 1.0, b: float =
         check_coupling_args(x, f, a, b, coeffs)
         if inplace:
             _check_inplace(x, f)
-    name = _backend.resolve(backend, x.device)
-    if x.is_meta:  # the registered op's fake kernel: allocates what the compiled kernels do, no temporaries
-        name = "cpu"
+    name = _resolve(backend, x)
     if inplace:
         if name in ("cuda", "cpu"):
             torch.ops.pydiff.coupling_update_(x, f, a, b, coeffs)
@@ -366,9 +371,7 @@ def coupling_update_fixed(x: torch.Tensor, f: torch.Tensor, scale: float = 1.0, 
         if inplace and torch._debug_has_internal_overlap(x) == 1:
             raise ValueError("x: expected a tensor without internal overlap (not an expanded view) for an in-place "
                              "update")
-    name = _backend.resolve(backend, x.device)
-    if x.is_meta:
-        name = "cpu"
+    name = _resolve(backend, x)
     scale, frac_bits = float(scale), int(frac_bits)
     if inplace:
         if name in ("cuda", "cpu"):
@@ -399,8 +402,8 @@ def groupnorm_silu(x: torch.Tensor, groups: int, weight: Optional[torch.Tensor] 
     eps = float(eps)
     if check:
         check_groupnorm_args(x, weight, bias, groups, eps)
-    name = _backend.resolve(backend, x.device)
-    if name in ("cuda", "cpu") or x.is_meta:  # (meta: the op's fake kernel, what the compiled ones allocate)
+    name = _resolve(backend, x)
+    if name in ("cuda", "cpu"):
         return torch.ops.pydiff.groupnorm_silu(x, weight, bias, int(groups), eps)[0]
     return _GroupNormSiLU.apply(x, weight, bias, int(groups), eps, name)
 
