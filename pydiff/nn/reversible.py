@@ -634,9 +634,9 @@ class _Block(torch.autograd.Function):
         # what the next node may overwrite: not the caller's output or gradient passed through unchanged
         if k > 0:
             chain.state = [x1, x2, (id(x1) not in ro, id(x2) not in ro)]
-        ro = [d for d, own in ((dy1, g1), (dy2, g2)) if not own]
-        chain.grads = tuple(d for d in (dx1, dx2) if not any(d is r for r in ro))
-        del x1, x2, dy1, dy2, ro
+        ro_grads = [d for d, own in ((dy1, g1), (dy2, g2)) if not own]
+        chain.grads = tuple(d for d in (dx1, dx2) if not any(d is r for r in ro_grads))
+        del x1, x2, dy1, dy2, ro_grads
         cgrads, j = [], 0
         for leaf in leaves:
             if leaf.requires_grad:
