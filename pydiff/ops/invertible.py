@@ -52,7 +52,7 @@ def _acc(x: torch.Tensor) -> torch.dtype:
 def _resolve(backend: Optional[str], x: torch.Tensor) -> str:
     """The backend of a call on ``x``; on the ``meta`` device the registered op (its fake kernel
     allocates what the compiled kernels do, with no temporaries: what peak-memory models count)."""
-    name = _backend.resolve(backend, x.device)
+    name = _backend.resolve_tensor(backend, x)
     return "cpu" if x.is_meta else name
 
 
