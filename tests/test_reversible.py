@@ -217,6 +217,57 @@ def test_additive_coupling_inverse_and_no_grad_path():
 
 
 
+def test_backward_inside_autocast_region_recomputes_like_the_forward():
+    """A forward without autocast and its backward run inside a bf16 autocast region: the recompute
+    must leave autocast off (the backward re-enters the forward's state only where it differs), so
+    the gradients are the ones of a backward outside the region, bit for bit."""
+    stack = mixed_stack(8, 12, torch.float64)
+    torch.manual_seed(2)
+    x, temb = torch.randn(2, 16, 8, 8), torch.randn(2, 12)
+    params = [p for p in stack.parameters()]
+    grads = []
+    for region in (False, True):
+        xr = x.clone().requires_grad_()
+        y = stack(xr, temb)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=region):
+            grads.append(torch.autograd.grad((y * y).sum(), [xr] + params))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_parameter_walk_and_vjp_helpers():
+    """The stack's hot-path helpers against what they replace: ``_trainable_params`` lists what
+    ``[p for p in m.parameters() if p.requires_grad]`` does (shared modules and parameters, frozen
+    ones, None entries), and ``_vjp`` returns ``torch.autograd.grad(..., allow_unused=True)`` (also
+    for a tensor subclass, which takes the public path)."""
+    from pydiff.nn.reversible import _trainable_params, _vjp
+
+    torch.manual_seed(0)
+    shared = nn.Linear(3, 3)
+    inner = nn.Sequential(shared, nn.Linear(3, 2))
+    inner[1].weight.requires_grad_(False)
+    m = nn.Sequential(shared, inner, nn.ReLU(), inner)
+    m.register_parameter("none", None)
+    m.tied = shared.weight
+    for mod in (m, inner, mixed_stack(4, 6, None), AdditiveCoupling(resblock(4), resblock(4))):
+        want = [p for p in mod.parameters() if p.requires_grad]
+        got = _trainable_params(mod)
+        assert len(got) == len(want) and all(a is b for a, b in zip(got, want))
+
+    class Sub(torch.Tensor):
+        pass
+
+    z = torch.randn(4, 3, requires_grad=True)
+    unused = nn.Parameter(torch.randn(2))
+    for wrap in (lambda t: t, lambda t: t.as_subclass(Sub)):
+        out = inner(shared(wrap(z)))
+        go = torch.randn_like(out)
+        ins = [z, shared.weight, inner[1].bias, unused]
+        want = torch.autograd.grad(out, ins, go, allow_unused=True, retain_graph=True)
+        got = _vjp((out,), ins, (go,))
+        assert got[3] is None and want[3] is None
+        assert all(torch.equal(a, b) for a, b in zip(got[:3], want[:3]))
+
+
 @pytest.mark.parametrize("state_dtype", [None, torch.float64])
 def test_memory_independent_of_depth(state_dtype):
     x = torch.randn(2, 16, 8, 8, requires_grad=True)
