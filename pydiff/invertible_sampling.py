@@ -188,6 +188,7 @@ class _ChainFunction(torch.autograd.Function):
             s = tuple(run.codec.encode(t) for t in states)
             for step in run.steps:
                 s = step.forward_state(s, run, run.tape.record)
+            run.tape.close()
             outs = tuple(run.codec.decode(t, run.dtype) for t in s)
         ctx.save_for_backward(*s, *tensors[n:n + nc])
         ctx.run = run

@@ -220,12 +220,25 @@ def _noop() -> None:
 # ----------------------------------------------------------------------------------------------
 class _RngTape:
     """Records the CPU (and CUDA device) RNG state before every sub-network call in the forward;
-    a reader replays them in reverse order during the backward's recompute."""
+    a reader replays them in reverse order during the backward's recompute.
+
+    :meth:`close` (at the end of the forward) marks each call that left the RNG state as it found
+    it (no dropout or other random op): its replay is skipped, and when no call drew random
+    numbers the backward neither restores nor forks the RNG state at all (each restore is a few
+    host calls; the blocks of a typical UNet draw nothing)."""
 
     def __init__(self, device: torch.device, enabled: bool):
         self.enabled = bool(enabled)
         self.cuda = device if device.type == "cuda" else None
+        self.gen = None
+        if self.enabled and self.cuda is not None:
+            idx = self.cuda.index if self.cuda.index is not None else torch.cuda.current_device()
+            self.gen = torch.cuda.default_generators[idx]
         self.states: list = []
+        self.used: Optional[list] = None  # per recorded call, whether it changed the state (None: unknown)
+
+    def _now(self) -> tuple:
+        return torch.get_rng_state(), (self.gen.get_state() if self.gen is not None else None)
 
     def record(self) -> None:
         if self.enabled:
@@ -233,15 +246,26 @@ class _RngTape:
                 raise RuntimeError("preserve_rng_state=True: the RNG state cannot be recorded during CUDA graph "
                                    "capture; construct the stack with preserve_rng_state=False (blocks without "
                                    "random ops, e.g. no dropout) to capture it")
-            dev = torch.cuda.get_rng_state(self.cuda) if self.cuda is not None else None
-            self.states.append((torch.get_rng_state(), dev))
+            self.states.append(self._now())
+
+    def close(self) -> None:
+        """The forward is over: compare each recorded state with the next one (the last with the
+        state now) to find the calls that drew random numbers."""
+        if self.enabled and self.states:
+            seq = self.states + [self._now()]
+            self.used = [not (torch.equal(a[0], b[0]) and (a[1] is None or torch.equal(a[1], b[1])))
+                         for a, b in zip(seq, seq[1:])]
+
+    def replays(self) -> bool:
+        """Whether a backward has any state to restore."""
+        return self.enabled and (self.used is None or any(self.used))
 
     def reader(self) -> "_Replay":
         return _Replay(self)
 
     def fork(self):
         """Context that restores the RNG state on exit (the recompute must not disturb it)."""
-        if not self.enabled:
+        if not self.replays():
             return contextlib.nullcontext()
         devices = [self.cuda] if self.cuda is not None else []
         return torch.random.fork_rng(devices=devices, enabled=True)
@@ -249,23 +273,25 @@ class _RngTape:
 
 class _Replay:
     """Replays a tape backwards: each call restores the state recorded before the matching forward
-    call (last recorded first); :meth:`again` restores the last one replayed once more."""
+    call (last recorded first); :meth:`again` restores the last one replayed once more.  Calls
+    that drew no random numbers in the forward are not restored (their recompute draws none)."""
 
     def __init__(self, tape: _RngTape):
         self.tape = tape
         self.pos = len(tape.states)
+        self.on = tape.replays()
 
     def __call__(self) -> None:
-        if self.tape.enabled:
+        if self.on:
             self.pos -= 1
             self.again()
 
     def again(self) -> None:
-        if self.tape.enabled:
+        if self.on and (self.tape.used is None or self.tape.used[self.pos]):
             cpu, dev = self.tape.states[self.pos]
             torch.set_rng_state(cpu)
             if dev is not None:
-                torch.cuda.set_rng_state(dev, self.tape.cuda)
+                self.tape.gen.set_state(dev)
 
 
 def _capture_autocast(device: torch.device) -> dict:
@@ -603,6 +629,7 @@ class _Exit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, chain: _Chain, s1: torch.Tensor, s2: torch.Tensor):
         ctx.chain = chain
+        chain.tape.close()
         dim = chain.stack.dim
         if chain.codec is _NATIVE:   # the output is the state: save it once, chunk it in backward
             out = torch.cat([s1, s2], dim=dim)
