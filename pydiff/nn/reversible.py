@@ -54,7 +54,8 @@ Recomputation must reproduce the forward: ``deterministic=True`` (the default wh
 ``state_dtype`` is set) runs forward and recompute with cuDNN's deterministic algorithms and no
 autotuning; the autocast state and (``preserve_rng_state=True``) the CPU and device RNG state
 before every F/G call are recorded in the forward and restored in the recompute, as
-``torch.utils.checkpoint`` does, so dropout draws the same mask.  Modules whose forward differs
+``torch.utils.checkpoint`` does, so dropout draws the same mask (only for the calls that drew
+random numbers in the forward: a stack without random ops restores nothing).  Modules whose forward differs
 between ``no_grad`` and grad mode, or that update buffers (BatchNorm running stats are updated
 twice), are outside these guarantees.
 
