@@ -25,7 +25,8 @@ Memory: ``peak_mib`` is, on CUDA, the allocator's peak during forward + backward
 allocated before; elsewhere the peak of the tensors created during the step, tracked op by op
 (:func:`pydiff.testing.memory.peak_bytes`).  ``saved_mib``: the bytes of distinct storages saved for
 backward (saved-tensor hooks: what the forward keeps alive for the backward).  Part 2 sweeps the
-depth (4..32 blocks on the CPU, 4..64 on CUDA): ours stays flat.  Part 3 (off CUDA,
+depth (4..32 blocks on the CPU, 4..64 on CUDA): ours stays flat.  ``part="invertible_host"``: the
+host's cost per step, at a size where the kernels cost nothing (:func:`host_rows`).  Part 3 (off CUDA,
 ``part="invertible_model"``): the GPU-size stack on the ``meta`` device, where the same op-by-op
 count gives the GPU's peak without a GPU (H100, 11-27: plain 3212 MiB measured, 3138 modelled).
 """
@@ -162,10 +163,65 @@ def rows(device, cfg: dict | None = None, depths=None, reps: int = 10, model: bo
             _, saved, peak = _measure(net, x, w, device, False, 1)
             out.append(dict(part="invertible_depth", shape=shape, depth=d, method=m, saved_mib=saved, peak_mib=peak))
             del net
+    out += host_rows(device, reps=max(5, 2 * reps))
     if model is None:
         model = device.type != "cuda"
     if model:
         out += model_rows((4, 16, 64))
+    return out
+
+
+HOST_CFG = dict(C=8, H=4, B=1)
+HOST_METHODS = ("plain", "coupling-plain", "reversible", "reversible+fused")
+
+
+def host_rows(device, reps: int = 20) -> list:
+    """``part="invertible_host"``: the 16-block stack at a tiny size (``HOST_CFG``, 1x8x4x4), where
+    a forward + backward costs what the host spends issuing it (Python, autograd, dispatch and, on a
+    GPU, kernel launches), not the kernels: ``host_ms`` per step (wall clock of ``reps`` steps in a
+    row, one synchronisation at the end; best of 5 such runs) and ``ops``, the ATen ops one step
+    dispatches (each a kernel launch on a GPU, views and detaches aside).  The GPU-size stack is
+    launch-bound on a slow host (H100, 11-27: 2479 kernels and ops against plain's 869), so these
+    rows say how much of its time is the host's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    device = torch.device(device)
+    C, H, B = HOST_CFG["C"], HOST_CFG["H"], HOST_CFG["B"]
+    torch.manual_seed(1)
+    x = torch.randn(B, C, H, H, device=device, requires_grad=True)
+    w = torch.randn(B, C, H, H, device=device)
+    out = []
+    for m in HOST_METHODS:
+        net = build(m, C, 16, device)
+
+        def step():
+            (net(x) * w).sum().backward()
+
+        for _ in range(3):
+            step()
+        with _Count() as cnt:
+            step()
+        best = float("inf")
+        for _ in range(5):
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                step()
+            sync(device)
+            best = min(best, (time.perf_counter() - t0) / reps)
+        out.append(dict(part="invertible_host", shape=f"{B}x{C}x{H}x{H}", depth=16, method=m, host_ms=best * 1e3,
+                        ops=cnt.n))
+    for r in out:
+        r["x_plain"] = r["host_ms"] / out[0]["host_ms"]
     return out
 
 
@@ -259,6 +315,8 @@ def main(argv=None) -> int:
     print()
     print(_table([x for x in r if x["part"] == "invertible_depth"],
                  ["shape", "depth", "method", "saved_mib", "peak_mib"]))
+    print("\n# host cost: the same stack at 1x8x4x4, where a step costs what the host spends issuing it")
+    print(_table([x for x in r if x["part"] == "invertible_host"], ["shape", "method", "host_ms", "x_plain", "ops"]))
     mr = [x for x in r if x["part"] == "invertible_model"]
     if mr:
         print("\n# the GPU-size stack on the meta device (live tensors op by op; no cuDNN workspaces)")

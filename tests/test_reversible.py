@@ -347,6 +347,10 @@ def test_bench_rows_smoke(tmp_path):
     pk = {(r["method"], r["depth"]): r["peak_mib"] for r in rows if r["part"] == "invertible_depth"}
     assert pk[("reversible-f64", 2)] == pk[("reversible-f64", 4)] < pk[("plain", 4)]
     assert main["reversible"]["mem_frac"] < 1 and main["plain"]["mem_frac"] == 1
+    host = {r["method"]: r for r in rows if r["part"] == "invertible_host"}
+    assert set(host) == set(mod.HOST_METHODS) and all(r["host_ms"] > 0 for r in host.values())
+    # the reversible step dispatches the coupling network's ops plus one recompute of F and G
+    assert host["plain"]["ops"] < host["coupling-plain"]["ops"] < host["reversible"]["ops"]
     mod.plot(rows, str(tmp_path / "inv.png"))
     assert (tmp_path / "inv.png").stat().st_size > 0
 
