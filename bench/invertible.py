@@ -115,7 +115,8 @@ def _measure(net, x, w, device, time_it: bool, reps: int):
     return t, saved / 2**20, peak
 
 
-def rows(device, cfg: dict | None = None, depths=None, reps: int = 10, model: bool | None = None) -> list:
+def rows(device, cfg: dict | None = None, depths=None, reps: int = 10, model: bool | None = None,
+         out: list | None = None) -> list:
     """Part 1 (``part="invertible"``): the 16-block stack, every method: ``time_ms``, ``x_plain``
     (time / plain's), ``saved_mib``, ``peak_mib`` and ``mem_frac`` (peak / plain's peak).  Part 2
     (``part="invertible_depth"``): saved and peak memory against depth for plain, checkpoint and
@@ -129,7 +130,7 @@ def rows(device, cfg: dict | None = None, depths=None, reps: int = 10, model: bo
     torch.manual_seed(1)
     x = torch.randn(B, C, H, H, device=device, requires_grad=True)
     w = torch.randn(B, C, H, H, device=device)
-    out = []
+    out = [] if out is None else out  # (bench/run.py passes a list: rows so far survive its time limit)
     for m in METHODS:
         net = build(m, C, 16, device)
         t, saved, peak = _measure(net, x, w, device, True, reps)
@@ -163,7 +164,7 @@ def rows(device, cfg: dict | None = None, depths=None, reps: int = 10, model: bo
             _, saved, peak = _measure(net, x, w, device, False, 1)
             out.append(dict(part="invertible_depth", shape=shape, depth=d, method=m, saved_mib=saved, peak_mib=peak))
             del net
-    out += host_rows(device, reps=max(5, 2 * reps))
+    out += host_rows(device, reps=max(5, reps), runs=3 if device.type == "cuda" else 5)
     if model is None:
         model = device.type != "cuda"
     if model:
@@ -175,11 +176,11 @@ HOST_CFG = dict(C=8, H=4, B=1)
 HOST_METHODS = ("plain", "coupling-plain", "reversible", "reversible+fused")
 
 
-def host_rows(device, reps: int = 20) -> list:
+def host_rows(device, reps: int = 10, runs: int = 5) -> list:
     """``part="invertible_host"``: the 16-block stack at a tiny size (``HOST_CFG``, 1x8x4x4), where
     a forward + backward costs what the host spends issuing it (Python, autograd, dispatch and, on a
     GPU, kernel launches), not the kernels: ``host_ms`` per step (wall clock of ``reps`` steps in a
-    row, one synchronisation at the end; best of 5 such runs) and ``ops``, the ATen ops one step
+    row, one synchronisation at the end; best of ``runs`` such runs) and ``ops``, the ATen ops one step
     dispatches (each a kernel launch on a GPU, views and detaches aside).  The GPU-size stack is
     launch-bound on a slow host (H100, 11-27: 2479 kernels and ops against plain's 869), so these
     rows say how much of its time is the host's."""
@@ -211,7 +212,7 @@ def host_rows(device, reps: int = 20) -> list:
         with _Count() as cnt:
             step()
         best = float("inf")
-        for _ in range(5):
+        for _ in range(runs):
             sync(device)
             t0 = time.perf_counter()
             for _ in range(reps):
