@@ -216,6 +216,38 @@ def test_rng_replay_only_for_calls_that_draw():
     assert xr.grad is not None and xr.grad.abs().sum() > 0
 
 
+class _Blowup(nn.Module):
+    """A sub-network whose output is NaN where its input exceeds a threshold."""
+
+    def forward(self, h):
+        return torch.where(h > 10.0, float("nan"), h * 0.5)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_fixed_point_state_turns_what_it_cannot_hold_into_nan(grad):
+    """int64 cannot hold NaN, infinities or |x| >= 2**(62 - frac_bits): the fixed-point stack's
+    output becomes NaN (as the float64 state's would, for NaN) instead of finite wrapped values."""
+    torch.manual_seed(0)
+    blocks = [AdditiveCoupling(resblock(4), resblock(4)) for _ in range(2)]
+    stack = ReversibleSequential(blocks, state_dtype=torch.int64)
+    ctx = contextlib.nullcontext() if grad else torch.no_grad()
+    x = torch.randn(2, 8, 5, 5)
+    with ctx:
+        ok = stack(x.clone().requires_grad_(grad))
+        assert torch.isfinite(ok).all()
+        for bad in (float("nan"), float("inf"), 2.0 ** 30):
+            xb = x.clone()
+            xb[1, 3, 2, 2] = bad
+            assert torch.isnan(stack(xb.requires_grad_(grad))).all(), bad
+        assert torch.isfinite(stack(x.clone().requires_grad_(grad) * 1e8)).all()  # 1e8 < 2**30 is fine
+        blown = ReversibleSequential([AdditiveCoupling(_Blowup(), _Blowup())], state_dtype=torch.int64)
+        small = torch.rand(1, 4, 3) * 2
+        assert torch.isfinite(blown(small.requires_grad_(grad))).all()
+        big = small.detach().clone()
+        big[0, 3, 1] = 30.0  # F's output goes NaN there
+        assert torch.isnan(blown(big.requires_grad_(grad))).all()
+
+
 def test_scaled_coupling_is_idms_form():
     torch.manual_seed(0)
     F = resblock(4)

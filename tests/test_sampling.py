@@ -235,6 +235,27 @@ def test_vocab_one_and_near_zero_temperature(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_temperatures_keep_banned_tokens_out_and_statistics_finite(backend):
+    """1 / T below fp32's smallest normal (T > ~8.5e37) underflowed to 0 in the kernels: a banned
+    (-inf) token then gave -inf * 0 = NaN (entropy NaN on the CPU); far below (T = 1e-310) the
+    reference's entropy took 0 * -inf.  Now T = 1e50 is uniform over the kept tokens (entropy
+    log V_kept) and T = 1e-310 is one-hot (entropy 0), banned tokens never drawn, on every backend."""
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(6, 50, generator=g) * 3
+    logits[:, ::7] = float("-inf")  # 8 banned tokens a row (V not a multiple of 8)
+    kept = 50 - 8
+    seeds, offsets = _seeds(6, seed=4)
+    for t, ent in ((1e50, math.log(kept)), (1e-310, 0.0)):
+        res = sample_categorical(logits, temperature=t, seeds=seeds, offsets=offsets, return_probs=True,
+                                 return_confidence=True, backend=backend)
+        ref_tok, _, ref_st = _ref(logits, seeds, offsets, t)
+        assert torch.equal(res.tokens, ref_tok), t
+        assert torch.isfinite(logits.gather(1, res.tokens[:, None])).all(), t
+        assert torch.allclose(res.entropy, torch.full_like(res.entropy, ent), atol=1e-6), (t, res.entropy)
+        assert torch.allclose(ref_st[:, 2], torch.full_like(res.entropy, ent), atol=1e-6), (t, ref_st[:, 2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_argmax_first_of_tied_maxima_and_margin(backend, dtype):
     """Temperature 0 returns the first maximal index wherever the ties sit (same SIMD lane, other

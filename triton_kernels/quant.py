@@ -145,11 +145,13 @@ def _e4m3_code(v, INTERP: tl.constexpr):
 
 @triton.jit
 def _e4m3_decode_f16(p):
-    """uint8 e4m3 bits -> fp16 value (exact; NaN codes are not decoded): place the 7 magnitude
-    bits at the top of fp16's exponent/mantissa (exponent bias 15 instead of 7, so the value is
-    2^-8 of the e4m3 value, e4m3 subnormals landing on fp16 subnormals), then multiply by 2^8."""
+    """uint8 e4m3 bits -> fp16 value (exact): place the 7 magnitude bits at the top of fp16's
+    exponent/mantissa (exponent bias 15 instead of 7, so the value is 2^-8 of the e4m3 value, e4m3
+    subnormals landing on fp16 subnormals), then multiply by 2^8.  The NaN codes (magnitude bits
+    0x7F) become an fp16 NaN, as the hardware conversion and the CPU kernel make them."""
     b = p.to(tl.int16)
-    h = ((b & 0x7F) << 7) | ((b & 0x80) << 8)
+    m = b & 0x7F
+    h = tl.where(m == 0x7F, 0x7E00, m << 7) | ((b & 0x80) << 8)
     return h.to(tl.float16, bitcast=True) * 256.0
 
 
@@ -415,7 +417,7 @@ def _quantize_launch(x, smooth, lora_down, shift, scale, fmt, group_size, prolog
         assert cfg["GB"] * cfg["NSUB"] == G and cfg["GPC"] == 1, "config: two passes need GB * NSUB == group_size"
     qk = q.view(torch.uint8) if fmt == "fp8" else q
     n_tiles = -(-Gn // cfg["GPC"])
-    n_rb = -(-M // cfg["BM"])
+    n_rb = max(1, -(-M // cfg["BM"]))  # (M = 0: nothing is launched)
     if has_lora or prologue == "layernorm":
         splits = 1
     else:

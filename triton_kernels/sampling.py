@@ -249,9 +249,10 @@ def sample_categorical_triton(logits, threshold, row_mask, seeds, offsets, tempe
     parg = torch.empty((R, nchunks), dtype=torch.int64, device=dev)
     pbad = torch.empty((R, nchunks), dtype=torch.int32, device=dev)
     t_stat = float(temperature) if temperature > 0 else 1.0
-    # 1 / T as an fp32 kernel scalar: clamp to FLT_MAX (T below ~2.9e-38 would give inf, and
-    # (l - max) * inf = NaN at the maximum itself), as the C++ and CUDA kernels do
-    inv_t = min(1.0 / t_stat, 3.4028234663852886e38)
+    # 1 / T as an fp32 kernel scalar, clamped to [FLT_MIN, FLT_MAX] as the C++ and CUDA kernels do: T below
+    # ~2.9e-38 would give inf and (l - max) * inf = NaN at the maximum itself; T above ~8.5e37, 0 and
+    # -inf * 0 = NaN at a banned token
+    inv_t = min(max(1.0 / t_stat, 1.1754943508222875e-38), 3.4028234663852886e38)
     row_stride = logits.stride(0) if R > 1 else V
     thr = threshold.contiguous() if threshold is not None else pm1
     msk = row_mask.contiguous() if row_mask is not None else pbad

@@ -179,7 +179,8 @@ inline void gn_backward_inputs(GroupNormSiluCall& c, const at::Tensor& grad_y, c
   const int64_t N = x.size(0), G = c.args.groups;
   for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{mean, "mean"}, {rstd, "rstd"}}) {
     float_type(t, name);
-    TORCH_CHECK_VALUE(t.numel() == N * G, name, ": expected ", N * G, " values [N, groups], got shape ", t.sizes());
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == N && t.size(1) == G, name, ": expected shape (", N, ", ", G,
+                      ") [N, groups] (as the forward returns it), got ", t.sizes());
     check_device(t, x, name);
   }
   c.grad_y = grad_y.contiguous();

@@ -43,6 +43,10 @@ inline void same_device(const at::Tensor& t, const at::Tensor& ref, const char* 
                     ref_name, "), got ", t.device());
 }
 
+// Largest group sizes whose int32 group sums cannot overflow: G * 128 * 128 < 2^31 (int8) and
+// G * 8 * 8 < 2^31 (int4), rounded down to multiples of 32 (pydiff/ops/quant.py has the same limits).
+constexpr int64_t kMaxGroupInt8 = 131040, kMaxGroupInt4 = 33554400;
+
 inline void check_group(int64_t K, int64_t G) {
   TORCH_CHECK_VALUE(G > 0 && G % 32 == 0 && K % G == 0, "group_size: expected a positive multiple of 32 that divides K = ",
                     K, ", got ", G);
@@ -157,6 +161,10 @@ inline QuantGemmCall make_quant_gemm_call(const at::Tensor& qa, const at::Tensor
   const int64_t M = qa.size(0), N = qw.size(0);
   const int64_t K = a.fmt == QuantFormat::kInt4 ? 2 * qa.size(1) : qa.size(1);
   check_group(K, group_size);
+  // a group's integer products are summed exactly in int32 by the GPU kernels (|q| <= 128 for int8, 8 for int4)
+  const int64_t max_group = a.fmt == QuantFormat::kInt8 ? kMaxGroupInt8 : kMaxGroupInt4;
+  TORCH_CHECK_VALUE(a.fmt == QuantFormat::kFp8E4M3 || group_size <= max_group, "group_size: at most ", max_group,
+                    " for fmt '", fmt, "' (a group's products are summed exactly in int32), got ", group_size);
   const int64_t Gn = K / group_size;
   same_device(qw, qa, "qw", "qa");
   same_device(sa, qa, "sa", "qa");

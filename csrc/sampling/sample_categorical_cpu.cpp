@@ -94,7 +94,8 @@ PYDIFF_CLONES_AVX2 void chunk_exp(const float* __restrict__ l, int64_t n8, float
   for (int64_t i = 0; i < n8; i += 8) {
     const v8f v = load8(l + i);
     v8f x = (v - vmc) * vinv;
-    x = x < lo ? lo : x;  // also maps -inf (and the padding) to a value whose 2^k is 0 below
+    x = x >= lo ? x : lo;  // also maps -inf (and the padding) to a value whose 2^k is 0 below, and the NaN
+                           // of -inf * 0 when 1 / T underflows to 0 (T > ~1e38: every kept logit weighs 1)
     v8f kf = x * 1.44269504088896341f;
     kf = (kf + 12582912.f) - 12582912.f;  // round to nearest integer
     v8f r = x - kf * 0.693359375f;        // Cody-Waite ln2 split
@@ -170,8 +171,10 @@ void sample_rows(const SampleArgs& a) {
   const bool argmax = a.temperature == 0.0;
   const bool stats = a.want_stats || argmax;  // else: no second max, no entropy sum, NaN statistics
   const double t_stat = argmax ? 1.0 : a.temperature;
-  // clamped: for T < 1 / FLT_MAX, float(1 / T) = inf and (l - M) * inf = NaN at the max itself
-  const float inv_t = std::min(float(1.0 / t_stat), std::numeric_limits<float>::max());
+  // clamped: for T < 1 / FLT_MAX, float(1 / T) = inf and (l - M) * inf = NaN at the max itself; for
+  // T > 1 / FLT_MIN, 0 and -inf * 0 = NaN at a banned token (the smallest normal keeps -inf at -inf)
+  const float inv_t = std::clamp(float(1.0 / t_stat), std::numeric_limits<float>::min(),
+                                 std::numeric_limits<float>::max());
 #pragma omp parallel if (a.rows > 1 && a.rows * a.vocab >= (int64_t(1) << 15))
   {
     std::vector<float> lbuf(C);

@@ -44,7 +44,8 @@ the GPU stack.  Two remedies, chosen by ``state_dtype``:
   <= 1e-12 relative (max-abs; measured 0) for the 16-block fp32 stack, and gradients within 1e-5
   of plain autograd (fp32 model; measured <= 4e-7).
 * ``torch.int64``: fixed point with ``frac_bits`` fractional bits (default 32: resolution 2.3e-10,
-  range |x| < 2**31, values exact in float64 while |x| < 2**21).  ``F(x2)`` is rounded to the grid
+  range |x| < 2**30, values exact in float64 while |x| < 2**21; an input or F/G output that is NaN, infinite
+  or out of range makes the whole output NaN, as the float arithmetic would, instead of wrapping).  ``F(x2)`` is rounded to the grid
   and added in int64, so the inverse is bit-exact whenever F and G recompute bit-identically
   (MacKay et al. 2018, "Reversible Recurrent Neural Networks").  The forward differs from float
   arithmetic by one grid rounding per add (gradients pass the rounding straight through).
@@ -110,6 +111,11 @@ class _Native:
     def prep(f):
         return f
 
+    @staticmethod
+    def finish(y):
+        """The stack's decoded output (the fixed-point state turns it NaN when it could not hold a value)."""
+        return y
+
     def add(self, s, f):
         return _coupling_add(s, self.prep(f))
 
@@ -161,9 +167,22 @@ class _Fixed(_Native):
         self.bits = int(bits)
         self.scale = float(2.0 ** self.bits)
         self.inv = float(2.0 ** -self.bits)
+        self.limit = float(2.0 ** (62 - self.bits))
+        # a device flag, set when the input or an F/G output is NaN, infinite or beyond +-2**(62 - bits),
+        # which int64 cannot hold (NaN would count as 0, large values wrap): the output is then NaN,
+        # without a host synchronisation (one instance serves one call of the stack)
+        self.bad = None
+
+    def _flag(self, t):
+        b = ~(t.detach().abs() < self.limit).all()
+        self.bad = b if self.bad is None else self.bad | b
 
     def encode(self, x):
+        self._flag(x)
         return torch.round(x.to(torch.float64) * self.scale).to(torch.int64)
+
+    def finish(self, y):
+        return y if self.bad is None else torch.where(self.bad, float("nan"), y)
 
     def decode(self, s, dtype):
         return (s.to(torch.float64) * self.inv).to(dtype)
@@ -173,6 +192,7 @@ class _Fixed(_Native):
 
     def add(self, s, f):
         # fused: s + rint(f * 2^bits) in int64 (pydiff.ops.invertible.coupling_update_fixed)
+        self._flag(f)
         return _inv_ops.coupling_update_fixed(s, f.detach(), 1.0, self.bits, check=False)
 
     def sub(self, s, f, inplace: bool = False):
@@ -638,6 +658,7 @@ class _Exit(torch.autograd.Function):
         else:
             a, b = chain.inn(s1), chain.inn(s2)
             out = torch.cat([chain.codec.decode(a, chain.dtype), chain.codec.decode(b, chain.dtype)], dim=dim)
+            out = chain.codec.finish(out)
             ctx.save_for_backward(s1, s2)
         return out
 
@@ -744,7 +765,7 @@ class ReversibleSequential(nn.Module):
             ``torch.float64`` (rebuilt to <= 1e-12 relative on that stack) or ``torch.int64``
             (fixed point with ``frac_bits`` fractional bits, bit-exact inverse; additive couplings
             only).
-        frac_bits: fractional bits of the fixed-point state (default 32: step 2.3e-10, |x| < 2**31).
+        frac_bits: fractional bits of the fixed-point state (default 32: step 2.3e-10, |x| < 2**(62 - frac_bits) = 2**30).
         preserve_rng_state: record and replay the RNG state around every F/G call (dropout).  Off
             for CUDA graph capture (``torch.cuda.make_graphed_callables``), which cannot read it.
         deterministic: fix the cuDNN algorithm between forward and recompute; default: on when
@@ -807,9 +828,9 @@ class ReversibleSequential(nn.Module):
         return self._codec(True).decode(s, dtype)
 
     @torch.no_grad()
-    def forward_state(self, s: torch.Tensor, *cond, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def forward_state(self, s: torch.Tensor, *cond, dtype: torch.dtype = torch.float32, _codec=None) -> torch.Tensor:
         """The stack on an encoded state (no autograd): what the reversible forward computes."""
-        codec = self._codec(True)
+        codec = _codec or self._codec(True)
         with _deterministic_scope(s.device, self._deterministic()):
             s1, s2 = self._split(s)
             for blk in self.blocks:
@@ -841,7 +862,9 @@ class ReversibleSequential(nn.Module):
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(isinstance(c, torch.Tensor) and c.requires_grad for c in cond) or any(per_block))
         if not needs_grad:
-            return self.decode(self.forward_state(self.encode(x), *cond, dtype=x.dtype), x.dtype)
+            codec = self._codec(True)
+            s = self.forward_state(codec.encode(x), *cond, dtype=x.dtype, _codec=codec)
+            return codec.finish(codec.decode(s, x.dtype))
         if not self.reversible:
             return self._plain(x, cond)
         chain = _Chain(self, cond, x)

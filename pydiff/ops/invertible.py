@@ -30,13 +30,12 @@ import torch
 
 from pydiff import _ext, backend as _backend
 from pydiff.ops._library import lib
+from pydiff.reference import invertible as _ref
 from pydiff.reference.invertible import (
     coupling_update_fixed_ref,
     coupling_update_ref,
-    from_fixed,
     groupnorm_silu_backward_ref,
     groupnorm_silu_ref,
-    to_fixed,
 )
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -122,6 +121,25 @@ def check_groupnorm_args(x, weight, bias, groups, eps) -> None:
             raise ValueError(f"{name}: expected device {x.device} (the device of x), got {p.device}")
     if not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps: expected a finite number >= 0, got {eps}")
+
+
+def check_groupnorm_backward_args(grad_y, x, weight, bias, mean, rstd, groups, output_mask) -> None:
+    check_groupnorm_args(x, weight, bias, groups, 0.0)
+    _check_like("grad_y", grad_y, x)
+    if grad_y.dtype != x.dtype:
+        raise TypeError(f"grad_y: expected dtype {x.dtype} (the dtype of x), got {grad_y.dtype}")
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        _check_tensor(name, t)
+        if tuple(t.shape) != (x.shape[0], groups):
+            raise ValueError(f"{name}: expected shape ({x.shape[0]}, {groups}) [N, groups] (as the forward returns "
+                             f"it), got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
+    if not isinstance(output_mask, (list, tuple)) or len(output_mask) != 3:
+        raise ValueError(f"output_mask: expected 3 booleans (grad_x, grad_weight, grad_bias), got {output_mask!r}")
+
+
+_COMPILED = ("cuda", "cpu")
 
 
 # ---------------------------------------------------------------- torch and Triton implementations
@@ -341,6 +359,10 @@ def coupling_update(x: torch.Tensor, f: torch.Tensor, a: float = 1.0, b: float =
         if inplace:
             _check_inplace(x, f)
     name = _resolve(backend, x)
+    if not check and name not in _COMPILED:  # check=False skips only what the compiled ops check again
+        check_coupling_args(x, f, a, b, coeffs)
+        if inplace:
+            _check_inplace(x, f)
     if inplace:
         if name in ("cuda", "cpu"):
             torch.ops.pydiff.coupling_update_(x, f, a, b, coeffs)
@@ -358,6 +380,28 @@ def coupling_update(x: torch.Tensor, f: torch.Tensor, a: float = 1.0, b: float =
     return coupling_update_ref(x, f, a, b, coeffs)
 
 
+def _check_frac_bits(frac_bits) -> None:
+    if isinstance(frac_bits, bool) or not isinstance(frac_bits, int) or not 0 <= frac_bits <= 62:
+        raise ValueError(f"frac_bits: expected an int in 0..62, got {frac_bits!r}")
+
+
+def to_fixed(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
+    """A float tensor as an int64 fixed-point state: ``rint(x * 2**frac_bits)`` (half to even; NaN
+    becomes 0 and values beyond ``+-2**62`` saturate, as :func:`coupling_update_fixed` rounds)."""
+    _check_tensor("x", x)
+    _check_frac_bits(frac_bits)
+    return _ref.to_fixed(x, frac_bits)
+
+
+def from_fixed(q: torch.Tensor, frac_bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The value ``q * 2**-frac_bits`` of an int64 fixed-point tensor, in ``dtype`` (a float dtype)."""
+    _check_tensor("q", q, (torch.int64,))
+    _check_frac_bits(frac_bits)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected one of float32, float16, bfloat16, float64, got {dtype}")
+    return _ref.from_fixed(q, frac_bits, dtype)
+
+
 def coupling_update_fixed(x: torch.Tensor, f: torch.Tensor, scale: float = 1.0, frac_bits: int = 32, *,
                           inplace: bool = False, backend: Optional[str] = None, check: bool = True) -> torch.Tensor:
     """``y = x + rint(f * scale * 2**frac_bits)`` on an int64 fixed-point state ``x``.
@@ -366,12 +410,17 @@ def coupling_update_fixed(x: torch.Tensor, f: torch.Tensor, scale: float = 1.0, 
     arithmetic wraps modulo 2**64, rint rounds half to even, NaN counts as 0).  Convert a float
     state with :func:`to_fixed` / :func:`from_fixed`.  Not differentiable (an integer state).
     """
-    if check:
+    def validate():
         check_fixed_args(x, f, scale, frac_bits)
         if inplace and torch._debug_has_internal_overlap(x) == 1:
             raise ValueError("x: expected a tensor without internal overlap (not an expanded view) for an in-place "
                              "update")
+
+    if check:
+        validate()
     name = _resolve(backend, x)
+    if not check and name not in _COMPILED:  # check=False skips only what the compiled ops check again
+        validate()
     scale, frac_bits = float(scale), int(frac_bits)
     if inplace:
         if name in ("cuda", "cpu"):
@@ -403,6 +452,8 @@ def groupnorm_silu(x: torch.Tensor, groups: int, weight: Optional[torch.Tensor] 
     if check:
         check_groupnorm_args(x, weight, bias, groups, eps)
     name = _resolve(backend, x)
+    if not check and name not in _COMPILED:  # check=False skips only what the compiled ops check again
+        check_groupnorm_args(x, weight, bias, groups, eps)
     if name in ("cuda", "cpu"):
         return torch.ops.pydiff.groupnorm_silu(x, weight, bias, int(groups), eps)[0]
     return _GroupNormSiLU.apply(x, weight, bias, int(groups), eps, name)
@@ -415,7 +466,9 @@ def groupnorm_silu_forward(x, groups: int, weight=None, bias=None, eps: float = 
     eps = float(eps)
     if check:
         check_groupnorm_args(x, weight, bias, groups, eps)
-    name = _backend.resolve(backend, x.device)
+    name = _resolve(backend, x)
+    if not check and name not in _COMPILED:
+        check_groupnorm_args(x, weight, bias, groups, eps)
     if name in ("cuda", "cpu"):
         return torch.ops.pydiff.groupnorm_silu(x, weight, bias, int(groups), eps)
     return (_gn_triton if name == "triton" else _gn_torch)(x, weight, bias, int(groups), eps)
@@ -426,15 +479,10 @@ def groupnorm_silu_backward(grad_y, x, weight, bias, mean, rstd, groups: int, ou
     """``(grad_x, grad_weight, grad_bias)``; outputs off in ``output_mask`` (or for a None
     parameter) are empty tensors."""
     if check:
-        check_groupnorm_args(x, weight, bias, groups, 0.0)
-        _check_like("grad_y", grad_y, x)
-        if grad_y.dtype != x.dtype:
-            raise TypeError(f"grad_y: expected dtype {x.dtype} (the dtype of x), got {grad_y.dtype}")
-        for name_, t in (("mean", mean), ("rstd", rstd)):
-            _check_tensor(name_, t)
-            if t.numel() != x.shape[0] * groups:
-                raise ValueError(f"{name_}: expected {x.shape[0] * groups} values [N, groups], got {tuple(t.shape)}")
-    name = _backend.resolve(backend, x.device)
+        check_groupnorm_backward_args(grad_y, x, weight, bias, mean, rstd, groups, output_mask)
+    name = _resolve(backend, x)
+    if not check and name not in _COMPILED:
+        check_groupnorm_backward_args(grad_y, x, weight, bias, mean, rstd, groups, output_mask)
     mask = [bool(m) for m in output_mask]
     if name in ("cuda", "cpu"):
         return torch.ops.pydiff.groupnorm_silu_backward(grad_y, x, weight, bias, mean, rstd, int(groups), mask)

@@ -63,6 +63,14 @@ def _check_float(name: str, t, device, dtypes=ACT_DTYPES) -> None:
         raise ValueError(f"{name}: expected device {device}, got {t.device}")
 
 
+_COMPILED = ("cuda", "cpu")
+
+#: Largest GEMM group sizes whose exact int32 group sums cannot overflow (the GPU kernels sum a group's
+#: integer products in int32): G * 128 * 128 < 2**31 for int8, G * 8 * 8 < 2**31 for int4, rounded down
+#: to multiples of 32 (csrc/bindings/quant_args.h has the same limits).
+MAX_GROUP = {"int8": 131040, "int4": 33554400}
+
+
 def _check_group(K: int, group_size) -> None:
     if not isinstance(group_size, int) or group_size <= 0 or group_size % GROUP_MULTIPLE or K % group_size:
         raise ValueError(f"group_size: expected a positive multiple of {GROUP_MULTIPLE} that divides K = {K}, "
@@ -123,6 +131,9 @@ def check_quant_gemm_args(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_si
     M, N = qa.shape[0], qw.shape[0]
     K = qa.shape[1] * (2 if fmt == "int4" else 1)
     _check_group(K, group_size)
+    if fmt != "fp8" and group_size > MAX_GROUP[fmt]:
+        raise ValueError(f"group_size: at most {MAX_GROUP[fmt]} for fmt={fmt!r} (a group's products are summed "
+                         f"exactly in int32), got {group_size}")
     Gn = K // group_size
     for name, t, rows in (("sa", sa, M), ("sw", sw, N)):
         _check_float(name, t, dev, (torch.float32,))
@@ -302,6 +313,8 @@ def quantize(x: torch.Tensor, fmt: str = "int4", group_size: int = 64, *, smooth
         check_quantize_args(x, smooth, lora_down, shift, scale, fmt, group_size, prologue, eps)
     dev = x.device
     name = _backend.resolve(backend, dev, auto_triton=dev.type == "cuda" and _is_hopper(_index(dev)))
+    if not check and name not in _COMPILED:  # check=False skips only what the compiled ops check again
+        check_quantize_args(x, smooth, lora_down, shift, scale, fmt, group_size, prologue, eps)
     args = (x, smooth, lora_down, shift, scale, fmt, int(group_size), prologue, eps)
     if name in ("cuda", "cpu"):
         return torch.ops.pydiff.quantize(*args)
@@ -353,10 +366,14 @@ def quant_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.T
     args = (qa, sa, qw, sw, bias, lora_act, lora_up, fmt, int(group_size), out_dtype)
     if precision != "exact":
         _check_precision(precision)  # (even with check=False: a typo must not fall back to the exact form)
+        if not check:  # (the fast form runs on Triton or torch, which have no checks of their own)
+            check_quant_gemm_args(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_dtype)
         if _fast_on_triton(backend, dev):
             return _tk().quant_gemm_triton(*args, precision="fast")
         return _gemm_fast_torch(*args)
     name = _backend.resolve(backend, dev, auto_triton=dev.type == "cuda" and _is_hopper(_index(dev)))
+    if not check and name not in _COMPILED:
+        check_quant_gemm_args(qa, sa, qw, sw, bias, lora_act, lora_up, fmt, group_size, out_dtype)
     if name in ("cuda", "cpu"):
         return torch.ops.pydiff.quant_gemm(*args)
     if name == "triton":
@@ -407,6 +424,9 @@ def quant_gemm_quant(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: t
         lora_act = lora_up = None
     if precision != "exact":
         _check_precision(precision)
+        if not check:
+            check_quant_gemm_quant_args(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, group_size,
+                                        epilogue, out_fmt, out_group_size)
         if _fast_on_triton(backend, qa.device):
             return _tk().quant_gemm_quant_triton(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt,
                                                  int(group_size), epilogue, out_fmt, int(out_group_size),
@@ -416,6 +436,9 @@ def quant_gemm_quant(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: t
                         prologue="gelu_tanh" if epilogue == "gelu_tanh" else "none", backend=backend, check=False)
     # auto on CUDA tensors: the fused Triton kernel (the CUDA registration is a GEMM + quantize composition)
     name = _backend.resolve(backend, qa.device, auto_triton=True)
+    if not check and name not in _COMPILED:
+        check_quant_gemm_quant_args(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, group_size,
+                                    epilogue, out_fmt, out_group_size)
     args = (qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, int(group_size), epilogue, out_fmt,
             int(out_group_size))
     if name in ("cuda", "cpu"):

@@ -12,6 +12,7 @@ reference).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -54,21 +55,39 @@ class SampleResult(NamedTuple):
     entropy: Optional[torch.Tensor] = None    # float64, entropy in nats
 
 
-def check_sample_args(logits, temperature, top_k, top_p, min_p, mask, fill, seeds, offsets) -> None:
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check_sample_args(logits, temperature, top_k, top_p, min_p, mask, fill, seeds, offsets, seed=None,
+                      generator=None) -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits: expected a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"logits: expected dtype float32, float16 or bfloat16, got {logits.dtype}")
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"logits: expected shape [..., V] with V >= 1, got {tuple(logits.shape)}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+    if not (_is_number(temperature) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
-    if top_p is not None and not (0.0 < float(top_p) <= 1.0):
+    if top_p is not None and not (_is_number(top_p) and 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
-    if min_p is not None and not (0.0 <= float(min_p) <= 1.0):
+    if min_p is not None and not (_is_number(min_p) and 0.0 <= min_p <= 1.0):
         raise ValueError(f"min_p: expected a number in [0, 1], got {min_p!r}")
+    if seed is not None:
+        if not _is_int(seed) or not -2 ** 63 <= seed < 2 ** 63:
+            raise ValueError(f"seed: expected an int in [-2**63, 2**63), got {seed!r}")
+        if seeds is not None or generator is not None:
+            raise ValueError("seed: pass one of seed, seeds/offsets or generator, not several")
+    if seeds is not None and generator is not None:
+        raise ValueError("generator: pass one of seed, seeds/offsets or generator, not several")
+    if fill is not None and mask is None:
+        raise ValueError("fill: only used with mask (the values of the rows mask switches off)")
     batch = logits.shape[:-1]
     for name, t, dt in (("mask", mask, torch.bool), ("fill", fill, torch.int64), ("seeds", seeds, torch.int64),
                         ("offsets", offsets, torch.int64)):
@@ -160,7 +179,7 @@ def sample_categorical(
         int64 tokens ``[...]``, or a :class:`SampleResult` when ``return_probs`` /
         ``return_confidence`` is set.
     """
-    check_sample_args(logits, temperature, top_k, top_p, min_p, mask, fill, seeds, offsets)
+    check_sample_args(logits, temperature, top_k, top_p, min_p, mask, fill, seeds, offsets, seed, generator)
     if on_invalid not in ("raise", "flag"):
         raise ValueError(f"on_invalid: expected 'raise' or 'flag', got {on_invalid!r}")
     batch = logits.shape[:-1]

@@ -235,7 +235,8 @@ def solver_step(
         row_scale: optional float32 ``[B]`` per-sample factor on m (guidance rescale).
         clip: optional ``(lo, hi)`` clamp of ``d`` (the x0 estimate for ``clip_sample``).
         backend: ``cuda``, ``triton``, ``cpu``, ``torch`` or ``auto`` (default: the global choice).
-        check: validate the arguments in Python (the C++ op checks shapes and devices regardless).
+        check: validate the arguments in Python.  ``False`` skips only what the compiled ops (``cpu``,
+            ``cuda``) check again themselves; the ``triton`` and ``torch`` backends always check.
         write_history: write the second output; by default only when its coefficient row is not all
             zero (or a coefficient table is used). When not written it is an empty tensor.
         x0_stats: optional float64 ``[2, *x.shape]`` contiguous tensor, updated in place inside the
@@ -251,7 +252,12 @@ def solver_step(
         coeffs = coeffs.v
     elif type(coeffs) is not list:
         coeffs = list(coeffs)
-    clip_lo, clip_hi = (_NEG_INF, _INF) if clip is None else (float(clip[0]), float(clip[1]))
+    if clip is None:
+        clip_lo, clip_hi = _NEG_INF, _INF
+    else:
+        if not isinstance(clip, (tuple, list)) or len(clip) != 2:
+            raise TypeError(f"clip: expected a (lo, hi) pair of numbers or None, got {clip!r}")
+        clip_lo, clip_hi = float(clip[0]), float(clip[1])
     if type(history) is not list:
         if not isinstance(history, (list, tuple)):
             raise TypeError(f"history: expected a list or tuple of tensors, got {type(history).__name__}")
@@ -274,11 +280,12 @@ def solver_step(
                      clip_hi, write_history)
         if out is not NotImplemented:
             return out
-    if check and not (name in _COMPILED and _same_device(x, model_cond, model_uncond, history, noise, row_scale,
-                                                          coeff_table, step)):
+    if name not in _COMPILED or (check and not _same_device(x, model_cond, model_uncond, history, noise, row_scale,
+                                                            coeff_table, step)):
         # The compiled ops validate everything else themselves, with the same messages; what they cannot
         # see is a tensor on another device (the dispatcher would pick a kernel by it), so that is
-        # checked here, and a failure re-runs the full check for its message.
+        # checked here, and a failure re-runs the full check for its message.  The Triton and torch
+        # backends have no checks of their own: check=False does not skip them there.
         check_solver_step_args(x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step,
                                clip_lo, clip_hi)
     if write_history is None:
@@ -287,7 +294,7 @@ def solver_step(
     args = (x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step, clip_lo, clip_hi,
             bool(write_history))
     if x0_stats is not None:
-        if check:
+        if check or name not in _COMPILED:
             check_x0_stats(x0_stats, x)
         if name in ("cuda", "cpu"):
             if direct is not None:
@@ -372,11 +379,17 @@ def cfg_rescale(model_cond: torch.Tensor, model_uncond: torch.Tensor, guidance: 
     ``r[b] = phi * std(c[b]) / std(u[b] + g (c[b] - u[b])) + (1 - phi)`` (Lin et al. 2023), with
     sums accumulated in float64.  One read of both model outputs.
     """
+    for name, t in (("model_cond", model_cond), ("model_uncond", model_uncond)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     _check_same("model_uncond", model_uncond, model_cond)
     if model_cond.dtype not in FLOAT_DTYPES:
         raise TypeError(f"model_cond: expected dtype float32, float16 or bfloat16, got {model_cond.dtype}")
-    if model_cond.dim() < 2 or model_cond[0].numel() < 2:
-        raise ValueError(f"model_cond: expected [B, ...] with at least 2 elements per sample, got {tuple(model_cond.shape)}")
+    if model_cond.dim() < 2 or model_cond.shape[0] < 1 or model_cond[0].numel() < 2:
+        raise ValueError(f"model_cond: expected [B >= 1, ...] with at least 2 elements per sample, got "
+                         f"{tuple(model_cond.shape)}")
+    if not (isinstance(guidance, (int, float)) and isinstance(phi, (int, float))):
+        raise TypeError(f"guidance, phi: expected numbers, got {type(guidance).__name__}, {type(phi).__name__}")
     if not (math.isfinite(guidance) and math.isfinite(phi)):
         raise ValueError(f"guidance, phi: expected finite numbers, got {guidance}, {phi}")
     name = _backend.resolve(backend, model_cond.device)

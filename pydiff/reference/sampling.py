@@ -97,7 +97,8 @@ def sample_categorical_ref(
         l2 = top2[:, 1] if V > 1 else torch.full_like(Z, float("-inf"))
         top1 = 1.0 / Z
         p2 = torch.exp((l2 - Msafe[:, 0]) / t_stat) / Z
-        ent = torch.log(Z) - torch.where(keep, e * s, torch.zeros_like(s)).sum(1) / Z
+        # (e * s -> 0 as s -> -inf: where e underflowed to 0 the term is 0, not 0 * -inf)
+        ent = torch.log(Z) - torch.where(keep & (e > 0), e * s, torch.zeros_like(s)).sum(1) / Z
         if t_samp > 0:
             target = u_all[r0:r1] * Z
             csum = torch.cumsum(e, 1)

@@ -325,7 +325,13 @@ def _initial_noise(shape_or_x, generator, device, dtype):
         device = norm_device(device) if device is not None else x.device
         dtype = dtype or (x.dtype if x.is_floating_point() else torch.float32)
         return x.to(device=device, dtype=dtype), device, dtype
-    shape = tuple(int(s) for s in shape_or_x)
+    try:
+        shape = tuple(int(s) for s in shape_or_x)
+    except TypeError:
+        shape = None
+    if not shape or any(s < 0 for s in shape):
+        raise ValueError(f"shape_or_x: expected an initial sample (tensor) or a batch shape (batch, ...) of sizes "
+                         f">= 0, got {shape_or_x!r}")
     if device is None:
         g0 = generator[0] if isinstance(generator, (list, tuple)) else generator
         device = g0.device if g0 is not None else torch.device("cpu")

@@ -22,6 +22,8 @@ CUDA graph.
 """
 from __future__ import annotations
 
+import numbers
+
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -186,9 +188,9 @@ def build_plan(sampler: str, steps: int, **options) -> Plan:
     ``use_clipped_model_output``; Euler ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``).
     """
     name = resolve_sampler(sampler)
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
     steps = int(steps)
-    if steps < 1:
-        raise ValueError(f"steps: expected >= 1, got {steps}")
     st, opts = make_stepper(name, **options)
     evals, init_sigma = st.eval_plan(steps, opts)
     return Plan(sampler=name, steps=steps, evals=evals, init_noise_sigma=float(init_sigma), stepper=st)
