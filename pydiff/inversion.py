@@ -767,8 +767,17 @@ def direct_inversion_edit(model: Model, inversion: DDIMInversion, target_cond, *
     unc = inversion.uncond if uncond is ... else uncond
     gs = inversion.guidance_scale if guidance_scale is None else guidance_scale
     n = inversion.steps
-    if offsets is not None and len(offsets) != n:
-        raise ValueError(f"offsets: expected {n} tensors (one per step), got {len(offsets)}")
+    if offsets is not None:
+        if len(offsets) != n:
+            raise ValueError(f"offsets: expected {n} tensors (one per step), got {len(offsets)}")
+        ref = inversion.latents[0]
+        for i, o in enumerate(offsets):
+            if not isinstance(o, torch.Tensor) or o.shape != ref.shape or o.dtype != ref.dtype \
+                    or o.device != ref.device:
+                got = (f"{tuple(o.shape)} {o.dtype} on {o.device}" if isinstance(o, torch.Tensor)
+                       else type(o).__name__)
+                raise ValueError(f"offsets[{i}]: expected shape {tuple(ref.shape)} {ref.dtype} on {ref.device} "
+                                 f"(the inverted latents'), got {got}")
     if batch_branches:
         if not (isinstance(scond, torch.Tensor) and isinstance(target_cond, torch.Tensor)):
             raise TypeError("batch_branches=True: source_cond and target_cond must be tensors")

@@ -64,6 +64,16 @@ def _row(c: StepCoeffs, row: int, name: str) -> float:
 # ----------------------------------------------------------------------------------------------
 # Steps: forward_state / inverse_state / backward_state on a tuple state in the codec's arithmetic.
 # ----------------------------------------------------------------------------------------------
+
+def _model(run, h: torch.Tensor, t):
+    """``run.model(h, t, *cond)``, checked to return a tensor shaped like ``h`` (a broadcastable output
+    would be summed over the broadcast axes only in the backward, with an autograd-internal error)."""
+    out = run.model(h, t, *run.cond)
+    if not isinstance(out, torch.Tensor) or out.shape != h.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"model: expected an output of the sample's shape {tuple(h.shape)}, got {got}")
+    return out
+
 class _DDIMStep:
     """``x' = A x + M m(x, t)``."""
 
@@ -73,14 +83,14 @@ class _DDIMStep:
     def forward_state(self, s, run, rng):
         (x,) = s
         rng()
-        m = run.model(run.codec.decode(x, run.dtype), self.t, *run.cond)
+        m = _model(run, run.codec.decode(x, run.dtype), self.t)
         return (self.A * x + self.M * run.codec.prep(m),)
 
     def _solve(self, xp, run, again):
         x = xp
         for _ in range(self.iters):
             again()
-            m = run.model(run.codec.decode(x, run.dtype), self.t, *run.cond)
+            m = _model(run, run.codec.decode(x, run.dtype), self.t)
             x = (xp - self.M * run.codec.prep(m)) / self.A
         return x
 
@@ -95,7 +105,7 @@ class _DDIMStep:
         with torch.enable_grad():
             rng.again()
             z = run.codec.decode(xk, run.dtype).detach().requires_grad_()
-            m = run.model(z, self.t, *run.cond)
+            m = _model(run, z, self.t)
         (dz,) = acc.grad(m, [z], run.params, dxp * self.M)
         x = (xp - self.M * run.codec.prep(m.detach())) / self.A
         if run.info is not None:
@@ -115,7 +125,7 @@ class _EDICTStep:
         self.a, self.b, self.p, self.q, self.t = a, b, p, 1.0 - p, t
 
     def _e(self, h, run):
-        return run.model(run.codec.decode(h, run.dtype), self.t, *run.cond)
+        return _model(run, run.codec.decode(h, run.dtype), self.t)
 
     def forward_state(self, s, run, rng):
         x, y = s
@@ -149,7 +159,7 @@ class _EDICTStep:
         with torch.enable_grad():
             z2 = run.codec.decode(xi, run.dtype).detach().requires_grad_()
             rng()
-            e2 = run.model(z2, self.t, *run.cond)
+            e2 = _model(run, z2, self.t)
         (dz2,) = acc.grad(e2, [z2], run.params, dyi * b)
         y = (yi - b * prep(e2.detach())) / a
         del e2, z2
@@ -159,7 +169,7 @@ class _EDICTStep:
         with torch.enable_grad():
             z1 = run.codec.decode(y, run.dtype).detach().requires_grad_()
             rng()
-            e1 = run.model(z1, self.t, *run.cond)
+            e1 = _model(run, z1, self.t)
         (dz1,) = acc.grad(e1, [z1], run.params, dxi * b)
         x = (xi - b * prep(e1.detach())) / a
         if dz1 is not None:

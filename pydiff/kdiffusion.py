@@ -83,6 +83,10 @@ class _Run:
         self.s = [float(v) for v in sig.detach().to("cpu", torch.float64).tolist()]  # one host read
         if any(not math.isfinite(v) or v < 0 for v in self.s):
             raise ValueError("sigmas: expected finite non-negative noise levels")
+        bad = next((i for i in range(len(self.s) - 1) if not self.s[i] > self.s[i + 1]), None)
+        if bad is not None:
+            raise ValueError(f"sigmas: expected a strictly decreasing schedule (positive except maybe the last "
+                             f"entry), got sigmas[{bad}] = {self.s[bad]} then {self.s[bad + 1]}")
         # the model receives sigmas[i] * s_in exactly as k-diffusion passes it
         self.sig_dev = sig.to(x.device) if isinstance(sigmas, torch.Tensor) else torch.tensor(
             self.s, dtype=torch.float32, device=x.device)

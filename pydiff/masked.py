@@ -275,7 +275,8 @@ def generate_llada(
             else:
                 conf = -res.entropy
             conf = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
-            sel = select_top_k(conf, ntt[:, i])
+            # an invalid draw (-2, its confidence NaN: never selected) is written at once ("flag")
+            sel = select_top_k(conf, ntt[:, i]) | (masked & (tok == -2))
             x[:, s:e] = torch.where(sel, tok, xb)
             step += 1
     _raise_if_invalid(bad, on_invalid)
@@ -480,7 +481,7 @@ def generate_maskgit(
         else:
             keep_masked = torch.floor(n0.double() * ratios[s]).long()
             keep_masked = torch.minimum(keep_masked.clamp(min=1), n - 1).clamp(min=0)
-        sel = select_top_k(conf, n - keep_masked)
+        sel = select_top_k(conf, n - keep_masked) | (masked & (tok == -2))  # invalid draws: written ("flag")
         x = torch.where(sel, tok, x)
     _raise_if_invalid(bad, on_invalid)
     return x

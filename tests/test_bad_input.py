@@ -181,3 +181,88 @@ def test_sampling_and_loop_arguments():
         sample(model, (), "ddim", 3, progress=False)
     with pytest.raises(ValueError, match="steps"):
         sample(model, (1, 2), "ddim", 5.5, progress=False)
+
+
+# ---- round 2: the layers above the ops -------------------------------------------------------------
+def test_masked_generation_flags_invalid_draws():
+    """on_invalid="flag": positions whose logits are NaN get token -2 in LLaDA-style and MaskGIT
+    generation too (they stayed mask_id: a NaN confidence is never selected), as in FHS."""
+    from pydiff.masked import generate_llada, generate_maskgit, sample_fhs
+
+    V, M = 8, 7
+    nan_model = lambda x: torch.full((x.shape[0], x.shape[1], V), float("nan"))  # noqa: E731
+    out = generate_llada(nan_model, torch.tensor([[1, 2]]), mask_id=M, gen_length=4, block_length=4, steps=4,
+                         seeds=1, on_invalid="flag")
+    assert out.tolist() == [[1, 2, -2, -2, -2, -2]]
+    x = torch.tensor([[1, M, M, 3]])
+    for fn, kw in ((generate_maskgit, dict(steps=2)), (sample_fhs, {})):
+        assert fn(nan_model, x, mask_id=M, seeds=1, on_invalid="flag", **kw).tolist() == [[1, -2, -2, 3]]
+        with pytest.raises(ValueError):
+            fn(nan_model, x, mask_id=M, seeds=1, **kw)
+
+
+def test_inversion_and_invertible_sampling_check_shapes():
+    from pydiff.inversion import ddim_invert, direct_inversion_edit, direct_inversion_offsets
+    from pydiff.invertible_sampling import ddim_sample
+    from pydiff.solvers import DDIMSolver
+
+    model = lambda x, t, c: torch.tanh(x) * 0.5  # noqa: E731
+    x0 = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    inv_ = ddim_invert(model, x0, 4)
+    offs = direct_inversion_offsets(model, inv_)
+    with pytest.raises(ValueError, match=r"offsets\[0\]: expected shape \(2, 3, 4, 4\)"):
+        direct_inversion_edit(model, inv_, None, offsets=[o[:1] for o in offs])
+    assert (direct_inversion_edit(model, inv_, None, offsets=offs).source - x0).abs().max() < 1e-10
+    s = DDIMSolver(clip_sample=False)
+    s.set_timesteps(4)
+    x = torch.randn(2, 3, 4, 4)
+    for bad in (lambda h, t: h[:1] * 0.1, lambda h, t: h[:, :1] * 0.1):
+        with pytest.raises(ValueError, match="model: expected an output of the sample's shape"):
+            ddim_sample(bad, s, x.clone().requires_grad_())
+
+
+def test_schedulers_and_kdiffusion_reject_degenerate_schedules():
+    import pydiff.kdiffusion as K
+    from pydiff.integrations.diffusers import PNDMScheduler
+
+    for n in (1, 2, 3):
+        with pytest.raises(ValueError, match="num_inference_steps"):
+            PNDMScheduler().set_timesteps(n)
+    PNDMScheduler(skip_prk_steps=True).set_timesteps(2)
+    den = lambda x, s: x * 0.5  # noqa: E731
+    x = torch.randn(1, 3, 4, 4)
+    for f, sig in ((K.sample_euler, [0.0, 0.0]), (K.sample_heun, [1.0, 0.0, 0.0]),
+                   (K.sample_dpmpp_2m, [2.0, 1.0, 1.0, 0.0]), (K.sample_dpmpp_2m, [0.0, 1.0, 2.0])):
+        with pytest.raises(ValueError, match="sigmas: expected a strictly decreasing"):
+            f(den, x, torch.tensor(sig), disable=True)
+    assert torch.isfinite(K.sample_dpmpp_2m(den, x, torch.tensor([2.0, 1.0, 0.0]), disable=True)).all()
+
+
+def test_quantized_layers_edge_cases():
+    from torch import nn
+
+    from pydiff.quant import QuantConfig, W4A4Linear, W8A8Linear, quantize_
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    qa = W8A8Linear.from_linear(lin, fmt="fp8")
+    with pytest.raises(RuntimeError, match="qweight: expected dtype torch.int8"):
+        W8A8Linear(64, 32).load_state_dict(qa.state_dict())
+    W8A8Linear(64, 32, fmt="fp8").load_state_dict(qa.state_dict())
+    m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    xs = torch.randn(8, 64)
+    xs[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="calibration: the inputs of layer"):
+        quantize_(m, QuantConfig(), calibration=lambda mod: mod(xs))
+    empty = torch.randn(0, 64)
+    quantize_(nn.Sequential(nn.Linear(64, 64)), QuantConfig(fmt="int8"), calibration=lambda mod: mod(empty))
+    # an empty batch with the adaLN prologue (M = 0 rows, B = 0 modulation rows) on every backend
+    q = W4A4Linear.from_linear(nn.Linear(64, 32))
+    out = q(torch.randn(0, 64), prologue="layernorm", shift=torch.randn(0, 64), scale=torch.randn(0, 64))
+    assert out.shape == (0, 32)
+    for backend in BACKENDS:
+        qq = Q.quantize(torch.randn(0, 64), "int4", 32, prologue="layernorm", shift=torch.randn(0, 64),
+                        scale=torch.randn(0, 64), backend=backend)
+        assert qq[0].shape == (0, 32) and qq[1].shape == (0, 2)
+    with pytest.raises(ValueError, match="shift: expected shape"):
+        Q.quantize(torch.randn(4, 64), "int4", 32, prologue="layernorm", shift=torch.randn(0, 64))

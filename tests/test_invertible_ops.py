@@ -515,7 +515,7 @@ def test_raw_ops_check_their_arguments(case):
         "gn_groups": (lambda: torch.ops.pydiff.groupnorm_silu(x, None, None, 4, 1e-5), "groups: expected a divisor"),
         "gn_weight": (lambda: torch.ops.pydiff.groupnorm_silu(x, torch.ones(5), None, 3, 1e-5), "weight: expected"),
         "gn_mean": (lambda: torch.ops.pydiff.groupnorm_silu_backward(x, x, w, None, torch.zeros(5), torch.ones(6), 3,
-                                                                     [True, True, True]), "mean: expected 6 values"),
+                                                                     [True, True, True]), "mean: expected shape (2, 3)"),
         "gn_grad_dtype": (lambda: torch.ops.pydiff.groupnorm_silu_backward(x.double(), x, w, None, torch.zeros(6),
                                                                            torch.ones(6), 3, [True, True, True]),
                           "grad_y: expected dtype"),

@@ -344,7 +344,7 @@ def test_spacing_and_sigma_options():
     (dict(sampler="flow_euler", prediction_type="epsilon"), ValueError, "velocity model"),
     (dict(sampler="ddim", not_a_key=1), TypeError, "unknown option"),
     (dict(sampler="ddim", guidance_rescale=0.5), ValueError, "needs classifier-free guidance"),
-    (dict(sampler="ddim", steps=0), ValueError, "steps: expected >= 1"),
+    (dict(sampler="ddim", steps=0), ValueError, "steps: expected an int >= 1"),
     (dict(sampler="ddim", eta=-1.0), ValueError, "eta"),
 ])
 def test_bad_arguments(kw, exc, msg):

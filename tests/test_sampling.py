@@ -236,10 +236,11 @@ def test_vocab_one_and_near_zero_temperature(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_extreme_temperatures_keep_banned_tokens_out_and_statistics_finite(backend):
-    """1 / T below fp32's smallest normal (T > ~8.5e37) underflowed to 0 in the kernels: a banned
-    (-inf) token then gave -inf * 0 = NaN (entropy NaN on the CPU); far below (T = 1e-310) the
-    reference's entropy took 0 * -inf.  Now T = 1e50 is uniform over the kept tokens (entropy
-    log V_kept) and T = 1e-310 is one-hot (entropy 0), banned tokens never drawn, on every backend."""
+    """1 / T below fp32's smallest normal (T > ~8.5e37) underflowed to 0 in the kernels: a banned (-inf)
+    token then gave -inf * 0 = NaN (entropy NaN on the CPU); far below (T = 1e-310) the reference's
+    entropy took 0 * -inf.  Now T is capped at 2**100, T = 1e50 is uniform over the kept tokens
+    (entropy log V_kept) and T = 1e-310 is one-hot (entropy 0), banned tokens never drawn, on every
+    backend."""
     g = torch.Generator().manual_seed(9)
     logits = torch.randn(6, 50, generator=g) * 3
     logits[:, ::7] = float("-inf")  # 8 banned tokens a row (V not a multiple of 8)

@@ -428,7 +428,8 @@ def _quantize_launch(x, smooth, lora_down, shift, scale, fmt, group_size, prolog
     splits = -(-n_tiles // tpp) if n_tiles else 1
     contig = lambda t: None if t is None else t.contiguous()  # noqa: E731
     smooth, lora_down, shift, scale = map(contig, (smooth, lora_down, shift, scale))
-    rpb = M // shift.shape[0] if shift is not None else (M // scale.shape[0] if scale is not None else 1)
+    mod = shift if shift is not None else scale
+    rpb = M // mod.shape[0] if mod is not None and mod.shape[0] > 0 else 1  # (B = 0 only with M = 0)
     dummy = x
     args = [x, smooth if smooth is not None else dummy, lora_down if has_lora else dummy,
             shift if shift is not None else dummy, scale if scale is not None else dummy, qk, s, la,

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 CHUNK = 4096
+MAX_TEMPERATURE = 2.0 ** 100  # as pydiff.reference.sampling.MAX_TEMPERATURE (this module imports no pydiff)
 _BIG = 2 ** 62
 
 
@@ -248,11 +249,11 @@ def sample_categorical_triton(logits, threshold, row_mask, seeds, offsets, tempe
     pt = torch.empty_like(ps)
     parg = torch.empty((R, nchunks), dtype=torch.int64, device=dev)
     pbad = torch.empty((R, nchunks), dtype=torch.int32, device=dev)
-    t_stat = float(temperature) if temperature > 0 else 1.0
-    # 1 / T as an fp32 kernel scalar, clamped to [FLT_MIN, FLT_MAX] as the C++ and CUDA kernels do: T below
-    # ~2.9e-38 would give inf and (l - max) * inf = NaN at the maximum itself; T above ~8.5e37, 0 and
-    # -inf * 0 = NaN at a banned token
-    inv_t = min(max(1.0 / t_stat, 1.1754943508222875e-38), 3.4028234663852886e38)
+    # T above 2**100 samples as 2**100 (1 / T would underflow to 0 in fp32: -inf * 0 = NaN at a banned token)
+    t_stat = min(float(temperature), MAX_TEMPERATURE) if temperature > 0 else 1.0
+    # 1 / T as an fp32 kernel scalar: clamp to FLT_MAX (T below ~2.9e-38 would give inf, and
+    # (l - max) * inf = NaN at the maximum itself), as the C++ and CUDA kernels do
+    inv_t = min(1.0 / t_stat, 3.4028234663852886e38)
     row_stride = logits.stride(0) if R > 1 else V
     thr = threshold.contiguous() if threshold is not None else pm1
     msk = row_mask.contiguous() if row_mask is not None else pbad

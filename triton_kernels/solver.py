@@ -145,7 +145,8 @@ def solver_step_triton(x, model_cond, model_uncond, history, noise, row_scale, c
     _solver_step_kernel[grid](
         xx, cc if cc is not None else xx, uu if uu is not None else xx, zz if zz is not None else xx, *hh,
         row_scale.contiguous() if row_scale is not None else xx, out_x, out_h if write_history else out_x,
-        coeff_table.contiguous() if table else xx, step.reshape(1) if table else xx, coeff_table.shape[0] if table else 1, n,
+        coeff_table.contiguous() if table else xx, step.reshape(1) if table else xx,
+        coeff_table.shape[0] if table else 1, n,
         inner, float(clip_lo) if clip else 0.0, float(clip_hi) if clip else 0.0,
         x0_stats if x0_stats is not None else xx, *scalars,
         HAS_C=cc is not None, HAS_U=uu is not None, HAS_Z=zz is not None, HAS_RS=row_scale is not None, K=k,

@@ -107,7 +107,9 @@ inline QuantizeCall make_quantize_call(const at::Tensor& x, const std::optional<
     const char* name = i == 0 ? "shift" : "scale";
     if (!t.has_value()) continue;
     TORCH_CHECK_VALUE(a.prologue == QuantPrologue::kLayerNorm, name, ": only used with prologue='layernorm'");
-    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(1) == K && t->size(0) >= 1 && M % t->size(0) == 0, name,
+    // (an empty batch: M = 0 rows with B = 0 modulation rows)
+    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(1) == K &&
+                          ((t->size(0) >= 1 && M % t->size(0) == 0) || (t->size(0) == 0 && M == 0)), name,
                       ": expected shape [B, K] with K = ", K, " and B dividing M = ", M, ", got ", t->sizes());
     if (mod_ref != nullptr) {
       TORCH_CHECK_VALUE(t->sizes() == mod_ref->sizes() && t->scalar_type() == mod_ref->scalar_type(),
@@ -116,7 +118,7 @@ inline QuantizeCall make_quantize_call(const at::Tensor& x, const std::optional<
     mod_ref = &*t;
     a.mod_dtype = float_tag(*t, name);
     same_device(*t, x, name, "x");
-    a.rows_per_batch = M / t->size(0);
+    a.rows_per_batch = t->size(0) > 0 ? M / t->size(0) : 1;  // (B = 0 only with M = 0: nothing runs)
   }
   if (shift.has_value()) {
     c.shift = shift->contiguous();

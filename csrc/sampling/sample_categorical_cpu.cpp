@@ -170,11 +170,10 @@ void sample_rows(const SampleArgs& a) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const bool argmax = a.temperature == 0.0;
   const bool stats = a.want_stats || argmax;  // else: no second max, no entropy sum, NaN statistics
-  const double t_stat = argmax ? 1.0 : a.temperature;
-  // clamped: for T < 1 / FLT_MAX, float(1 / T) = inf and (l - M) * inf = NaN at the max itself; for
-  // T > 1 / FLT_MIN, 0 and -inf * 0 = NaN at a banned token (the smallest normal keeps -inf at -inf)
-  const float inv_t = std::clamp(float(1.0 / t_stat), std::numeric_limits<float>::min(),
-                                 std::numeric_limits<float>::max());
+  const double t_stat = argmax ? 1.0 : std::min(a.temperature, kMaxTemperature);
+  // clamped: for T < 1 / FLT_MAX, float(1 / T) = inf and (l - M) * inf = NaN at the max itself (T above
+  // kMaxTemperature was clamped above: 1 / T would be 0 and -inf * 0 = NaN at a banned token)
+  const float inv_t = std::min(float(1.0 / t_stat), std::numeric_limits<float>::max());
 #pragma omp parallel if (a.rows > 1 && a.rows * a.vocab >= (int64_t(1) << 15))
   {
     std::vector<float> lbuf(C);

@@ -169,9 +169,9 @@ __global__ void __launch_bounds__(kThreads) partial_kernel(SampleArgs a, Partial
     bad |= sbad[w];
   }
   // exponentials relative to the chunk max, float64 sums
-  const double inv_t = 1.0 / (a.temperature == 0.0 ? 1.0 : a.temperature);
-  // T < 1 / FLT_MAX: inf * 0 would give NaN at the max; T > 1 / FLT_MIN: -inf * 0 at a banned token
-  const float inv_tf = fminf(fmaxf(float(inv_t), FLT_MIN), FLT_MAX);
+  // T above kMaxTemperature samples as kMaxTemperature (1 / T would be 0: -inf * 0 = NaN at a banned token)
+  const double inv_t = 1.0 / (a.temperature == 0.0 ? 1.0 : fmin(a.temperature, kMaxTemperature));
+  const float inv_tf = fminf(float(inv_t), FLT_MAX);  // T < 1 / FLT_MAX: inf * 0 would give NaN at the max
   double s = 0, t = 0;
   if (m1 > -INFINITY) {
     if (inv_tf == 1.f)
@@ -229,7 +229,7 @@ __global__ void select_kernel(SampleArgs a, const Partial* __restrict__ part, in
     if (lane == 0) { a.tokens[row] = -2; a.prob[row] = nan; st[0] = st[1] = st[2] = nan; }
     return;
   }
-  const double t_stat = a.temperature == 0.0 ? 1.0 : a.temperature;
+  const double t_stat = a.temperature == 0.0 ? 1.0 : fmin(a.temperature, kMaxTemperature);
   const bool stats = a.want_stats || a.temperature == 0.0;  // else m2, arg and t were not computed
   double Z = 0, tsum = 0;
   for (int c = lane; c < nchunks; c += 32) {
@@ -294,7 +294,7 @@ __global__ void select_kernel(SampleArgs a, const Partial* __restrict__ part, in
   const T* lrow = static_cast<const T*>(a.logits) + row * a.row_stride;
   const float tau = a.threshold ? a.threshold[row] : -INFINITY;
   const float mc = P[c_sel].m1;
-  const float inv_tf = fminf(fmaxf(float(1.0 / t_stat), FLT_MIN), FLT_MAX);  // as in partial_kernel
+  const float inv_tf = fminf(float(1.0 / t_stat), FLT_MAX);  // as in partial_kernel
   const double rem = beyond ? INFINITY : (target - acc) / w_sel;  // beyond: the last kept token
   const int64_t lo = int64_t(c_sel) * kChunk;
   const int64_t hi = lo + kChunk < a.vocab ? lo + kChunk : a.vocab;

@@ -621,6 +621,9 @@ class PNDMScheduler(_FusedScheduler):
             self.prk_timesteps = np.array([], dtype=np.int64)
             self.plms_timesteps = np.concatenate([asc[:-1], asc[-2:-1], asc[-1:]])[::-1].copy()
         else:
+            if num_inference_steps < 4:  # (diffusers fails there too, with a numpy broadcasting error)
+                raise ValueError(f"num_inference_steps: the PRK warm-up (skip_prk_steps=False) needs at least 4 "
+                                 f"steps, got {num_inference_steps}")
             # the 4 lowest-noise steps, each with its midpoint (t + T // n // 2), as diffusers lays them out
             half = c.num_train_timesteps // num_inference_steps // 2
             pairs = np.stack([asc[-4:], asc[-4:] + half], axis=1).reshape(-1)

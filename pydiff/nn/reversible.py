@@ -44,9 +44,9 @@ the GPU stack.  Two remedies, chosen by ``state_dtype``:
   <= 1e-12 relative (max-abs; measured 0) for the 16-block fp32 stack, and gradients within 1e-5
   of plain autograd (fp32 model; measured <= 4e-7).
 * ``torch.int64``: fixed point with ``frac_bits`` fractional bits (default 32: resolution 2.3e-10,
-  range |x| < 2**30, values exact in float64 while |x| < 2**21; an input or F/G output that is NaN, infinite
-  or out of range makes the whole output NaN, as the float arithmetic would, instead of wrapping).  ``F(x2)`` is rounded to the grid
-  and added in int64, so the inverse is bit-exact whenever F and G recompute bit-identically
+  range |x| < 2**30, values exact in float64 while |x| < 2**21; an input or F/G output that is NaN,
+  infinite or out of range makes the whole output NaN, as float arithmetic would, instead of
+  wrapping).  ``F(x2)`` is rounded to the grid and added in int64, so the inverse is bit-exact whenever F and G recompute bit-identically
   (MacKay et al. 2018, "Reversible Recurrent Neural Networks").  The forward differs from float
   arithmetic by one grid rounding per add (gradients pass the rounding straight through).
   Additive couplings only (``ScaledCoupling`` divides by ``v``).
@@ -765,7 +765,8 @@ class ReversibleSequential(nn.Module):
             ``torch.float64`` (rebuilt to <= 1e-12 relative on that stack) or ``torch.int64``
             (fixed point with ``frac_bits`` fractional bits, bit-exact inverse; additive couplings
             only).
-        frac_bits: fractional bits of the fixed-point state (default 32: step 2.3e-10, |x| < 2**(62 - frac_bits) = 2**30).
+        frac_bits: fractional bits of the fixed-point state (default 32: step 2.3e-10, values below
+            2**(62 - frac_bits) = 2**30 in magnitude).
         preserve_rng_state: record and replay the RNG state around every F/G call (dropout).  Off
             for CUDA graph capture (``torch.cuda.make_graphed_callables``), which cannot read it.
         deterministic: fix the cuDNN algorithm between forward and recompute; default: on when

@@ -104,7 +104,7 @@ def check_quantize_args(x, smooth, lora_down, shift, scale, fmt, group_size, pro
         if prologue != "layernorm":
             raise ValueError(f"{name}: only used with prologue='layernorm' (adaLN modulation), got prologue={prologue!r}")
         _check_float(name, t, x.device)
-        if t.dim() != 2 or t.shape[1] != K or t.shape[0] < 1 or M % t.shape[0]:
+        if t.dim() != 2 or t.shape[1] != K or (M % t.shape[0] if t.shape[0] >= 1 else M != 0):  # (M = B = 0: empty)
             raise ValueError(f"{name}: expected shape [B, K] with K = {K} and B dividing M = {M}, got {tuple(t.shape)}")
     if shift is not None and scale is not None and (shift.shape != scale.shape or shift.dtype != scale.dtype):
         raise ValueError(f"scale: expected the shape and dtype of shift {tuple(shift.shape)} {shift.dtype}, got "

@@ -157,7 +157,9 @@ def sample_categorical(
 
     Args:
         logits: ``[..., V]`` float32 / float16 / bfloat16 (the last dim contiguous is fastest).
-        temperature: ``T > 0`` samples; ``0`` takes the argmax.
+        temperature: ``T > 0`` samples; ``0`` takes the argmax.  ``T`` above ``2**100`` (1.3e30) samples
+            as ``2**100`` (the kernels form ``(l - max) / T`` in fp32; either way the draw is uniform
+            over the kept tokens for logits within 1e22 of each other).
         top_k: keep the ``top_k`` largest logits (ties with the k-th are kept, as in HF).
         top_p: then keep the smallest most-likely set of mass >= top_p (nucleus; computed on
             blocks of 64 rows, so its extra memory is ``64 x V``, never ``R x V``).

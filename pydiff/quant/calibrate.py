@@ -134,7 +134,7 @@ class Calibrator:
     def _layer_hook(self, name: str):
         def hook(mod, args, kwargs):
             x = args[0] if args else kwargs.get("input", kwargs.get("x"))
-            if not isinstance(x, torch.Tensor):
+            if not isinstance(x, torch.Tensor) or x.numel() == 0:  # (an empty batch carries no statistics)
                 return
             x = x.detach()
             if isinstance(mod, nn.Conv2d):

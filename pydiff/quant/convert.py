@@ -263,6 +263,10 @@ def quantize_(model: nn.Module, config: Optional[QuantConfig] = None, calibratio
         with Calibrator(model, chosen, keep_calls=config.keep_calls, keep_rows=config.keep_rows,
                         detect_splits=config.split_shortcut) as cal:
             sample_ref = first_tensor(run_calibration(calibration, model))
+        nonfinite = [n for n, a in cal.absmax.items() if not bool(torch.isfinite(a).all())]
+        if nonfinite:
+            raise ValueError(f"calibration: the inputs of layer(s) {nonfinite[:5]} held NaN or inf during calibration "
+                             f"(smoothing factors and the SQNR report would be NaN); calibrate on finite data")
         if sample_ref is not None:
             sample_ref = sample_ref.detach().clone()
 

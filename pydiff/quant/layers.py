@@ -193,6 +193,19 @@ class QuantizedLayer(nn.Module):
 
     # ------------------------------------------------------------------ conversion
     @torch.no_grad()
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # load_state_dict would cast quantized codes of another format (fp8 codes into an int8 buffer,
+        # say) to this layer's dtype without a word: refuse codes whose dtype differs
+        for name, buf in self._buffers.items():
+            if buf is not None and name.startswith("qweight"):
+                got = state_dict.get(prefix + name)
+                if isinstance(got, torch.Tensor) and got.dtype != buf.dtype:
+                    error_msgs.append(f"{prefix}{name}: expected dtype {buf.dtype} (fmt={self.fmt!r}), got "
+                                      f"{got.dtype}: the state_dict holds another quantization format")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def _load_float_weight(self, W: torch.Tensor, bias: Optional[torch.Tensor], act_absmax: Optional[torch.Tensor],
                            alpha: float, col_channel: torch.Tensor) -> None:
         """Fill the buffers from a float weight ``W [N, K]`` (smoothing, SVD, residual quantization).

@@ -105,7 +105,7 @@ def prologue_ref(x: torch.Tensor, prologue: str = "none", shift: Optional[torch.
         for t, add in ((scale, False), (shift, True)):
             if t is None:
                 continue
-            rows = t.to(torch.float32).repeat_interleave(M // t.shape[0], dim=0)
+            rows = t.to(torch.float32).repeat_interleave(M // t.shape[0] if t.shape[0] else 0, dim=0)
             y = y + rows if add else y * (1.0 + rows)
         return y
     return y

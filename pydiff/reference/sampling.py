@@ -31,6 +31,10 @@ import torch
 
 _M64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
+#: Temperatures above this sample as this one: the kernels form ``(l - M) / T`` in fp32, where ``1 / T``
+#: must stay a normal number and an ``l - M`` that overflows fp32 must still weigh ``exp(< -2.6e8) = 0``
+#: (C++: ``kMaxTemperature``).  The draw at it is uniform over the kept tokens for logits within 1e22.
+MAX_TEMPERATURE = 2.0 ** 100
 _C1 = 0xBF58476D1CE4E5B9
 _C2 = 0x94D049BB133111EB
 
@@ -79,7 +83,7 @@ def sample_categorical_ref(
     stats = torch.full((R, 3), float("nan"), dtype=torch.float64, device=dev)
     u_all = uniform53(seeds, offsets)
     t_samp = float(temperature)
-    t_stat = t_samp if t_samp > 0 else 1.0
+    t_stat = min(t_samp, MAX_TEMPERATURE) if t_samp > 0 else 1.0
     for r0 in range(0, R, rows_per_block):
         r1 = min(R, r0 + rows_per_block)
         lg = logits[r0:r1].double()

@@ -2,7 +2,8 @@
 //
 // Per row r of logits [R, V] (row stride `row_stride` elements, unit column stride), temperature
 // T > 0 (T == 0: argmax) and optional threshold tau[r] (tokens with l < tau[r] are dropped):
-//   e_i = exp((l_i - M) / T') for kept tokens (T' = T, or 1 when T == 0), Z = sum e_i (float64),
+//   e_i = exp((l_i - M) / T') for kept tokens (T' = min(T, 2^100), or 1 when T == 0; the kernels form
+//   (l_i - M) / T' in fp32), Z = sum e_i (float64),
 //   u = uniform53(seed[r], offset[r]), token = min{i : e_0 + ... + e_i > u Z}.
 // Outputs: tokens (int64; -1 for rows off in row_mask, -2 for rows with NaN/+inf or no finite kept
 // logit), prob (float64, e_token / Z) and stats (float64 [R, 3]: top-1 prob, top-1 - top-2, entropy).
@@ -13,6 +14,10 @@
 #include "pydiff/solver.h"  // DType
 
 namespace pydiff {
+
+// Temperatures above this sample as this one (see above): 1 / T stays a normal fp32 number, and an
+// l_i - M that overflows fp32 (|l_i - M| > FLT_MAX) still weighs exp(< -2.6e8) = 0, as it should.
+constexpr double kMaxTemperature = 0x1p100;
 
 struct SampleArgs {
   DType dtype;
