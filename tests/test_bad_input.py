@@ -266,3 +266,29 @@ def test_quantized_layers_edge_cases():
         assert qq[0].shape == (0, 32) and qq[1].shape == (0, 2)
     with pytest.raises(ValueError, match="shift: expected shape"):
         Q.quantize(torch.randn(4, 64), "int4", 32, prologue="layernorm", shift=torch.randn(0, 64))
+
+
+def test_step_counts_and_unet_arguments():
+    from pydiff.integrations import diffusers as D
+    from pydiff.models.invertible_unet import InvertibleUNet
+
+    for S in (D.DPMSolverMultistepScheduler, D.UniPCMultistepScheduler, D.FlowMatchEulerDiscreteScheduler,
+              D.DDIMScheduler, D.EulerDiscreteScheduler):
+        for n in (0, -1, 2.5, True):
+            with pytest.raises(ValueError, match="num_inference_steps: expected an int >= 1"):
+                S().set_timesteps(n)
+    import numpy as np
+
+    s = D.DDIMScheduler()
+    s.set_timesteps(np.int64(5))
+    assert len(s.timesteps) == 5
+    u = InvertibleUNet(in_channels=3, out_channels=3, channels=(8, 12), layers=1, attention=(False, True),
+                       head_dim=4, groups=4)
+    for x, t in ((torch.randn(1, 3, 4, 4), torch.tensor([1.0, 2.0, 3.0])),
+                 (torch.randn(2, 3, 4, 4), torch.tensor([[1.0], [2.0]]))):
+        with pytest.raises(ValueError, match="t: expected a scalar or"):
+            u(x, t)
+    assert u(torch.randn(2, 3, 4, 4), 5.0).shape == (2, 3, 4, 4)
+    for kw, name in ((dict(channels=()), "channels"), (dict(head_dim=0), "head_dim"), (dict(groups=0), "groups")):
+        with pytest.raises(ValueError, match=name):
+            InvertibleUNet(**kw)

@@ -85,6 +85,7 @@ except ImportError as exc:  # pragma: no cover
 from pydiff.ops.solver import StepCoeffs, solver_step
 from pydiff.solvers import (DDIMSolver, DDPMSolver, DPMSolverPPSolver, EulerSolver, FlowEulerSolver, HeunSolver,
                             UniPCSolver)
+from pydiff.solvers._common import check_num_inference_steps
 from pydiff.solvers.ddim import guidance as _guidance
 from pydiff.solvers.ddim import randn_like_diffusers, run_step, spaced_timesteps, train_alphas_cumprod
 from pydiff.solvers._common import SolverConfig
@@ -610,6 +611,7 @@ class PNDMScheduler(_FusedScheduler):
         return sample
 
     def set_timesteps(self, num_inference_steps: int, device=None):
+        check_num_inference_steps(num_inference_steps)
         c = self.config
         if c.timestep_spacing not in ("linspace", "leading", "trailing"):
             raise ValueError(f"{c.timestep_spacing} is not supported. Please make sure to choose one of 'linspace', "

@@ -193,6 +193,11 @@ class InvertibleUNet(nn.Module):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         attention = tuple(bool(a) for a in attention)
+        if not channels or any(c < 2 for c in channels):
+            raise ValueError(f"channels: expected one width >= 2 per stage (at least one stage), got {channels}")
+        for name, v in (("head_dim", head_dim), ("groups", groups)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
         if len(attention) != len(channels):
             raise ValueError(f"attention: expected {len(channels)} flags (one per stage), got {len(attention)}")
         if any(c % 2 for c in channels):
@@ -255,6 +260,8 @@ class InvertibleUNet(nn.Module):
         t = torch.as_tensor(t, device=x.device)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
+        if t.dim() != 1 or t.shape[0] != x.shape[0]:
+            raise ValueError(f"t: expected a scalar or [B] = [{x.shape[0]}] timesteps, got shape {tuple(t.shape)}")
         temb = self.time_mlp(timestep_embedding(t, self.temb_dim0).to(self.conv_in.weight.dtype))
         h = self.conv_in(x)
         skips = []

@@ -6,6 +6,7 @@ of this touches a device tensor, so a step never synchronises with the host.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -14,6 +15,15 @@ import torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 
+
+
+def check_num_inference_steps(n) -> None:
+    """``num_inference_steps``: an int >= 1 (or None where the caller passes timesteps or sigmas
+    instead); a float like 2.5 was floored or failed inside numpy."""
+    if n is None:
+        return
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"num_inference_steps: expected an int >= 1, got {n!r}")
 
 def betas_for(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
               trained_betas=None) -> np.ndarray:

@@ -25,7 +25,7 @@ import torch
 
 from pydiff.ops.solver import StepCoeffs, solver_step
 from pydiff.solvers import _common
-from pydiff.solvers._common import SolverConfig, randn_like_diffusers
+from pydiff.solvers._common import SolverConfig, randn_like_diffusers, check_num_inference_steps
 from pydiff.solvers._common import Eval, clip_range, vp_x0
 
 __all__ = ["DDIMSolver", "DDIMInverseSolver"]
@@ -234,6 +234,7 @@ class DDIMSolver(_SolverBase):
         self.final_alpha_cumprod = 1.0 if self.config.set_alpha_to_one else float(self.alphas_cumprod[0])
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        check_num_inference_steps(num_inference_steps)
         c = self.config
         ts = spaced_timesteps(c.num_train_timesteps, num_inference_steps, c.timestep_spacing, c.steps_offset)
         self.num_inference_steps = num_inference_steps
@@ -335,6 +336,7 @@ class DDIMInverseSolver(_SolverBase):
         self.initial_alpha_cumprod = 1.0 if self.config.set_alpha_to_one else float(self.alphas_cumprod[0])
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        check_num_inference_steps(num_inference_steps)
         c = self.config
         ts = spaced_timesteps(c.num_train_timesteps, num_inference_steps, c.timestep_spacing, c.steps_offset)[::-1]
         ts = ts.copy()

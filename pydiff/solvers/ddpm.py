@@ -21,7 +21,7 @@ import torch
 from pydiff.ops.solver import StepCoeffs
 from pydiff.solvers.ddim import (_BETA_KEYS, _SolverBase, fold, prediction_coeffs, randn_like_diffusers,
                                  run_step, spaced_timesteps, train_alphas_cumprod)
-from pydiff.solvers._common import Eval, clip_range, vp_x0
+from pydiff.solvers._common import Eval, clip_range, vp_x0, check_num_inference_steps
 
 __all__ = ["DDPMSolver"]
 
@@ -54,6 +54,7 @@ class DDPMSolver(_SolverBase):
         self.alphas_cumprod = train_alphas_cumprod(self.config)
 
     def set_timesteps(self, num_inference_steps: int = None, device=None, timesteps=None) -> None:
+        check_num_inference_steps(num_inference_steps)
         c = self.config
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps and timesteps")

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from pydiff.ops.solver import StepCoeffs, solver_step
-from pydiff.solvers._common import SolverConfig, eps_coeffs, randn_like_diffusers, x0_coeffs
+from pydiff.solvers._common import (SolverConfig, check_num_inference_steps, eps_coeffs, randn_like_diffusers,
+                                    x0_coeffs)
 from pydiff.solvers._common import guidance as _common_guidance
 from pydiff.solvers._common import Eval, sigma_x0
 
@@ -304,6 +305,7 @@ class DPMSolverPPSolver(ConfiguredSolver):
     # ---------------------------------------------------------------- schedule
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None, mu: Optional[float] = None,
                       timesteps: Optional[Sequence[int]] = None) -> None:
+        check_num_inference_steps(num_inference_steps)
         c = self.config
         if mu is not None:
             if not (c.use_dynamic_shifting and c.time_shift_type == "exponential"):

@@ -27,6 +27,7 @@ import math
 from typing import Callable
 
 import torch
+from pydiff.solvers._common import check_num_inference_steps
 
 from pydiff.ops.solver import StepCoeffs, solver_step
 from pydiff.solvers.ddim import _BETA_KEYS, _SolverBase, run_step, spaced_timesteps, train_alphas_cumprod
@@ -78,6 +79,7 @@ class EDICTSolver(_SolverBase):
         self.final_alpha_cumprod = 1.0 if c.set_alpha_to_one else float(self.alphas_cumprod[0])
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        check_num_inference_steps(num_inference_steps)
         c = self.config
         ts = spaced_timesteps(c.num_train_timesteps, num_inference_steps, c.timestep_spacing, c.steps_offset)
         self.num_inference_steps = num_inference_steps

@@ -26,7 +26,7 @@ import torch
 from pydiff.ops.solver import StepCoeffs
 from pydiff.solvers.ddim import (_BETA_KEYS, _SolverBase, fold, randn_like_diffusers, run_step,
                                  train_alphas_cumprod)
-from pydiff.solvers._common import Eval, clip_range
+from pydiff.solvers._common import Eval, clip_range, check_num_inference_steps
 
 __all__ = ["EulerSolver", "HeunSolver"]
 
@@ -141,6 +141,7 @@ class EulerSolver(_SigmaSolver):
         return ac
 
     def set_timesteps(self, num_inference_steps: int = None, device=None, timesteps=None, sigmas=None) -> None:
+        check_num_inference_steps(num_inference_steps)
         if timesteps is not None or sigmas is not None:
             raise NotImplementedError("EulerSolver.set_timesteps: custom timesteps / sigmas are not supported")
         sig, ts = _sigma_schedule(self, num_inference_steps)
@@ -236,6 +237,7 @@ class HeunSolver(_SigmaSolver):
     order = 2
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        check_num_inference_steps(num_inference_steps)
         sig, ts = _sigma_schedule(self, num_inference_steps)
         self.set_schedule(sig, ts, device=device, num_inference_steps=num_inference_steps)
 

@@ -23,7 +23,7 @@ import torch
 from pydiff.ops.solver import StepCoeffs, solver_step
 from pydiff.solvers.dpmpp import (ConfiguredSolver, exponential_sigmas, guidance_args, karras_sigmas,
                                   noise_like, stretch_to_terminal, time_shift, with_guidance)
-from pydiff.solvers._common import Eval
+from pydiff.solvers._common import Eval, check_num_inference_steps
 
 __all__ = ["FlowEulerSolver"]
 
@@ -77,6 +77,7 @@ class FlowEulerSolver(ConfiguredSolver):
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None,
                       sigmas: Optional[Sequence[float]] = None, mu: Optional[float] = None,
                       timesteps: Optional[Sequence[float]] = None) -> None:
+        check_num_inference_steps(num_inference_steps)
         c = self.config
         N = c.num_train_timesteps
         if c.use_dynamic_shifting and mu is None:

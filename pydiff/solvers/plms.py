@@ -22,7 +22,7 @@ import torch
 
 from pydiff.ops.solver import StepCoeffs
 from pydiff.solvers.ddim import _BETA_KEYS, _SolverBase, run_step, spaced_timesteps, train_alphas_cumprod
-from pydiff.solvers._common import Eval, vp_x0
+from pydiff.solvers._common import Eval, vp_x0, check_num_inference_steps
 
 __all__ = ["PLMSSolver"]
 
@@ -52,6 +52,7 @@ class PLMSSolver(_SolverBase):
         self.final_alpha_cumprod = 1.0 if self.config.set_alpha_to_one else float(self.alphas_cumprod[0])
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        check_num_inference_steps(num_inference_steps)
         c = self.config
         asc = spaced_timesteps(c.num_train_timesteps, num_inference_steps, c.timestep_spacing, c.steps_offset)[::-1]
         # PLMS timesteps: the second-to-last training-order entry repeated (the warm-up), descending.

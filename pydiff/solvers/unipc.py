@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from pydiff.ops.solver import StepCoeffs, solver_step
-from pydiff.solvers._common import eps_coeffs, x0_coeffs
+from pydiff.solvers._common import eps_coeffs, x0_coeffs, check_num_inference_steps
 from pydiff.solvers.dpmpp import (ConfiguredSolver, alpha_sigma, check_finite, exponential_sigmas,
                                   guidance_args, karras_sigmas, log_snr, sigma_to_t, spaced_timesteps,
                                   stretch_to_terminal, time_shift, vp_alphas_cumprod, vp_sigmas, with_guidance)
@@ -104,6 +104,7 @@ class UniPCSolver(ConfiguredSolver):
     # ---------------------------------------------------------------- schedule
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None,
                       sigmas: Optional[Sequence[float]] = None, mu: Optional[float] = None) -> None:
+        check_num_inference_steps(num_inference_steps)
         c = self.config
         N = c.num_train_timesteps
         if c.use_dynamic_shifting and mu is None:
