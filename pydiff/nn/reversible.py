@@ -46,8 +46,9 @@ the GPU stack.  Two remedies, chosen by ``state_dtype``:
 * ``torch.int64``: fixed point with ``frac_bits`` fractional bits (default 32: resolution 2.3e-10,
   range |x| < 2**30, values exact in float64 while |x| < 2**21; an input or F/G output that is NaN,
   infinite or out of range makes the whole output NaN, as float arithmetic would, instead of
-  wrapping).  ``F(x2)`` is rounded to the grid and added in int64, so the inverse is bit-exact whenever F and G recompute bit-identically
-  (MacKay et al. 2018, "Reversible Recurrent Neural Networks").  The forward differs from float
+  wrapping).  ``F(x2)`` is rounded to the grid and added in int64, so the inverse is bit-exact
+  whenever F and G recompute bit-identically (MacKay et al. 2018, "Reversible Recurrent Neural
+  Networks").  The forward differs from float
   arithmetic by one grid rounding per add (gradients pass the rounding straight through).
   Additive couplings only (``ScaledCoupling`` divides by ``v``).
 
@@ -56,8 +57,8 @@ Recomputation must reproduce the forward: ``deterministic=True`` (the default wh
 autotuning; the autocast state and (``preserve_rng_state=True``) the CPU and device RNG state
 before every F/G call are recorded in the forward and restored in the recompute, as
 ``torch.utils.checkpoint`` does, so dropout draws the same mask (only for the calls that drew
-random numbers in the forward: a stack without random ops restores nothing).  Modules whose forward differs
-between ``no_grad`` and grad mode, or that update buffers (BatchNorm running stats are updated
+random numbers in the forward: a stack without random ops restores nothing).  Modules whose
+forward differs between ``no_grad`` and grad mode, or that update buffers (BatchNorm running stats are updated
 twice), are outside these guarantees.
 
 Shapes: input ``[B, 2C, ...]`` (``dim=1`` by default) to output of the same shape and dtype.
