@@ -232,3 +232,33 @@ def test_gpu_reversible_stack_in_cuda_graph():
         got = torch.autograd.grad((graphed(x) * w).sum(), [x] + params)
     for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_gpu_reversible_dropout_replays_the_cuda_rng():
+    """Dropout in one sub-network on CUDA: the recompute restores the CUDA generator's state for that
+    call only (read and set on the generator directly), so the gradients equal plain autograd's with
+    the same seed, and the backward leaves the CUDA RNG state as it found it."""
+    from torch import nn
+
+    from pydiff.nn import AdditiveCoupling, ReversibleSequential
+
+    torch.manual_seed(0)
+
+    def branch(p):
+        return nn.Sequential(nn.GroupNorm(4, 8), nn.SiLU(), nn.Dropout(p), nn.Conv2d(8, 8, 3, padding=1))
+
+    stack = ReversibleSequential([AdditiveCoupling(branch(0.0), branch(0.3 if i == 1 else 0.0)) for i in range(3)],
+                                 state_dtype=torch.float64).to(GPU).train()
+    x = _rand((2, 16, 8, 8), torch.float32, 31)
+    params = list(stack.parameters())
+    grads = []
+    for rev in (True, False):
+        stack.reversible = rev
+        xr = x.clone().requires_grad_()
+        torch.cuda.manual_seed(7)
+        y = stack(xr)
+        before = torch.cuda.get_rng_state()
+        grads.append(torch.autograd.grad((y * y).sum(), [xr] + params))
+        assert torch.equal(torch.cuda.get_rng_state(), before)
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
