@@ -16,7 +16,7 @@ import torch
 from pydiff import _ext
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
-_state = {"backend": os.environ.get("PYDIFF_BACKEND", "auto")}
+_state = {"backend": os.environ.get("PYDIFF_BACKEND") or "auto"}  # (unset or empty: auto)
 if _state["backend"] not in BACKENDS:
     raise ValueError(f"PYDIFF_BACKEND: expected one of {BACKENDS}, got {_state['backend']!r}")
 
@@ -82,7 +82,7 @@ def resolve_tensor(backend: str | None, t: torch.Tensor) -> str:
     """``resolve(backend, t.device)`` (no ``auto_triton``) for the calls on every op's hot path: a CPU
     or CUDA tensor whose compiled kernels are built is answered from ``t.is_cpu`` / ``t.is_cuda``
     (~0.03 us) without reading ``t.device`` (~0.2 us; resolve took 0.4-0.6 us in all), else by resolve."""
-    name = backend or _state["backend"]
+    name = _state["backend"] if backend is None else backend
     if t.is_cuda and (name == "auto" or name == "cuda") and _ext.has_cuda_kernels():
         return "cuda"
     if t.is_cpu and (name == "auto" or name == "cpu") and _ext.has_cpu_kernels():
@@ -97,7 +97,7 @@ def resolve(backend: str | None, device: torch.device, *, auto_triton: bool = Fa
     Triton kernel is the faster one there), else as usual; except while ``torch.compile`` traces,
     where the registered custom op (CUDA kernel, with its fake kernel) keeps the graph whole (the
     Triton launchers are plain Python that Dynamo would break the graph on)."""
-    name = backend or _state["backend"]
+    name = _state["backend"] if backend is None else backend
     if name == "auto":
         if device.type == "cuda":
             if auto_triton and triton_available() and not (_ext.has_cuda_kernels() and _compiling()):

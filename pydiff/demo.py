@@ -33,6 +33,19 @@ KARRAS_ODE = ["euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc"]
 STEPS = (5, 10, 20, 50)
 
 
+
+def _threads(v: str) -> int:
+    """argparse type of ``--threads``: an int in 1..1024 (torch crashes on absurd thread counts)."""
+    import argparse
+
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int in 1..1024, got {v!r}") from None
+    if not 1 <= n <= 1024:
+        raise argparse.ArgumentTypeError(f"expected an int in 1..1024, got {n}")
+    return n
+
 def _split(label: str):
     name, _, opt = label.partition("+")
     return name, ({"sigmas": opt} if opt else {})
@@ -199,7 +212,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="pydiff_demo.png", help="PNG path (default: ./pydiff_demo.png)")
     ap.add_argument("--quick", action="store_true", help="fewer samples and steps (a few seconds)")
     ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--threads", type=int, default=1,
+    ap.add_argument("--threads", type=_threads, default=1,
                     help="torch CPU threads (default 1: the tensors are small, threads only add overhead)")
     args = ap.parse_args(argv)
     old = torch.get_num_threads()

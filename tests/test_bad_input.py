@@ -292,3 +292,99 @@ def test_step_counts_and_unet_arguments():
     for kw, name in ((dict(channels=()), "channels"), (dict(head_dim=0), "head_dim"), (dict(groups=0), "groups")):
         with pytest.raises(ValueError, match=name):
             InvertibleUNet(**kw)
+
+
+# ---- round 3: pydiff.nn, models, testing helpers, CLI, backend names ---------------------------------
+def _tiny_stack(n=2, **kw):
+    from torch import nn
+
+    from pydiff.nn import AdditiveCoupling, ReversibleSequential
+
+    torch.manual_seed(0)
+    return ReversibleSequential([AdditiveCoupling(nn.Sequential(nn.Linear(2, 2), nn.Tanh()),
+                                                  nn.Sequential(nn.Linear(2, 2), nn.Tanh())) for _ in range(n)],
+                                dim=-1, **kw)
+
+
+class _Const(torch.nn.Module):
+    def __init__(self, v):
+        super().__init__()
+        self.v = v
+
+    def forward(self, h):
+        return torch.full_like(h, self.v)
+
+
+def test_reversible_stack_refuses_what_it_cannot_recompute():
+    """The backward recomputes each block with its current modules: swapped parameters
+    (torch.func.functional_call) and parameters modified in place after the forward raise (they
+    gave wrong gradients silently); a fixed-point state whose running sum outgrows int64 gives NaN
+    (it wrapped); frac_bits must be an int."""
+    from pydiff.nn import AdditiveCoupling, ReversibleSequential
+
+    s = _tiny_stack()
+    p = {k: v.detach().clone().mul(1.5).requires_grad_() for k, v in s.named_parameters()}
+    x = torch.randn(3, 4, requires_grad=True)
+    y = torch.func.functional_call(s, p, (x,))
+    with pytest.raises(RuntimeError, match="parameters are not the tensors its forward used"):
+        torch.autograd.grad(y.pow(2).sum(), [x] + list(p.values()))
+    y = s(x)
+    with torch.no_grad():
+        next(iter(s.parameters())).add_(0.1)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        y.sum().backward()
+    y = s(x)  # unchanged parameters: fine (and again after an optimizer step, with a new forward)
+    y.sum().backward()
+    for bits, v in ((52, 1000.0), (32, 2.0 ** 29.5)):
+        st = ReversibleSequential([AdditiveCoupling(_Const(v), _Const(v)) for _ in range(4)], dim=-1,
+                                  state_dtype=torch.int64, frac_bits=bits)
+        with torch.no_grad():
+            assert torch.isnan(st(torch.zeros(1, 2))).all(), bits
+    ok = ReversibleSequential([AdditiveCoupling(_Const(1.0), _Const(1.0)) for _ in range(4)], dim=-1,
+                              state_dtype=torch.int64, frac_bits=52)
+    with torch.no_grad():
+        assert torch.equal(ok(torch.zeros(1, 2)), torch.tensor([[4.0, 4.0]]))
+    for bits in (1.5, True):
+        with pytest.raises(ValueError, match="frac_bits"):
+            _tiny_stack(state_dtype=torch.int64, frac_bits=bits)
+
+
+def test_dit_position_embedding_follows_the_patch_grid():
+    from pydiff.models.dit import DiT, pos_embed_2d
+
+    torch.manual_seed(0)
+    m = DiT(input_size=16, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2).eval()
+    x = torch.randn(1, 4, 4, 64)  # a 2 x 32 patch grid: as many tokens as the stored 8 x 8 table
+    out = m(x, torch.tensor([10.0]))
+    m.pos_embed = pos_embed_2d(32, 2, 32)[None]
+    assert torch.equal(out, m(x, torch.tensor([10.0])))
+    with pytest.raises(ValueError, match="t: expected a scalar or"):
+        m(torch.randn(2, 4, 16, 16), torch.zeros(2, 1))
+
+
+def test_testing_helpers_cli_and_backend_names():
+    import subprocess
+    import sys
+
+    from pydiff.ops.invertible import coupling_update
+    from pydiff.testing.discrete import chi2_gof, tv_distance, tv_noise_bound
+
+    s = torch.tensor([0, 1] * 50)
+    with pytest.raises(ValueError, match="probs: expected a 1-D distribution"):
+        chi2_gof(s, torch.tensor([1.0, 1.0]))
+    assert chi2_gof(s, torch.tensor([0.5, 0.5]))[2] > 0.5
+    with pytest.raises(ValueError, match="samples"):
+        tv_distance(torch.zeros(0, dtype=torch.long), torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="n: expected"):
+        tv_noise_bound(torch.tensor([0.5, 0.5]), 0)
+    for b in (0, ""):
+        with pytest.raises(ValueError, match="backend: expected one of"):
+            coupling_update(torch.ones(2), torch.ones(2), backend=b)
+    env = dict(__import__("os").environ, PYDIFF_BACKEND="")
+    out = subprocess.run([sys.executable, "-c", "import pydiff; print(pydiff.backend.get_backend())"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "auto", out.stderr[-500:]
+    for n in ("0", "1000000"):
+        out = subprocess.run([sys.executable, "-m", "pydiff", "demo", "--quick", "--no-plot", "--threads", n],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and "--threads: expected an int in 1..1024" in out.stderr, out.stderr[-500:]

@@ -348,6 +348,7 @@ class DDIMScheduler(_FusedScheduler):
         return sample
 
     def set_timesteps(self, num_inference_steps: int, device=None):
+        check_num_inference_steps(num_inference_steps, required=True)
         if num_inference_steps > self.config.num_train_timesteps:
             raise ValueError(f"`num_inference_steps`: {num_inference_steps} cannot be larger than "
                              f"`self.config.train_timesteps`: {self.config.num_train_timesteps}")
@@ -611,7 +612,7 @@ class PNDMScheduler(_FusedScheduler):
         return sample
 
     def set_timesteps(self, num_inference_steps: int, device=None):
-        check_num_inference_steps(num_inference_steps)
+        check_num_inference_steps(num_inference_steps, required=True)
         c = self.config
         if c.timestep_spacing not in ("linspace", "leading", "trailing"):
             raise ValueError(f"{c.timestep_spacing} is not supported. Please make sure to choose one of 'linspace', "

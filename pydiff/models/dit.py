@@ -190,7 +190,7 @@ class DiT(nn.Module):
                  depth: int = 4, num_heads: int = 3, mlp_ratio: float = 4.0, num_classes: int = 10,
                  learn_sigma: bool = False, zero_init: bool = False):
         super().__init__()
-        if input_size % patch_size:
+        if patch_size < 1 or input_size % patch_size:
             raise ValueError(f"patch_size: expected a divisor of input_size = {input_size}, got {patch_size}")
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -223,10 +223,13 @@ class DiT(nn.Module):
         t = torch.as_tensor(t, device=x.device)
         if t.dim() == 0:
             t = t.expand(B)
+        if t.dim() != 1 or t.shape[0] != B:
+            raise ValueError(f"t: expected a scalar or [B] = [{B}] timesteps, got shape {tuple(t.shape)}")
         if y is None:
             y = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)
         h = self.x_embedder(x)
-        if h.shape[1] == self.pos_embed.shape[1]:
+        g = self.input_size // self.patch_size
+        if H // self.patch_size == g and W // self.patch_size == g:  # (the stored table's grid, not just its size)
             h = h + self.pos_embed.to(h.dtype)
         else:
             h = h + pos_embed_2d(h.shape[2], H // self.patch_size, W // self.patch_size).to(h)[None]

@@ -192,8 +192,11 @@ class _Fixed(_Native):
         return torch.round(f.to(torch.float64) * self.scale).to(torch.int64)
 
     def add(self, s, f):
-        # fused: s + rint(f * 2^bits) in int64 (pydiff.ops.invertible.coupling_update_fixed)
+        # fused: s + rint(f * 2^bits) in int64 (pydiff.ops.invertible.coupling_update_fixed); with |s| < 2^62
+        # and |rint(f 2^bits)| < 2^62 (both flagged otherwise) the int64 sum cannot wrap
         self._flag(f)
+        b = ~(s.abs() < 2 ** 62).all()
+        self.bad = self.bad | b
         return _inv_ops.coupling_update_fixed(s, f.detach(), 1.0, self.bits, check=False)
 
     def sub(self, s, f, inplace: bool = False):
@@ -440,6 +443,22 @@ def _trainable_params(module: nn.Module) -> list:
     return out
 
 
+def _check_params_unchanged(blk: nn.Module, k: int, params, versions) -> None:
+    """The recompute runs the block's modules as they are now: it must find the parameter tensors the
+    forward used, unmodified (plain autograd raises for an in-place change; a swap, as
+    ``torch.func.functional_call`` makes and undoes around the forward, would go unnoticed)."""
+    now = _trainable_params(blk)
+    if len(now) != len(params) or any(a is not b for a, b in zip(now, params)):
+        raise RuntimeError(f"ReversibleSequential: block {k}'s parameters are not the tensors its forward used (swapped "
+                           f"between forward and backward, e.g. by torch.func.functional_call, or requires_grad "
+                           f"changed); the backward recomputes the block with its current modules")
+    for p, v in zip(params, versions):
+        if p._version != v:
+            raise RuntimeError(f"ReversibleSequential: a parameter of block {k} was modified in place between the "
+                               f"forward and the backward (an optimizer or EMA step?); the recompute would use the new "
+                               f"values (plain autograd raises for this too)")
+
+
 def _add_grad(a: torch.Tensor, b: Optional[torch.Tensor], inplace: bool = False) -> torch.Tensor:
     """``a + b`` (``b`` None: ``a``); ``inplace``: added into ``a`` (a gradient the backward owns)."""
     if b is None:
@@ -541,8 +560,10 @@ class ScaledCoupling(CouplingBlock):
     """IDM's scaled coupling (Chen et al. 2024, ``RevModule``): ``y1 = (1 - v) F(x1) + v x2``,
     ``y2 = x1``, with a learnable scalar ``v`` (``v_init``, IDM uses 0.5).
 
-    Inverse: ``x1 = y2``, ``x2 = (y1 - (1 - v) F(y2)) / v`` (``v`` must stay away from 0).  One
-    evaluation of F per block in the forward and one (with autograd) in the backward.
+    Inverse: ``x1 = y2``, ``x2 = (y1 - (1 - v) F(y2)) / v``.  ``v`` must stay away from 0: the
+    rebuild divides by it, so the reversible gradients lose accuracy as ``v`` shrinks and are NaN at
+    ``v = 0``, where plain autograd's are not.  One evaluation of F per block in the forward and one
+    (with autograd) in the backward.
     """
 
     def __init__(self, F: nn.Module, v_init: float = 0.5, pass_cond: bool = True):
@@ -694,6 +715,7 @@ class _Block(torch.autograd.Function):
         n_cond = len(tensors) - n_params
         ctx.save_for_backward(*tensors[:n_cond])
         ctx.params = tensors[n_cond:]
+        ctx.versions = [p._version for p in ctx.params]
         blk = chain.stack.blocks[k]
         cond = chain.fill(tensors[:n_cond])
         with _deterministic_scope(s1.device, chain.det):
@@ -709,6 +731,7 @@ class _Block(torch.autograd.Function):
             raise RuntimeError("ReversibleSequential: a block's backward ran before the stack's output node's "
                                "(backpropagate from the stack's output)")
         blk = chain.stack.blocks[k]
+        _check_params_unchanged(blk, k, ctx.params, ctx.versions)
         st, chain.state = chain.state, None
         o1, o2 = st.pop()
         # the read-only states (by id: the block may free them as soon as it is done with them, so
@@ -787,8 +810,8 @@ class ReversibleSequential(nn.Module):
         if state_dtype not in (None, torch.float64, torch.int64):
             raise ValueError(f"state_dtype: expected None, torch.float64 or torch.int64, got {state_dtype}")
         if state_dtype == torch.int64:
-            if not 0 < int(frac_bits) <= 52:
-                raise ValueError(f"frac_bits: expected 1..52, got {frac_bits}")
+            if isinstance(frac_bits, bool) or not isinstance(frac_bits, int) or not 0 < frac_bits <= 52:
+                raise ValueError(f"frac_bits: expected an int in 1..52, got {frac_bits!r}")
             bad = [i for i, b in enumerate(self.blocks) if isinstance(b, ScaledCoupling)]
             if bad:
                 raise ValueError(f"state_dtype=torch.int64 (fixed point) supports additive couplings only; "

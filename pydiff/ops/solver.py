@@ -265,7 +265,7 @@ def solver_step(
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype == torch.float64:
-        if (backend or _backend.get_backend()) not in ("auto", "torch"):
+        if (_backend.get_backend() if backend is None else backend) not in ("auto", "torch"):
             raise TypeError(f"x: float64 runs on the 'torch' backend only (computing in float64), not {backend!r}")
         name = "torch"
     else:

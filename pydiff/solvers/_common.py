@@ -17,10 +17,10 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 
 
 
-def check_num_inference_steps(n) -> None:
+def check_num_inference_steps(n, required: bool = False) -> None:
     """``num_inference_steps``: an int >= 1 (or None where the caller passes timesteps or sigmas
-    instead); a float like 2.5 was floored or failed inside numpy."""
-    if n is None:
+    instead, unless ``required``); a float like 2.5 was floored or failed inside numpy."""
+    if n is None and not required:
         return
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"num_inference_steps: expected an int >= 1, got {n!r}")

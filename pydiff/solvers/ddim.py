@@ -234,7 +234,7 @@ class DDIMSolver(_SolverBase):
         self.final_alpha_cumprod = 1.0 if self.config.set_alpha_to_one else float(self.alphas_cumprod[0])
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        check_num_inference_steps(num_inference_steps)
+        check_num_inference_steps(num_inference_steps, required=True)
         c = self.config
         ts = spaced_timesteps(c.num_train_timesteps, num_inference_steps, c.timestep_spacing, c.steps_offset)
         self.num_inference_steps = num_inference_steps
@@ -336,7 +336,7 @@ class DDIMInverseSolver(_SolverBase):
         self.initial_alpha_cumprod = 1.0 if self.config.set_alpha_to_one else float(self.alphas_cumprod[0])
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        check_num_inference_steps(num_inference_steps)
+        check_num_inference_steps(num_inference_steps, required=True)
         c = self.config
         ts = spaced_timesteps(c.num_train_timesteps, num_inference_steps, c.timestep_spacing, c.steps_offset)[::-1]
         ts = ts.copy()

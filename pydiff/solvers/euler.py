@@ -237,7 +237,7 @@ class HeunSolver(_SigmaSolver):
     order = 2
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        check_num_inference_steps(num_inference_steps)
+        check_num_inference_steps(num_inference_steps, required=True)
         sig, ts = _sigma_schedule(self, num_inference_steps)
         self.set_schedule(sig, ts, device=device, num_inference_steps=num_inference_steps)
 

@@ -208,6 +208,15 @@ class TemplateMixture:
 
 
 # -------------------------------------------------------------------- statistics
+def _check_probs(probs: torch.Tensor) -> torch.Tensor:
+    """``probs`` as float64 on the CPU; a distribution: finite, >= 0, summing to 1 (within 1e-6)."""
+    p = probs.double().cpu()
+    if p.dim() != 1 or not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or abs(float(p.sum()) - 1.0) > 1e-6:
+        raise ValueError(f"probs: expected a 1-D distribution (finite, >= 0, summing to 1), got shape "
+                         f"{tuple(p.shape)} summing to {float(p.sum()) if p.numel() else 0.0}")
+    return p
+
+
 def chi2_gof(samples_or_counts: torch.Tensor, probs: torch.Tensor, *, counts: bool = False, min_expected: float = 5.0):
     """Pearson chi-square goodness of fit of observed cells against ``probs``.
 
@@ -215,7 +224,7 @@ def chi2_gof(samples_or_counts: torch.Tensor, probs: torch.Tensor, *, counts: bo
     approximation holds).  Returns ``(statistic, dof, p_value)``; the p-value is the regularised
     upper incomplete gamma ``Q(dof / 2, statistic / 2)``.
     """
-    probs = probs.double().cpu()
+    probs = _check_probs(probs)
     if counts:
         obs = samples_or_counts.double().cpu()
     else:
@@ -246,7 +255,9 @@ def chi2_gof(samples_or_counts: torch.Tensor, probs: torch.Tensor, *, counts: bo
 
 def tv_distance(samples: torch.Tensor, probs: torch.Tensor) -> float:
     """Total-variation distance between the empirical distribution of cell indices and ``probs``."""
-    probs = probs.double().cpu()
+    probs = _check_probs(probs)
+    if samples.numel() == 0:
+        raise ValueError("samples: expected at least one sample, got none")
     emp = torch.bincount(samples.cpu(), minlength=probs.numel()).double() / samples.numel()
     return 0.5 * float((emp - probs).abs().sum())
 
@@ -255,7 +266,9 @@ def tv_noise_bound(probs: torch.Tensor, n: int, fail_prob: float = 1e-4) -> floa
     """A bound the empirical TV distance of ``n`` exact samples exceeds with probability at most
     ``fail_prob``: ``E[TV] <= 1/2 sum_i sqrt(p_i (1 - p_i) / n)`` (Jensen), plus the McDiarmid
     deviation ``sqrt(log(1 / fail_prob) / (2 n))`` (one sample moves TV by at most ``1 / n``)."""
-    p = probs.double().cpu()
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected the number of samples (an int >= 1), got {n!r}")
+    p = _check_probs(probs)
     mean = 0.5 * float(torch.sqrt(p * (1 - p) / n).sum())
     return mean + math.sqrt(math.log(1.0 / fail_prob) / (2 * n))
 
