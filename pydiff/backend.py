@@ -16,6 +16,8 @@ import torch
 from pydiff import _ext
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+#: the backends whose ops are the compiled extension's, which validate their own arguments in C++
+COMPILED = ("cuda", "cpu")
 _state = {"backend": os.environ.get("PYDIFF_BACKEND") or "auto"}  # (unset or empty: auto)
 if _state["backend"] not in BACKENDS:
     raise ValueError(f"PYDIFF_BACKEND: expected one of {BACKENDS}, got {_state['backend']!r}")

@@ -33,7 +33,6 @@ KARRAS_ODE = ["euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc"]
 STEPS = (5, 10, 20, 50)
 
 
-
 def _threads(v: str) -> int:
     """argparse type of ``--threads``: an int in 1..1024 (torch crashes on absurd thread counts)."""
     import argparse
@@ -45,6 +44,7 @@ def _threads(v: str) -> int:
     if not 1 <= n <= 1024:
         raise argparse.ArgumentTypeError(f"expected an int in 1..1024, got {n}")
     return n
+
 
 def _split(label: str):
     name, _, opt = label.partition("+")

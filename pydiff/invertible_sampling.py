@@ -64,7 +64,6 @@ def _row(c: StepCoeffs, row: int, name: str) -> float:
 # ----------------------------------------------------------------------------------------------
 # Steps: forward_state / inverse_state / backward_state on a tuple state in the codec's arithmetic.
 # ----------------------------------------------------------------------------------------------
-
 def _model(run, h: torch.Tensor, t):
     """``run.model(h, t, *cond)``, checked to return a tensor shaped like ``h`` (a broadcastable output
     would be summed over the broadcast axes only in the backward, with an autograd-internal error)."""
@@ -73,6 +72,7 @@ def _model(run, h: torch.Tensor, t):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"model: expected an output of the sample's shape {tuple(h.shape)}, got {got}")
     return out
+
 
 class _DDIMStep:
     """``x' = A x + M m(x, t)``."""
@@ -106,7 +106,7 @@ class _DDIMStep:
             rng.again()
             z = run.codec.decode(xk, run.dtype).detach().requires_grad_()
             m = _model(run, z, self.t)
-        (dz,) = acc.grad(m, [z], run.params, dxp * self.M)
+        (dz,) = acc.grad(m, [z], None, dxp * self.M)
         x = (xp - self.M * run.codec.prep(m.detach())) / self.A
         if run.info is not None:
             r = ((x - xk).abs().max() / x.abs().max().clamp_min(1e-30)).to(torch.float64)
@@ -160,7 +160,7 @@ class _EDICTStep:
             z2 = run.codec.decode(xi, run.dtype).detach().requires_grad_()
             rng()
             e2 = _model(run, z2, self.t)
-        (dz2,) = acc.grad(e2, [z2], run.params, dyi * b)
+        (dz2,) = acc.grad(e2, [z2], None, dyi * b)
         y = (yi - b * prep(e2.detach())) / a
         del e2, z2
         if dz2 is not None:
@@ -170,7 +170,7 @@ class _EDICTStep:
             z1 = run.codec.decode(y, run.dtype).detach().requires_grad_()
             rng()
             e1 = _model(run, z1, self.t)
-        (dz1,) = acc.grad(e1, [z1], run.params, dxi * b)
+        (dz1,) = acc.grad(e1, [z1], None, dxi * b)
         x = (xi - b * prep(e1.detach())) / a
         if dz1 is not None:
             dy = dy + dz1.to(dy.dtype)

@@ -94,8 +94,7 @@ PYDIFF_CLONES_AVX2 void chunk_exp(const float* __restrict__ l, int64_t n8, float
   for (int64_t i = 0; i < n8; i += 8) {
     const v8f v = load8(l + i);
     v8f x = (v - vmc) * vinv;
-    x = x >= lo ? x : lo;  // also maps -inf (and the padding) to a value whose 2^k is 0 below, and the NaN
-                           // of -inf * 0 when 1 / T underflows to 0 (T > ~1e38: every kept logit weighs 1)
+    x = x < lo ? lo : x;  // also maps -inf (and the padding) to a value whose 2^k is 0 below
     v8f kf = x * 1.44269504088896341f;
     kf = (kf + 12582912.f) - 12582912.f;  // round to nearest integer
     v8f r = x - kf * 0.693359375f;        // Cody-Waite ln2 split

@@ -174,12 +174,12 @@ class _Fixed(_Native):
         # without a host synchronisation (one instance serves one call of the stack)
         self.bad = None
 
-    def _flag(self, t):
-        b = ~(t.detach().abs() < self.limit).all()
+    def _flag(self, t, limit):
+        b = ~(t.detach().abs() < limit).all()
         self.bad = b if self.bad is None else self.bad | b
 
     def encode(self, x):
-        self._flag(x)
+        self._flag(x, self.limit)
         return torch.round(x.to(torch.float64) * self.scale).to(torch.int64)
 
     def finish(self, y):
@@ -194,9 +194,8 @@ class _Fixed(_Native):
     def add(self, s, f):
         # fused: s + rint(f * 2^bits) in int64 (pydiff.ops.invertible.coupling_update_fixed); with |s| < 2^62
         # and |rint(f 2^bits)| < 2^62 (both flagged otherwise) the int64 sum cannot wrap
-        self._flag(f)
-        b = ~(s.abs() < 2 ** 62).all()
-        self.bad = self.bad | b
+        self._flag(f, self.limit)
+        self._flag(s, 2 ** 62)
         return _inv_ops.coupling_update_fixed(s, f.detach(), 1.0, self.bits, check=False)
 
     def sub(self, s, f, inplace: bool = False):

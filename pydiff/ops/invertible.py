@@ -139,7 +139,7 @@ def check_groupnorm_backward_args(grad_y, x, weight, bias, mean, rstd, groups, o
         raise ValueError(f"output_mask: expected 3 booleans (grad_x, grad_weight, grad_bias), got {output_mask!r}")
 
 
-_COMPILED = ("cuda", "cpu")
+_COMPILED = _backend.COMPILED
 
 
 # ---------------------------------------------------------------- torch and Triton implementations

@@ -63,7 +63,7 @@ def _check_float(name: str, t, device, dtypes=ACT_DTYPES) -> None:
         raise ValueError(f"{name}: expected device {device}, got {t.device}")
 
 
-_COMPILED = ("cuda", "cpu")
+_COMPILED = _backend.COMPILED
 
 #: Largest GEMM group sizes whose exact int32 group sums cannot overflow (the GPU kernels sum a group's
 #: integer products in int32): G * 128 * 128 < 2**31 for int8, G * 8 * 8 < 2**31 for int4, rounded down

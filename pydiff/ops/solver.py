@@ -310,7 +310,7 @@ def solver_step(
     return _torch_impl(*args)
 
 
-_COMPILED = ("cuda", "cpu")
+_COMPILED = _backend.COMPILED
 
 #: ``pydiff._C.solver_step_direct`` (csrc/bindings/module.cpp): the C++ bodies of
 #: ``torch.ops.pydiff.solver_step`` / ``solver_step_track`` called from Python without the dispatcher,

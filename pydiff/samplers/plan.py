@@ -23,7 +23,6 @@ CUDA graph.
 from __future__ import annotations
 
 import numbers
-
 from dataclasses import dataclass, field
 from typing import Optional
 

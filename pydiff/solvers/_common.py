@@ -16,7 +16,6 @@ import torch
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 
 
-
 def check_num_inference_steps(n, required: bool = False) -> None:
     """``num_inference_steps``: an int >= 1 (or None where the caller passes timesteps or sigmas
     instead, unless ``required``); a float like 2.5 was floored or failed inside numpy."""
@@ -24,6 +23,7 @@ def check_num_inference_steps(n, required: bool = False) -> None:
         return
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"num_inference_steps: expected an int >= 1, got {n!r}")
+
 
 def betas_for(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
               trained_betas=None) -> np.ndarray:

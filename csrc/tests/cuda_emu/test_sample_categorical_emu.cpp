@@ -14,8 +14,8 @@
 // if u Z falls within that tolerance of a cumulative boundary, which the random rows here never hit.
 // Cases: V = 1, primes, multiples and non-multiples of the CUDA chunk (4096) and the CPU chunk
 // (2048), several chunks; fp32 / fp16 / bf16; T in {1, 0.7, 2.5, 1e-3, 1e-6, 1e-30, 1e-40, 1e-44,
-// 1e30, 1e50, 0} (T < 1 / FLT_MAX: 1 / T is inf in fp32, T > 1 / FLT_MIN: 0; both kernels clamp it to
-// [FLT_MIN, FLT_MAX]); thresholds
+// 1e30, 1e50, 0} (T < 1 / FLT_MAX: 1 / T is inf in fp32, both kernels clamp it to FLT_MAX; T above
+// kMaxTemperature = 2^100 samples as 2^100 in both); thresholds
 // (top-k / top-p / min-p cut-offs as the ops pass them: tau = some logit, ties included, or
 // max + log p), NaN tau; row masks; all -inf rows, NaN / +inf logits, large-magnitude logits,
 // ties, a single kept token; row strides > V; negative seeds / offsets. Outputs are poisoned;
