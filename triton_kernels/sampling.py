@@ -1,12 +1,18 @@
 """Triton kernels of exact categorical sampling (definition: :mod:`pydiff.reference.sampling`).
 
-Kernel 1, one program per (row, chunk): one read of each chunk of logits; the chunk's max, NaN/+inf flag
-and the float64 sum of ``e = exp((l - m_c)/T)`` (``e`` by :func:`_exp_neg`, as the CUDA and C++
-kernels compute it); with the statistics (``STATS``) also the second max (with multiplicity), the
-first argmax and the float64 sum of ``e * (l - m_c)/T``.  Kernel 2, one program per row: combines
-the chunk partials, draws the counter-based float64 uniform, picks the chunk by the cumulative
-weighted sums and rescans it with a float64 prefix sum to pick the token.  Extra memory:
-``rows x chunks`` partials.
+Kernel 1, one program per (row, chunk): one read of each chunk of logits; the chunk's max, NaN/+inf
+flag and the sum of ``e = exp((l - m_c)/T)``: ``e`` by the hardware ``exp2`` in fp32 (MUFU.EX2 on an
+NVIDIA GPU, ~2 ulp; one instruction per logit instead of the ~12 of a polynomial, and the kernel is
+then bound by its read of the logits, not by arithmetic), summed in fp32 by eights and then in
+float64.  These sums only choose the chunk (each chunk's probability to ~5e-7 relative, like the
+exponentials themselves); with the statistics (``STATS``) also the second max (with multiplicity),
+the first argmax, the sum of ``e * (l - m_c)/T`` and the sum split as (count of maxima) + (the
+rest), which the entropy needs.  Kernel 2, one program per row: combines the chunk partials, draws
+the counter-based float64 uniform, picks the chunk by the cumulative weighted sums and rescans it
+with float64-range exponentials (:func:`_exp_neg`, as the CUDA rescan and the C++ kernel compute
+them) and a float64 prefix sum to pick the token, at the target's share of the rescan's own total:
+within the chunk, token ``i`` is drawn with probability ``e_i / sum(e)`` in float64, tails
+included.  Extra memory: ``rows x chunks`` partials.
 """
 from __future__ import annotations
 
@@ -54,12 +60,21 @@ def _exp_neg(x):
 
 
 @triton.jit
+def _group_sum(v, CHUNK: tl.constexpr):
+    """Sum of a ``[CHUNK]`` fp32 vector: fp32 sums of 8 consecutive values (<= 4.2e-7 relative error
+    each: nonnegative terms), added up in float64."""
+    G: tl.constexpr = 8 if CHUNK >= 8 else CHUNK
+    g = tl.sum(tl.reshape(v, [CHUNK // G, G]), 1)
+    return tl.sum(g.to(tl.float64), 0)
+
+
+@triton.jit
 def _max_nan(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
-def _partial_kernel(logits_ptr, thr_ptr, mask_ptr, pm1, pm2, ps, pt, parg, pbad, V, row_stride, nchunks, inv_t,
+def _partial_kernel(logits_ptr, thr_ptr, mask_ptr, pm1, pm2, ps, pt, pz, parg, pbad, V, row_stride, nchunks, inv_t,
                     HAS_T: tl.constexpr, HAS_M: tl.constexpr, CHUNK: tl.constexpr, STATS: tl.constexpr,
                     UNIT_T: tl.constexpr):
     pid = tl.program_id(0)  # one grid dimension (y and z stop at 65535 rows)
@@ -86,8 +101,10 @@ def _partial_kernel(logits_ptr, thr_ptr, mask_ptr, pm1, pm2, ps, pt, parg, pbad,
         xs = kv - m1s  # (x * 1.0 is x: the same values as with the multiply)
     else:
         xs = (kv - m1s) * inv_t
-    e = _exp_neg(xs)  # exactly 0 where kv = -inf (xs = -inf: 2^k underflows to 0)
-    s = tl.sum(e, 0)
+    # fp32 exponentials by the hardware exp2 (MUFU.EX2 on NVIDIA GPUs, ~2 ulp; exactly 0 where kv = -inf),
+    # summed in fp32 by eights, then in float64
+    e = tl.exp2(xs * 1.4426950408889634)
+    s = _group_sum(e, CHUNK)
     i = r * nchunks + c
     tl.store(pm1 + i, m1)
     tl.store(ps + i, s)
@@ -97,7 +114,12 @@ def _partial_kernel(logits_ptr, thr_ptr, mask_ptr, pm1, pm2, ps, pt, parg, pbad,
         below = tl.max(tl.where(kv < m1, kv, float("-inf")), 0)
         m2 = tl.where((cnt > 1) & (m1 > float("-inf")), m1, below)
         arg = tl.min(tl.where((kv == m1) & (kv > float("-inf")), offs, 2 ** 62), 0)
-        t = tl.sum(tl.where(e > 0, e * xs.to(tl.float64), 0.0), 0)
+        t = _group_sum(tl.where(e > 0, e * tl.maximum(xs, -3.0e38), 0.0), CHUNK)  # (no 0 * -inf)
+        # the sum again as (count of maxima) + (fp32 sums of the others, which carry their own
+        # rounding, not that of the 1s): entropy = log Z - ..., so for a peaked row log Z needs Z - 1
+        # to ~1e-7 of itself, which the plain fp32 sums (1 + small, rounded to 2^-24) do not give
+        rest = _group_sum(tl.where(kv < m1, e, 0.0), CHUNK)
+        tl.store(pz + i, tl.where(m1 > float("-inf"), cnt.to(tl.float64) + rest, 0.0))
         tl.store(pm2 + i, m2)
         tl.store(pt + i, t)
         tl.store(parg + i, arg)
@@ -118,7 +140,7 @@ def _rescan_e(row_ptr, offs, valid, tau, m_sel, inv_t, HAS_T: tl.constexpr, UNIT
 
 
 @triton.jit
-def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, pm2, ps, pt, parg, pbad,
+def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, pm2, ps, pt, pz, parg, pbad,
                    tok_ptr, prob_ptr, stats_ptr, V, row_stride, nchunks, t_stat, inv_t,
                    ARGMAX: tl.constexpr, HAS_T: tl.constexpr, HAS_M: tl.constexpr, NCP: tl.constexpr,
                    CHUNK: tl.constexpr, STATS: tl.constexpr, UNIT_T: tl.constexpr):
@@ -146,15 +168,19 @@ def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, p
     if STATS:
         m2 = tl.load(pm2 + base + ci, mask=cv, other=float("-inf"))
         t = tl.load(pt + base + ci, mask=cv, other=0.0)
+        zc = tl.load(pz + base + ci, mask=cv, other=0.0)
         arg = tl.load(parg + base + ci, mask=cv, other=2 ** 62)
+        # the statistics from the sums split as (count of maxima) + (the rest): see the partial kernel
+        Zs = tl.sum(tl.where(s > 0, w * zc, 0.0), 0)
+        top1 = 1.0 / Zs
         cnt = tl.sum((m1 == M).to(tl.int32), 0)
         M2 = tl.maximum(tl.max(tl.where(m1 < M, m1, float("-inf")), 0),
                         tl.max(tl.where(m1 == M, m2, float("-inf")), 0))
         M2 = tl.where(cnt > 1, M, M2)
         first = tl.min(tl.where(m1 == M, arg, 2 ** 62), 0)
-        tsum = tl.sum(tl.where(s > 0, w * (t + s * off), 0.0), 0)
-        margin = (1.0 - tl.exp((M2.to(tl.float64) - Md) / t_stat)) / Z
-        ent = tl.log(Z) - tsum / Z
+        tsum = tl.sum(tl.where(s > 0, w * (t + zc * off), 0.0), 0)
+        margin = (1.0 - tl.exp((M2.to(tl.float64) - Md) / t_stat)) / Zs
+        ent = tl.log(Zs) - tsum / Zs
     invalid = (bad != 0) | (M == float("-inf"))
     if ARGMAX:
         tok = first
@@ -174,35 +200,41 @@ def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, p
         acc = tl.sum(tl.where(ci == sel, cum - inc, 0.0), 0)
         w_sel = tl.sum(tl.where(ci == sel, w, 0.0), 0)
         m_sel = tl.sum(tl.where(ci == sel, m1, 0.0), 0)
-        rem = tl.where(beyond, float("inf"), (target - acc) / tl.where(w_sel > 0, w_sel, 1.0))
-        # Rescan the chunk in SUB-wide pieces (a 4096-wide float64 prefix sum held every value in
-        # registers: 2 programs per SM on an H100): the pieces' sums find the piece holding the
-        # target, whose prefix sum then finds the token.
+        s_sel = tl.sum(tl.where(ci == sel, s, 0.0), 0)
+        # the target's share of the chosen chunk's sum (beyond: past its last kept token)
+        frac = tl.where(beyond, float("inf"), (target - acc) / tl.where(w_sel > 0, w_sel, 1.0)
+                        / tl.where(s_sel > 0, s_sel, 1.0))
+        # Rescan the chunk in SUB-wide pieces with the float64-range exponentials (:func:`_exp_neg`;
+        # a 4096-wide float64 prefix sum held every value in registers: 2 programs per SM on an H100).
+        # The partial kernel's fp32 sum of the chunk differs from the rescan's by ~1e-7 relative, so
+        # the target is placed at the same share of the rescan's own total: within the chunk each
+        # token is drawn with probability e_i / (its float64 sum), tails included.  Pass 1: the
+        # pieces' sums; the piece holding the target; its prefix sum then finds the token.
         SUB: tl.constexpr = 512 if CHUNK > 512 else CHUNK
+        NP: tl.constexpr = CHUNK // SUB
         row_ptr = logits_ptr + r * row_stride
         live = (on != 0) & (invalid == 0)
-        run = tl.zeros([], dtype=tl.float64)
-        before = tl.zeros([], dtype=tl.float64)
-        found = tl.full([], -1, dtype=tl.int32)
+        pi = tl.arange(0, NP)
+        psum = tl.zeros([NP], dtype=tl.float64)
         last = tl.full([], -1, dtype=tl.int64)
-        for b in range(CHUNK // SUB):
+        for b in range(NP):
             offs = sel.to(tl.int64) * CHUNK + b * SUB + tl.arange(0, SUB).to(tl.int64)
             e = _rescan_e(row_ptr, offs, (offs < V) & live, tau, m_sel, inv_t, HAS_T, UNIT_T)
-            bs = tl.sum(e, 0)
-            hit = (found < 0) & (run + bs > rem) & (bs > 0)
-            found = tl.where(hit, b, found)
-            before = tl.where(hit, run, before)
-            run += bs
+            psum = tl.where(pi == b, tl.sum(e, 0), psum)
             last = tl.maximum(last, tl.max(tl.where(e > 0, offs, -1), 0))
-        fb = tl.maximum(found, 0)
+        rem = frac * tl.sum(psum, 0)
+        pcum = tl.cumsum(psum, 0)
+        found = tl.min(tl.where((pcum > rem) & (psum > 0), pi, NP), 0)
+        before = tl.sum(tl.where(pi == found, pcum - psum, 0.0), 0)
+        fb = tl.minimum(found, NP - 1)
         offs = sel.to(tl.int64) * CHUNK + fb * SUB + tl.arange(0, SUB).to(tl.int64)
-        e = _rescan_e(row_ptr, offs, (offs < V) & live & (found >= 0), tau, m_sel, inv_t, HAS_T, UNIT_T)
+        e = _rescan_e(row_ptr, offs, (offs < V) & live & (found < NP), tau, m_sel, inv_t, HAS_T, UNIT_T)
         ce = before + tl.cumsum(e, 0)
         tok = tl.min(tl.where((ce > rem) & (e > 0), offs, 2 ** 62), 0)
         # not reached (rounding: the piece's prefix ends a hair below the sum that chose it): its last
         # kept token; no piece chosen (beyond the last cumulative sum): the chunk's last kept token
         last_b = tl.max(tl.where(e > 0, offs, -1), 0)
-        tok = tl.where(tok == 2 ** 62, tl.where(found >= 0, last_b, last), tok)
+        tok = tl.where(tok == 2 ** 62, tl.where(found < NP, last_b, last), tok)
         te = _rescan_e(row_ptr, tok + tl.zeros([2], dtype=tl.int64), (tok >= 0) & live, tau, m_sel, inv_t, HAS_T, UNIT_T)
         etok = tl.max(te, 0)
         prob = etok * w_sel / Z
@@ -247,6 +279,7 @@ def sample_categorical_triton(logits, threshold, row_mask, seeds, offsets, tempe
     pm2 = torch.empty_like(pm1)
     ps = torch.empty((R, nchunks), dtype=torch.float64, device=dev)
     pt = torch.empty_like(ps)
+    pz = torch.empty_like(ps)
     parg = torch.empty((R, nchunks), dtype=torch.int64, device=dev)
     pbad = torch.empty((R, nchunks), dtype=torch.int32, device=dev)
     # T above 2**100 samples as 2**100 (1 / T would underflow to 0 in fp32: -inf * 0 = NaN at a banned token)
@@ -258,10 +291,10 @@ def sample_categorical_triton(logits, threshold, row_mask, seeds, offsets, tempe
     thr = threshold.contiguous() if threshold is not None else pm1
     msk = row_mask.contiguous() if row_mask is not None else pbad
     seeds, offsets = seeds.contiguous(), offsets.contiguous()
-    _partial_kernel[(nchunks * R,)](logits, thr, msk, pm1, pm2, ps, pt, parg, pbad, V, row_stride, nchunks,
+    _partial_kernel[(nchunks * R,)](logits, thr, msk, pm1, pm2, ps, pt, pz, parg, pbad, V, row_stride, nchunks,
                                   inv_t, HAS_T=threshold is not None, HAS_M=row_mask is not None,
                                   CHUNK=chunk, STATS=want_stats, UNIT_T=inv_t == 1.0)
-    _select_kernel[(R,)](logits, thr, msk, seeds, offsets, pm1, pm2, ps, pt, parg, pbad, tokens, prob, stats, V,
+    _select_kernel[(R,)](logits, thr, msk, seeds, offsets, pm1, pm2, ps, pt, pz, parg, pbad, tokens, prob, stats, V,
                          row_stride, nchunks, t_stat, inv_t, ARGMAX=temperature == 0,
                          HAS_T=threshold is not None, HAS_M=row_mask is not None,
                          NCP=max(2, triton.next_power_of_2(nchunks)), CHUNK=chunk, STATS=want_stats,
