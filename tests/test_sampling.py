@@ -163,6 +163,33 @@ def test_tail_test_rejects_fp32_gumbel_where_it_truncates(backend):
     assert not _tail_test(gumbel_hits, rows, p_tail), (gumbel_hits, rows * p_tail)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tail_token_beside_the_maximum_is_drawn_in_its_interval(backend, dtype):
+    """A token 17 nats below the maximum (p = 4.1e-8) in the same partial sum as the maximum: the
+    Triton and CUDA partial kernels sum their exponentials in fp32 by eights (Triton: 8 consecutive
+    logits; CUDA below a full 16-byte-loaded chunk: a thread's logits 128 apart), where 1 + 4.1e-8
+    rounds to 1, so their chunk sum misses it.  The rescan places the target at its share of the
+    rescan's own float64 total, so a uniform in the token's interval (the top 4.1e-8 of [0, 1))
+    still draws it, and other uniforms draw the maximum."""
+    p = math.exp(-17.0)
+    V = 1000
+    logits = torch.full((2, V), float("-inf"))
+    logits[:, 0] = 0.0
+    logits[0, 7] = -17.0    # Triton's group of eight with the maximum
+    logits[1, 256] = -17.0  # the CUDA kernel's (thread 0's logits 0, 128, 256, ...)
+    logits = logits.to(dtype)
+    seeds = torch.full((2,), 12345)
+    offsets = torch.full((2,), 96735269)  # u = 1 - 5.9e-10: in the tail token's interval
+    u = uniform53(seeds, offsets)
+    assert bool((u * (1 + p) > 1).all())
+    res = sample_categorical(logits, seeds=seeds, offsets=offsets, return_probs=True, backend=backend)
+    assert res.tokens.tolist() == [7, 256]
+    assert torch.allclose(res.probs, torch.full((2,), p / (1 + p), dtype=torch.float64), rtol=1e-6)
+    other = sample_categorical(logits, seeds=seeds, offsets=torch.tensor([0, 1]), backend=backend)
+    assert other.tolist() == [0, 0]
+
+
 # ---------------------------------------------------------------- options
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_truncations_draw_only_kept_tokens_at_renormalised_rates(backend):

@@ -101,3 +101,27 @@ def test_gpu_tokens_and_probs_without_statistics_are_bit_identical(dtype):
                     assert lean[2].isnan().all(), (b, T)
                 else:
                     assert torch.equal(full[2].nan_to_num(-1.0), lean[2].nan_to_num(-1.0)), (b, T)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_tail_token_beside_the_maximum_is_drawn_in_its_interval(dtype):
+    """As tests/test_sampling.py's test of the same name, on the GPU kernels (fp32 partial sums of
+    eight that round 1 + 4.1e-8 to 1; the rescan's share of its own float64 total still draws the
+    tail token for a uniform in its interval), for the layouts of both kernels: below a full chunk,
+    and full 16-byte-loaded chunks (CUDA thread 0: logits 0..7 in bf16 / fp16, 0..3 and 512..515 in
+    fp32)."""
+    import math
+    p = math.exp(-17.0)
+    rows = [(1000, 7), (1000, 256), (4096, 5), (4096, 512)]
+    logits = torch.full((len(rows), 4096), float("-inf"), device=GPU)
+    for r, (V, tail) in enumerate(rows):
+        logits[r, 0] = 0.0
+        logits[r, tail] = -17.0
+    seeds = torch.full((len(rows),), 12345, device=GPU)
+    offsets = torch.full((len(rows),), 96735269, device=GPU)  # u = 1 - 5.9e-10
+    for b in _backends():
+        for r, (V, tail) in enumerate(rows):
+            x = logits[r:r + 1, :V].to(dtype)
+            res = sample_categorical(x, seeds=seeds[r:r + 1], offsets=offsets[r:r + 1], return_probs=True, backend=b)
+            assert res.tokens.item() == tail, (b, V, tail, res.tokens.item())
+            assert abs(res.probs.item() / (p / (1 + p)) - 1) < 1e-6, (b, V, res.probs.item())

@@ -3,11 +3,17 @@
 //
 // Kernel 1, grid (chunks, rows): each block loads one chunk of kChunk logits into registers (one
 // read of the logits in total), reduces the chunk's max / second max / first argmax / NaN flag,
-// then sums e = exp((l - m_c) / T) in float64 (fp32 polynomial on the reduced argument, 2^k in
-// float64: nothing underflows above 1e-308) and e * x for the entropy.
+// then sums e = exp((l - m_c) / T): e by the hardware exp2 in fp32 (ex2.approx.ftz, ~2 ulp: one
+// MUFU instruction per logit instead of a ~12-instruction polynomial, so the kernel is bound by its
+// read of the logits), summed in fp32 by eights, then in float64. These sums only choose the chunk
+// (its probability to ~5e-7 relative); with the statistics also e * x for the entropy and the sum
+// split as (count of maxima) + (the rest), which the entropy of a peaked row needs.
 // Kernel 2, one warp per row: combines the chunk partials (max, Z, entropy, margin), draws the
 // float64 uniform, scans the weighted chunk sums to pick the chunk and rescans that chunk (from
-// L2) with a warp prefix sum to pick the token.
+// L2) with float64-range exponentials (fp32 polynomial on the reduced argument, 2^k in float64:
+// nothing underflows above 1e-308): once for its float64 total, then with a warp prefix sum to
+// find the token at the target's share of that total (within the chunk each token keeps its
+// float64 probability, tails included, although the pass-1 sum differs by ~1e-7).
 // Tested without a GPU by csrc/tests/cuda_emu (CPU emulator; the `#ifdef PYDIFF_CUDA_EMU` seam).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -22,12 +28,14 @@
 namespace pydiff {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kPerThread = 16;
+// 32 logits a thread: the block's reductions (max, flag, sums: shuffles, shared memory, barriers) cost
+// about as much as a thread's arithmetic on 16 logits once the exponentials are one instruction each
+constexpr int kThreads = 128;
+constexpr int kPerThread = 32;
 constexpr int kChunk = kThreads * kPerThread;  // 4096 logits per block
 
 struct Partial {
-  double s, t;      // sum e, sum e * x (relative to the chunk max)
+  double s, t, z;   // sum e, sum e * x (relative to the chunk max), (count of maxima) + (sum of the other e)
   float m1, m2;     // chunk max and second max (with multiplicity), kept tokens only
   int64_t arg;      // first index of m1 in the row (-1 if none kept)
   int bad, pad;     // NaN / +inf seen
@@ -56,6 +64,23 @@ __device__ __forceinline__ double exp_neg(float x) {
   return double(p) * __longlong_as_double(static_cast<long long>(static_cast<unsigned>(kb)) << 52);
 }
 
+// 2^y in fp32 by the special-function unit (ex2.approx.ftz.f32: ~2 ulp, 0 below 2^-126 and for -inf,
+// NaN for NaN); the emulator uses the host's exp2f.
+__device__ __forceinline__ float fast_exp2(float y) {
+#ifdef PYDIFF_CUDA_EMU
+  return exp2f(y);
+#else
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
+  return r;
+#endif
+}
+
+// ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)) of a[o .. o + 7], in fp32
+__device__ __forceinline__ float sum8(const float* a) {
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
 __device__ __forceinline__ double warp_sum(double v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
@@ -75,16 +100,35 @@ __device__ __forceinline__ void merge_top2(float& m1, float& m2, int64_t& arg, f
   }
 }
 
-// sum e and sum e * x over a thread's logits, x = (v - m1) / T (UNIT: T = 1, no multiply: the same x).
+// A thread's sums over its logits, x = (v - m1) / T (UNIT: T = 1, no multiply: the same x):
+// s += sum e (fp32 sums of eight, then float64); with STATS also t += sum e * x and
+// z += (count of v == m1) + sum of e over v < m1 (the maxima's e = 1 kept out of the fp32 sums).
 template <bool STATS, bool UNIT>
-__device__ __forceinline__ void exp_sums(const float (&v)[kPerThread], float m1, float inv_tf, double& s, double& t) {
+__device__ __forceinline__ void exp_sums(const float (&v)[kPerThread], float m1, float inv_tf, double& s, double& t,
+                                         double& z) {
+  static_assert(kPerThread % 8 == 0, "sums of eight");
+  int cnt = 0;
 #pragma unroll
-  for (int j = 0; j < kPerThread; ++j) {
-    const float x = UNIT ? v[j] - m1 : (v[j] - m1) * inv_tf;
-    const double e = exp_neg(x);  // exactly 0 where v[j] = -inf (x = -inf: 2^k underflows to 0)
-    s += e;
-    if (STATS) t += e > 0 ? e * double(x) : 0.0;
+  for (int g = 0; g < kPerThread; g += 8) {
+    float e[8], ex[8], er[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float vj = v[g + j];
+      const float x = UNIT ? vj - m1 : (vj - m1) * inv_tf;
+      e[j] = fast_exp2(x * 1.44269504088896341f);  // 0 where v = -inf
+      if (STATS) {
+        ex[j] = e[j] > 0.f ? e[j] * x : 0.f;  // (e > 0: x is finite)
+        er[j] = vj < m1 ? e[j] : 0.f;
+        cnt += vj == m1;
+      }
+    }
+    s += double(sum8(e));
+    if (STATS) {
+      t += double(sum8(ex));
+      z += double(sum8(er));
+    }
   }
+  if (STATS) z += double(cnt);
 }
 
 // STATS = false (tokens + prob, temperature > 0): per logit only the max, the NaN/+inf flag and the
@@ -172,28 +216,31 @@ __global__ void __launch_bounds__(kThreads) partial_kernel(SampleArgs a, Partial
   // T above kMaxTemperature samples as kMaxTemperature (1 / T would be 0: -inf * 0 = NaN at a banned token)
   const double inv_t = 1.0 / (a.temperature == 0.0 ? 1.0 : fmin(a.temperature, kMaxTemperature));
   const float inv_tf = fminf(float(inv_t), FLT_MAX);  // T < 1 / FLT_MAX: inf * 0 would give NaN at the max
-  double s = 0, t = 0;
+  double s = 0, t = 0, z = 0;
   if (m1 > -INFINITY) {
     if (inv_tf == 1.f)
-      exp_sums<STATS, true>(v, m1, inv_tf, s, t);
+      exp_sums<STATS, true>(v, m1, inv_tf, s, t, z);
     else
-      exp_sums<STATS, false>(v, m1, inv_tf, s, t);
+      exp_sums<STATS, false>(v, m1, inv_tf, s, t, z);
   } else if (!HAS_T) {
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) s = v[j] != v[j] ? double(NAN) : s;  // only NaN and -inf here
   }
   if (!HAS_T) bad |= m1 == INFINITY;  // (the NaN case: S != S below)
   s = warp_sum(s);
-  if (STATS) t = warp_sum(t);
-  __shared__ double ss[kThreads / 32], st[kThreads / 32];
+  if (STATS) {
+    t = warp_sum(t);
+    z = warp_sum(z);
+  }
+  __shared__ double ss[kThreads / 32], st[kThreads / 32], sz[kThreads / 32];
   __syncthreads();
-  if (lane == 0) { ss[warp] = s; st[warp] = t; }
+  if (lane == 0) { ss[warp] = s; st[warp] = t; sz[warp] = z; }
   __syncthreads();
   if (threadIdx.x == 0) {
-    double S = 0, Tt = 0;
-    for (int w = 0; w < kThreads / 32; ++w) { S += ss[w]; Tt += st[w]; }
+    double S = 0, Tt = 0, Zc = 0;
+    for (int w = 0; w < kThreads / 32; ++w) { S += ss[w]; Tt += st[w]; Zc += sz[w]; }
     Partial p;
-    p.s = S; p.t = Tt; p.m1 = m1; p.m2 = m2; p.arg = arg; p.pad = 0;
+    p.s = S; p.t = Tt; p.z = Zc; p.m1 = m1; p.m2 = m2; p.arg = arg; p.pad = 0;
     p.bad = bad | (!HAS_T && S != S);  // without a threshold a NaN logit reaches S (exp_neg keeps NaN)
     part[row * nchunks + c] = p;
   }
@@ -231,15 +278,19 @@ __global__ void select_kernel(SampleArgs a, const Partial* __restrict__ part, in
   }
   const double t_stat = a.temperature == 0.0 ? 1.0 : fmin(a.temperature, kMaxTemperature);
   const bool stats = a.want_stats || a.temperature == 0.0;  // else m2, arg and t were not computed
-  double Z = 0, tsum = 0;
+  double Z = 0, Zs = 0, tsum = 0;  // Zs: Z from the split sums (z), for the statistics
   for (int c = lane; c < nchunks; c += 32) {
     if (P[c].s == 0.0) continue;
     const double off = (double(P[c].m1) - double(M)) / t_stat;
     const double w = exp(off);
     Z += P[c].s * w;
-    if (stats) tsum += w * (P[c].t + P[c].s * off);
+    if (stats) {
+      Zs += P[c].z * w;
+      tsum += w * (P[c].t + P[c].z * off);
+    }
   }
   Z = warp_sum(Z);
+  Zs = warp_sum(Zs);
   tsum = warp_sum(tsum);
   // A valid row has Z >= 1 (the chunk holding the maximum contributes e = 1 at weight 1); anything else
   // (a NaN the partial kernels did not flag) is an invalid row, never a token search over NaN sums.
@@ -248,12 +299,12 @@ __global__ void select_kernel(SampleArgs a, const Partial* __restrict__ part, in
     return;
   }
   if (lane == 0) {
-    st[0] = stats ? 1.0 / Z : nan;
-    st[1] = stats ? (1.0 - exp((double(M2) - double(M)) / t_stat)) / Z : nan;
-    st[2] = stats ? log(Z) - tsum / Z : nan;
+    st[0] = stats ? 1.0 / Zs : nan;
+    st[1] = stats ? (1.0 - exp((double(M2) - double(M)) / t_stat)) / Zs : nan;
+    st[2] = stats ? log(Zs) - tsum / Zs : nan;
   }
   if (a.temperature == 0.0) {
-    if (lane == 0) { a.tokens[row] = arg; a.prob[row] = 1.0 / Z; }
+    if (lane == 0) { a.tokens[row] = arg; a.prob[row] = 1.0 / Zs; }
     return;
   }
   // pick the chunk: ordered prefix over chunks, 32 at a time
@@ -295,9 +346,17 @@ __global__ void select_kernel(SampleArgs a, const Partial* __restrict__ part, in
   const float tau = a.threshold ? a.threshold[row] : -INFINITY;
   const float mc = P[c_sel].m1;
   const float inv_tf = fminf(float(1.0 / t_stat), FLT_MAX);  // as in partial_kernel
-  const double rem = beyond ? INFINITY : (target - acc) / w_sel;  // beyond: the last kept token
   const int64_t lo = int64_t(c_sel) * kChunk;
   const int64_t hi = lo + kChunk < a.vocab ? lo + kChunk : a.vocab;
+  // the chunk's float64 total with the rescan's exponentials (>= 1: its maximum gives e = 1), and the
+  // target at the same share of it as of the partial kernel's fp32-summed total (beyond: the last kept token)
+  double tot = 0;
+  for (int64_t i = lo + lane; i < hi; i += 32) {
+    const float x = tof(lrow[i]);
+    tot += x >= tau && x > -INFINITY ? exp_neg((x - mc) * inv_tf) : 0.0;
+  }
+  tot = warp_sum(tot);
+  const double rem = beyond ? INFINITY : (target - acc) / w_sel / P[c_sel].s * tot;
   // kE consecutive logits per lane and step (their loads issued together: a step is one memory
   // round trip for 32 * kE logits), lane sums scanned across the warp, the hit lane then walks its kE
   double run = 0;

@@ -1,9 +1,11 @@
 """Exact categorical sampling: ``torch.ops.pydiff.sample_categorical`` and its Python wrapper.
 
-One read of the logits per row (plus a re-read of one chunk): per-chunk maxima and float64 sums of
+One read of the logits per row (plus a re-read of one chunk): per-chunk maxima and sums of
 exponentials, one float64 uniform per row from a counter-based generator, then the inverse CDF over
-chunks and within the chosen chunk.  No per-element random numbers, no ``R x V`` buffer.  The
-definition is :mod:`pydiff.reference.sampling`.
+chunks and within the chosen chunk (float64-range exponentials and a float64 prefix sum there; the
+GPU kernels' first pass uses the hardware ``exp2`` and fp32 sums of eight, which only choose the
+chunk).  No per-element random numbers, no ``R x V`` buffer.  The definition is
+:mod:`pydiff.reference.sampling`.
 
 Backends: ``cuda`` (csrc/sampling/sample_categorical_cuda.cu), ``triton``
 (triton_kernels/sampling.py), ``cpu`` (csrc/sampling/sample_categorical_cpu.cpp), ``torch`` (the

@@ -299,11 +299,56 @@ void check_args() {
   }
 }
 
+// A token 17 nats below the maximum (p = 4.1e-8) in the same fp32 sum of eight as the maximum, where
+// 1 + 4.1e-8 rounds to 1 (the chunk sum misses it): a uniform in its interval (seed 12345, offset
+// 96735269: u = 1 - 5.9e-10) must still draw it, since the rescan places the target at its share of
+// its own float64 total. Layouts: below a full chunk (thread 0 holds logits 0, 128, 256, ...), a full
+// 16-byte-loaded bf16 chunk (thread 0 holds 0..7) and fp32 chunk (thread 0 holds 0..3, 512..515).
+void tail_beside_max() {
+  struct T { DType dt; int64_t V, tail; };
+  const T cases[] = {{DType::kF32, 1000, 256}, {DType::kBF16, 1000, 256}, {DType::kBF16, 4096, 7},
+                     {DType::kF16, 8192, 5}, {DType::kF32, 4096, 512}};
+  for (const T& c : cases) {
+    const size_t eb = elem_bytes(c.dt);
+    cuda_emu::Buffer d_log(size_t(c.V) * eb, 16), d_seed(8, 8), d_off(8, 8), d_tok(8, 8), d_prob(8, 8), d_st(24, 8);
+    for (int64_t i = 0; i < c.V; ++i)
+      store(c.dt, d_log.data(), i, i == 0 ? 0.f : i == c.tail ? -17.f : -INFINITY);
+    const int64_t seed = 12345, off = 96735269;
+    d_seed.copy_from(&seed, 8);
+    d_off.copy_from(&off, 8);
+    d_tok.fill(0xA5);
+    d_prob.fill(0xA5);
+    SampleArgs a{};
+    a.dtype = c.dt;
+    a.rows = 1;
+    a.vocab = a.row_stride = c.V;
+    a.temperature = 1.0;
+    a.logits = d_log.data();
+    a.seeds = d_seed.as<int64_t>();
+    a.offsets = d_off.as<int64_t>();
+    a.tokens = d_tok.as<int64_t>();
+    a.prob = d_prob.as<double>();
+    a.stats = d_st.as<double>();
+    a.want_stats = false;
+    cuda_emu::Buffer ws(size_t(pydiff::sample_categorical_cuda_workspace(1, c.V)), 8);
+    const int rc = pydiff::sample_categorical_cuda(a, ws.data(), nullptr);
+    const double p = std::exp(-17.0) / (1 + std::exp(-17.0));
+    ++g_checks;
+    if (rc != 0 || d_tok.as<int64_t>()[0] != c.tail || !close(d_prob.as<double>()[0], p, 1e-6, 0)) {
+      std::printf("FAIL tail beside the maximum: %s V=%lld: token %lld (want %lld), prob %.10g (want %.10g)\n",
+                  dname(c.dt), (long long)c.V, (long long)d_tok.as<int64_t>()[0], (long long)c.tail,
+                  d_prob.as<double>()[0], p);
+      ++g_fail;
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
   const auto t0 = std::chrono::steady_clock::now();
   check_args();
+  tail_beside_max();
   const DType dts[] = {DType::kF32, DType::kF16, DType::kBF16};
   const double temps[] = {1.0, 0.7, 2.5, 1e-3, 1e-6, 1e-30, 1e-40, 1e-44, 1e30, 1e50, 0.0};
   const int64_t vocabs[] = {1, 2, 31, 257, 2048, 2049, 4095, 4096, 4097, 8191, 12289, 40961};
