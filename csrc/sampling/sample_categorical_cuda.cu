@@ -350,10 +350,20 @@ __global__ void select_kernel(SampleArgs a, const Partial* __restrict__ part, in
   const int64_t hi = lo + kChunk < a.vocab ? lo + kChunk : a.vocab;
   // the chunk's float64 total with the rescan's exponentials (>= 1: its maximum gives e = 1), and the
   // target at the same share of it as of the partial kernel's fp32-summed total (beyond: the last kept token)
+  // (16 coalesced loads in flight per lane and step: the chunk was read long ago, so each step waits
+  // one DRAM round trip, and 8 steps cover the chunk)
+  constexpr int kA = 16;
   double tot = 0;
-  for (int64_t i = lo + lane; i < hi; i += 32) {
-    const float x = tof(lrow[i]);
-    tot += x >= tau && x > -INFINITY ? exp_neg((x - mc) * inv_tf) : 0.0;
+  for (int64_t g = lo; g < hi; g += 32 * kA) {
+    float xv[kA];
+#pragma unroll
+    for (int q = 0; q < kA; ++q) {
+      const int64_t i = g + q * 32 + lane;
+      xv[q] = i < hi ? tof(lrow[i]) : -INFINITY;
+    }
+#pragma unroll
+    for (int q = 0; q < kA; ++q)
+      tot += xv[q] >= tau && xv[q] > -INFINITY ? exp_neg((xv[q] - mc) * inv_tf) : 0.0;
   }
   tot = warp_sum(tot);
   const double rem = beyond ? INFINITY : (target - acc) / w_sel / P[c_sel].s * tot;
@@ -362,7 +372,7 @@ __global__ void select_kernel(SampleArgs a, const Partial* __restrict__ part, in
   double run = 0;
   int64_t tok = -1, last = -1;
   double etok = 0, elast = 0;
-  constexpr int kE = 4;
+  constexpr int kE = 8;
   for (int64_t g = lo; g < hi && tok < 0; g += 32 * kE) {
     const int64_t i0 = g + int64_t(lane) * kE;
     float xv[kE];
