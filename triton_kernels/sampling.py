@@ -204,8 +204,9 @@ def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, p
         # the target's share of the chosen chunk's sum (beyond: past its last kept token)
         frac = tl.where(beyond, float("inf"), (target - acc) / tl.where(w_sel > 0, w_sel, 1.0)
                         / tl.where(s_sel > 0, s_sel, 1.0))
-        # Rescan the chunk in SUB-wide pieces with the float64-range exponentials (:func:`_exp_neg`;
-        # a 4096-wide float64 prefix sum held every value in registers: 2 programs per SM on an H100).
+        # Rescan the chunk with the float64-range exponentials (:func:`_exp_neg`), its prefix sum in
+        # SUB-wide pieces (a 4096-wide float64 prefix sum held every value in registers: 2 programs per
+        # SM on an H100).
         # The partial kernel's fp32 sum of the chunk differs from the rescan's by ~1e-7 relative, so
         # the target is placed at the same share of the rescan's own total: within the chunk each
         # token is drawn with probability e_i / (its float64 sum), tails included.  Pass 1: the
@@ -215,13 +216,11 @@ def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, p
         row_ptr = logits_ptr + r * row_stride
         live = (on != 0) & (invalid == 0)
         pi = tl.arange(0, NP)
-        psum = tl.zeros([NP], dtype=tl.float64)
-        last = tl.full([], -1, dtype=tl.int64)
-        for b in range(NP):
-            offs = sel.to(tl.int64) * CHUNK + b * SUB + tl.arange(0, SUB).to(tl.int64)
-            e = _rescan_e(row_ptr, offs, (offs < V) & live, tau, m_sel, inv_t, HAS_T, UNIT_T)
-            psum = tl.where(pi == b, tl.sum(e, 0), psum)
-            last = tl.maximum(last, tl.max(tl.where(e > 0, offs, -1), 0))
+        # the whole chunk in one read (one memory round trip, not NP of them), its pieces' sums
+        offs = sel.to(tl.int64) * CHUNK + tl.arange(0, CHUNK).to(tl.int64)
+        e = _rescan_e(row_ptr, offs, (offs < V) & live, tau, m_sel, inv_t, HAS_T, UNIT_T)
+        psum = tl.sum(tl.reshape(e, [NP, SUB]), 1)
+        last = tl.max(tl.where(e > 0, offs, -1), 0)
         rem = frac * tl.sum(psum, 0)
         pcum = tl.cumsum(psum, 0)
         found = tl.min(tl.where((pcum > rem) & (psum > 0), pi, NP), 0)
