@@ -135,7 +135,7 @@ __device__ __forceinline__ void exp_sums(const float (&v)[kPerThread], float m1,
 // float64 sum; the second max, first argmax and entropy sum (statistics and argmax only) are skipped.
 // HAS_T = false (no threshold): every logit is kept, no per-logit comparison.
 template <typename T, bool STATS, bool HAS_T>
-__global__ void __launch_bounds__(kThreads) partial_kernel(SampleArgs a, Partial* __restrict__ part, int nchunks) {
+__global__ void __launch_bounds__(kThreads, 4) partial_kernel(SampleArgs a, Partial* __restrict__ part, int nchunks) {
   const int64_t row = blockIdx.y;
   const int c = blockIdx.x;
   if (a.row_mask && !a.row_mask[row]) return;
