@@ -76,7 +76,7 @@ def _max_nan(a, b):
 @triton.jit
 def _partial_kernel(logits_ptr, thr_ptr, mask_ptr, pm1, pm2, ps, pt, pz, parg, pbad, V, row_stride, nchunks, inv_t,
                     HAS_T: tl.constexpr, HAS_M: tl.constexpr, CHUNK: tl.constexpr, STATS: tl.constexpr,
-                    UNIT_T: tl.constexpr):
+                    UNIT_T: tl.constexpr, ARG: tl.constexpr):
     pid = tl.program_id(0)  # one grid dimension (y and z stop at 65535 rows)
     c = pid % nchunks
     r = (pid // nchunks).to(tl.int64)
@@ -109,25 +109,27 @@ def _partial_kernel(logits_ptr, thr_ptr, mask_ptr, pm1, pm2, ps, pt, pz, parg, p
     tl.store(pm1 + i, m1)
     tl.store(ps + i, s)
     tl.store(pbad + i, bad)
-    if STATS:  # second max (with multiplicity), first argmax, entropy sum: the statistics and T = 0
-        cnt = tl.sum((kv == m1).to(tl.int32), 0)
-        below = tl.max(tl.where(kv < m1, kv, float("-inf")), 0)
+    if STATS:  # second max (with multiplicity), entropy sum, split sum: the statistics (and T = 0)
+        lo = kv < m1  # with m1 the max of a NaN-free chunk, the others are the maxima
+        cnt = CHUNK - tl.sum(lo.to(tl.int32), 0)
+        below = tl.max(tl.where(lo, kv, float("-inf")), 0)
         m2 = tl.where((cnt > 1) & (m1 > float("-inf")), m1, below)
-        arg = tl.min(tl.where((kv == m1) & (kv > float("-inf")), offs, 2 ** 62), 0)
-        t = _group_sum(tl.where(e > 0, e * tl.maximum(xs, -3.0e38), 0.0), CHUNK)  # (no 0 * -inf)
+        t = _group_sum(e * tl.maximum(xs, -3.0e38), CHUNK)  # (e = 0 where xs = -inf: no 0 * -inf)
         # the sum again as (count of maxima) + (fp32 sums of the others, which carry their own
         # rounding, not that of the 1s): entropy = log Z - ..., so for a peaked row log Z needs Z - 1
         # to ~1e-7 of itself, which the plain fp32 sums (1 + small, rounded to 2^-24) do not give
-        rest = _group_sum(tl.where(kv < m1, e, 0.0), CHUNK)
+        rest = _group_sum(tl.where(lo, e, 0.0), CHUNK)
         tl.store(pz + i, tl.where(m1 > float("-inf"), cnt.to(tl.float64) + rest, 0.0))
         tl.store(pm2 + i, m2)
         tl.store(pt + i, t)
+    if ARG:  # the first argmax (T = 0 only)
+        arg = tl.min(tl.where((kv == m1) & (kv > float("-inf")), offs, 2 ** 62), 0)
         tl.store(parg + i, arg)
 
 
 @triton.jit
 def _rescan_e(row_ptr, offs, valid, tau, m_sel, inv_t, HAS_T: tl.constexpr, UNIT_T: tl.constexpr):
-    """``e = exp((l - m_c) / T)`` of the logits at ``offs`` as the partial kernel computed them (0 where
+    """``e = exp((l - m_c) / T)`` of the logits at ``offs`` in float64 range (:func:`_exp_neg`; 0 where
     not kept or not ``valid``)."""
     x = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
     if HAS_T:
@@ -169,7 +171,6 @@ def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, p
         m2 = tl.load(pm2 + base + ci, mask=cv, other=float("-inf"))
         t = tl.load(pt + base + ci, mask=cv, other=0.0)
         zc = tl.load(pz + base + ci, mask=cv, other=0.0)
-        arg = tl.load(parg + base + ci, mask=cv, other=2 ** 62)
         # the statistics from the sums split as (count of maxima) + (the rest): see the partial kernel
         Zs = tl.sum(tl.where(s > 0, w * zc, 0.0), 0)
         top1 = 1.0 / Zs
@@ -177,13 +178,13 @@ def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, p
         M2 = tl.maximum(tl.max(tl.where(m1 < M, m1, float("-inf")), 0),
                         tl.max(tl.where(m1 == M, m2, float("-inf")), 0))
         M2 = tl.where(cnt > 1, M, M2)
-        first = tl.min(tl.where(m1 == M, arg, 2 ** 62), 0)
         tsum = tl.sum(tl.where(s > 0, w * (t + zc * off), 0.0), 0)
         margin = (1.0 - tl.exp((M2.to(tl.float64) - Md) / t_stat)) / Zs
         ent = tl.log(Zs) - tsum / Zs
     invalid = (bad != 0) | (M == float("-inf"))
     if ARGMAX:
-        tok = first
+        arg = tl.load(parg + base + ci, mask=cv, other=2 ** 62)
+        tok = tl.min(tl.where(m1 == M, arg, 2 ** 62), 0)  # the first argmax
         prob = top1
     else:
         seed = tl.load(seeds_ptr + r).to(tl.uint64, bitcast=True)
@@ -292,7 +293,7 @@ def sample_categorical_triton(logits, threshold, row_mask, seeds, offsets, tempe
     seeds, offsets = seeds.contiguous(), offsets.contiguous()
     _partial_kernel[(nchunks * R,)](logits, thr, msk, pm1, pm2, ps, pt, pz, parg, pbad, V, row_stride, nchunks,
                                   inv_t, HAS_T=threshold is not None, HAS_M=row_mask is not None,
-                                  CHUNK=chunk, STATS=want_stats, UNIT_T=inv_t == 1.0)
+                                  CHUNK=chunk, STATS=want_stats, UNIT_T=inv_t == 1.0, ARG=temperature == 0)
     _select_kernel[(R,)](logits, thr, msk, seeds, offsets, pm1, pm2, ps, pt, pz, parg, pbad, tokens, prob, stats, V,
                          row_stride, nchunks, t_stat, inv_t, ARGMAX=temperature == 0,
                          HAS_T=threshold is not None, HAS_M=row_mask is not None,

@@ -101,13 +101,13 @@ __device__ __forceinline__ void merge_top2(float& m1, float& m2, int64_t& arg, f
 }
 
 // A thread's sums over its logits, x = (v - m1) / T (UNIT: T = 1, no multiply: the same x):
-// s += sum e (fp32 sums of eight, then float64); with STATS also t += sum e * x and
-// z += (count of v == m1) + sum of e over v < m1 (the maxima's e = 1 kept out of the fp32 sums).
+// s += sum e (fp32 sums of eight, then float64). With STATS also t += sum e * x, z += sum of e over
+// v < m1 (the others are the maxima, e = 1: counted apart, in nlo, so that Z - 1 keeps its own
+// rounding, which the entropy of a peaked row needs), below = max of v < m1, nlo = count of v < m1.
 template <bool STATS, bool UNIT>
 __device__ __forceinline__ void exp_sums(const float (&v)[kPerThread], float m1, float inv_tf, double& s, double& t,
-                                         double& z) {
+                                         double& z, float& below, int& nlo) {
   static_assert(kPerThread % 8 == 0, "sums of eight");
-  int cnt = 0;
 #pragma unroll
   for (int g = 0; g < kPerThread; g += 8) {
     float e[8], ex[8], er[8];
@@ -117,9 +117,11 @@ __device__ __forceinline__ void exp_sums(const float (&v)[kPerThread], float m1,
       const float x = UNIT ? vj - m1 : (vj - m1) * inv_tf;
       e[j] = fast_exp2(x * 1.44269504088896341f);  // 0 where v = -inf
       if (STATS) {
-        ex[j] = e[j] > 0.f ? e[j] * x : 0.f;  // (e > 0: x is finite)
-        er[j] = vj < m1 ? e[j] : 0.f;
-        cnt += vj == m1;
+        const bool lo = vj < m1;
+        ex[j] = e[j] * fmaxf(x, -FLT_MAX);  // (e = 0 where x = -inf: no 0 * -inf)
+        er[j] = lo ? e[j] : 0.f;
+        below = fmaxf(below, lo ? vj : -INFINITY);
+        nlo += lo;
       }
     }
     s += double(sum8(e));
@@ -128,13 +130,12 @@ __device__ __forceinline__ void exp_sums(const float (&v)[kPerThread], float m1,
       z += double(sum8(er));
     }
   }
-  if (STATS) z += double(cnt);
 }
 
 // STATS = false (tokens + prob, temperature > 0): per logit only the max, the NaN/+inf flag and the
-// float64 sum; the second max, first argmax and entropy sum (statistics and argmax only) are skipped.
-// HAS_T = false (no threshold): every logit is kept, no per-logit comparison.
-template <typename T, bool STATS, bool HAS_T>
+// sum; the second max and the entropy and split sums (statistics only) are skipped. ARG (temperature
+// 0 only): the first argmax. HAS_T = false (no threshold): every logit is kept, no per-logit comparison.
+template <typename T, bool STATS, bool HAS_T, bool ARG>
 __global__ void __launch_bounds__(kThreads, 4) partial_kernel(SampleArgs a, Partial* __restrict__ part, int nchunks) {
   const int64_t row = blockIdx.y;
   const int c = blockIdx.x;
@@ -143,13 +144,13 @@ __global__ void __launch_bounds__(kThreads, 4) partial_kernel(SampleArgs a, Part
   const float tau = a.threshold ? a.threshold[row] : -INFINITY;
   const int64_t base = int64_t(c) * kChunk;
   float v[kPerThread];
-  float m1 = -INFINITY, m2 = -INFINITY;
-  int64_t arg = -1;
+  float m1 = -INFINITY;
   int bad = 0;
   // A full chunk at a 16-byte aligned address: 16-byte loads, lane t of load q holding elements
   // (q * kThreads + t) * kVec .. + kVec - 1 (each load instruction reads one contiguous span of the
   // warp); otherwise one element per load, element j of thread t at j * kThreads + t. Either way
-  // coalesced; the Nsight profile of the 2-byte-load version showed half the stalls on loads.
+  // coalesced (the Nsight profile of a 2-byte-load version showed half the stalls on loads), and a
+  // thread's indices increase with j.
   constexpr int kVec = 16 / int(sizeof(T));
   const bool vec = base + kChunk <= a.vocab && (reinterpret_cast<uintptr_t>(lrow + base) & 15u) == 0;
   auto index = [&](int j) -> int64_t {
@@ -173,55 +174,46 @@ __global__ void __launch_bounds__(kThreads, 4) partial_kernel(SampleArgs a, Part
   }
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) {
-    const int64_t i = index(j);
     const float x = v[j];  // -inf past the vocabulary
     // NaN / +inf: with a threshold checked here; without one, +inf is the max and NaN makes the sum NaN
     if (HAS_T) bad |= (x != x) | (x == INFINITY);
     const float kv = !HAS_T || x >= tau ? x : -INFINITY;
     v[j] = kv;
-    if (STATS) {
-      merge_top2(m1, m2, arg, v[j], -INFINITY, (i < a.vocab && v[j] > -INFINITY) ? i : -1);
-    } else {
-      m1 = fmaxf(m1, v[j]);
-    }
+    m1 = fmaxf(m1, kv);
   }
-  // block reduce (m1, m2, arg, bad)
-  __shared__ float sm1[kThreads / 32], sm2[kThreads / 32];
-  __shared__ int64_t sarg[kThreads / 32];
+  // block reduce (m1, bad)
+  __shared__ float sm1[kThreads / 32];
   __shared__ int sbad[kThreads / 32];
   for (int o = 16; o > 0; o >>= 1) {
-    const float o1 = __shfl_xor_sync(0xffffffffu, m1, o);
-    if (STATS) {
-      const float o2 = __shfl_xor_sync(0xffffffffu, m2, o);
-      const int64_t oa = __shfl_xor_sync(0xffffffffu, arg, o);
-      merge_top2(m1, m2, arg, o1, o2, oa);
-    } else {
-      m1 = fmaxf(m1, o1);
-    }
+    m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
     bad |= __shfl_xor_sync(0xffffffffu, bad, o);
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) { sm1[warp] = m1; sm2[warp] = m2; sarg[warp] = arg; sbad[warp] = bad; }
+  if (lane == 0) { sm1[warp] = m1; sbad[warp] = bad; }
   __syncthreads();
-  m1 = sm1[0]; m2 = sm2[0]; arg = sarg[0]; bad = sbad[0];
+  m1 = sm1[0];
+  bad = sbad[0];
   for (int w = 1; w < kThreads / 32; ++w) {
-    if (STATS) {
-      merge_top2(m1, m2, arg, sm1[w], sm2[w], sarg[w]);
-    } else {
-      m1 = fmaxf(m1, sm1[w]);
-    }
+    m1 = fmaxf(m1, sm1[w]);
     bad |= sbad[w];
   }
-  // exponentials relative to the chunk max, float64 sums
+  // exponentials relative to the chunk max
   // T above kMaxTemperature samples as kMaxTemperature (1 / T would be 0: -inf * 0 = NaN at a banned token)
   const double inv_t = 1.0 / (a.temperature == 0.0 ? 1.0 : fmin(a.temperature, kMaxTemperature));
   const float inv_tf = fminf(float(inv_t), FLT_MAX);  // T < 1 / FLT_MAX: inf * 0 would give NaN at the max
   double s = 0, t = 0, z = 0;
+  float below = -INFINITY;
+  int nlo = 0;
+  int64_t arg = -1;
   if (m1 > -INFINITY) {
     if (inv_tf == 1.f)
-      exp_sums<STATS, true>(v, m1, inv_tf, s, t, z);
+      exp_sums<STATS, true>(v, m1, inv_tf, s, t, z, below, nlo);
     else
-      exp_sums<STATS, false>(v, m1, inv_tf, s, t, z);
+      exp_sums<STATS, false>(v, m1, inv_tf, s, t, z, below, nlo);
+    if (ARG) {
+#pragma unroll
+      for (int j = kPerThread - 1; j >= 0; --j) arg = v[j] == m1 ? index(j) : arg;  // the thread's first
+    }
   } else if (!HAS_T) {
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) s = v[j] != v[j] ? double(NAN) : s;  // only NaN and -inf here
@@ -231,17 +223,47 @@ __global__ void __launch_bounds__(kThreads, 4) partial_kernel(SampleArgs a, Part
   if (STATS) {
     t = warp_sum(t);
     z = warp_sum(z);
+    for (int o = 16; o > 0; o >>= 1) {
+      below = fmaxf(below, __shfl_xor_sync(0xffffffffu, below, o));
+      nlo += __shfl_xor_sync(0xffffffffu, nlo, o);
+    }
+  }
+  if (ARG) {
+    for (int o = 16; o > 0; o >>= 1) {
+      const int64_t oa = __shfl_xor_sync(0xffffffffu, arg, o);
+      arg = oa >= 0 && (arg < 0 || oa < arg) ? oa : arg;
+    }
   }
   __shared__ double ss[kThreads / 32], st[kThreads / 32], sz[kThreads / 32];
+  __shared__ float sb[kThreads / 32];
+  __shared__ int sn[kThreads / 32];
+  __shared__ int64_t sarg[kThreads / 32];
   __syncthreads();
-  if (lane == 0) { ss[warp] = s; st[warp] = t; sz[warp] = z; }
+  if (lane == 0) { ss[warp] = s; st[warp] = t; sz[warp] = z; sb[warp] = below; sn[warp] = nlo; sarg[warp] = arg; }
   __syncthreads();
   if (threadIdx.x == 0) {
     double S = 0, Tt = 0, Zc = 0;
-    for (int w = 0; w < kThreads / 32; ++w) { S += ss[w]; Tt += st[w]; Zc += sz[w]; }
+    for (int w = 0; w < kThreads / 32; ++w) {
+      S += ss[w];
+      if (STATS) {
+        Tt += st[w];
+        Zc += sz[w];
+        below = fmaxf(below, sb[w]);
+        if (w > 0) nlo += sn[w];
+      }
+      if (ARG && sarg[w] >= 0 && (arg < 0 || sarg[w] < arg)) arg = sarg[w];
+    }
+    // the maxima: every logit not below m1 (m1 the max of a NaN-free chunk; a NaN chunk is flagged)
+    const int nmax = kChunk - nlo;
     Partial p;
-    p.s = S; p.t = Tt; p.z = Zc; p.m1 = m1; p.m2 = m2; p.arg = arg; p.pad = 0;
-    p.bad = bad | (!HAS_T && S != S);  // without a threshold a NaN logit reaches S (exp_neg keeps NaN)
+    p.s = S;
+    p.t = Tt;
+    p.z = m1 > -INFINITY ? Zc + double(nmax) : 0.0;
+    p.m1 = m1;
+    p.m2 = m1 > -INFINITY && nmax > 1 ? m1 : below;  // the second max, with multiplicity
+    p.arg = arg;
+    p.pad = 0;
+    p.bad = bad | (!HAS_T && S != S);  // without a threshold a NaN logit reaches S (exp2 keeps NaN)
     part[row * nchunks + c] = p;
   }
 }
@@ -447,10 +469,12 @@ cudaError_t launch(const SampleArgs& a, void* ws, cudaStream_t s) {
     return cudaSuccess;
   }
   const int rows_per_block = 4;
-  const bool stats = a.want_stats || a.temperature == 0.0;
+  const bool argmax = a.temperature == 0.0;
+  const bool stats = a.want_stats || argmax;
   const bool has_t = a.threshold != nullptr;
-  auto pk = stats ? (has_t ? partial_kernel<T, true, true> : partial_kernel<T, true, false>)
-                  : (has_t ? partial_kernel<T, false, true> : partial_kernel<T, false, false>);
+  auto pk = argmax  ? (has_t ? partial_kernel<T, true, true, true> : partial_kernel<T, true, false, true>)
+            : stats ? (has_t ? partial_kernel<T, true, true, false> : partial_kernel<T, true, false, false>)
+                    : (has_t ? partial_kernel<T, false, true, false> : partial_kernel<T, false, false, false>);
 #ifdef PYDIFF_CUDA_EMU
   cuda_emu::launch(pk, dim3(unsigned(nchunks), unsigned(a.rows)), dim3(kThreads), 0, s, a, part, nchunks);
   cuda_emu::launch(select_kernel<T>, dim3(unsigned((a.rows + rows_per_block - 1) / rows_per_block)),
