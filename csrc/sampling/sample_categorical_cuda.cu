@@ -370,36 +370,56 @@ __global__ void select_kernel(SampleArgs a, const Partial* __restrict__ part, in
   const float inv_tf = fminf(float(1.0 / t_stat), FLT_MAX);  // as in partial_kernel
   const int64_t lo = int64_t(c_sel) * kChunk;
   const int64_t hi = lo + kChunk < a.vocab ? lo + kChunk : a.vocab;
-  // the chunk's float64 total with the rescan's exponentials (>= 1: its maximum gives e = 1), and the
-  // target at the same share of it as of the partial kernel's fp32-summed total (beyond: the last kept token)
-  // (16 coalesced loads in flight per lane and step: the chunk was read long ago, so each step waits
-  // one DRAM round trip, and 8 steps cover the chunk)
-  constexpr int kA = 16;
+  // The chunk's float64 total with the rescan's exponentials (>= 1: its maximum gives e = 1), in steps
+  // of 512 logits (16 coalesced loads in flight per lane: each step waits one DRAM round trip), the
+  // steps' sums kept; the target at the same share of that total as of the partial kernel's
+  // fp32-summed one; then only the step holding it is scanned again (beyond the last cumulative sum:
+  // the last kept token, i.e. in the last step with a kept logit).
+  constexpr int kA = 16, kSteps = kChunk / (32 * kA);
+  double stot[kSteps];
   double tot = 0;
-  for (int64_t g = lo; g < hi; g += 32 * kA) {
-    float xv[kA];
 #pragma unroll
-    for (int q = 0; q < kA; ++q) {
-      const int64_t i = g + q * 32 + lane;
-      xv[q] = i < hi ? tof(lrow[i]) : -INFINITY;
+  for (int k = 0; k < kSteps; ++k) {
+    const int64_t g = lo + int64_t(k) * 32 * kA;
+    double ls = 0;
+    if (g < hi) {  // (warp-uniform)
+      float xv[kA];
+#pragma unroll
+      for (int q = 0; q < kA; ++q) {
+        const int64_t i = g + q * 32 + lane;
+        xv[q] = i < hi ? tof(lrow[i]) : -INFINITY;
+      }
+#pragma unroll
+      for (int q = 0; q < kA; ++q) ls += xv[q] >= tau && xv[q] > -INFINITY ? exp_neg((xv[q] - mc) * inv_tf) : 0.0;
     }
-#pragma unroll
-    for (int q = 0; q < kA; ++q)
-      tot += xv[q] >= tau && xv[q] > -INFINITY ? exp_neg((xv[q] - mc) * inv_tf) : 0.0;
+    stot[k] = warp_sum(ls);
+    tot += stot[k];
   }
-  tot = warp_sum(tot);
   const double rem = beyond ? INFINITY : (target - acc) / w_sel / P[c_sel].s * tot;
-  // kE consecutive logits per lane and step (their loads issued together: a step is one memory
-  // round trip for 32 * kE logits), lane sums scanned across the warp, the hit lane then walks its kE
   double run = 0;
+  int ks = -1, klast = 0;
+#pragma unroll
+  for (int k = 0; k < kSteps; ++k) {
+    if (stot[k] > 0) klast = k;
+    if (ks < 0) {
+      if (stot[k] > 0 && run + stot[k] > rem)
+        ks = k;
+      else
+        run += stot[k];
+    }
+  }
+  const int64_t slo = lo + int64_t(ks < 0 ? klast : ks) * 32 * kA;
+  const int64_t shi = slo + 32 * kA < hi ? slo + 32 * kA : hi;
+  // that step: kE consecutive logits per lane and pass (their loads issued together), lane sums
+  // scanned across the warp, the hit lane then walks its kE
   int64_t tok = -1, last = -1;
   double etok = 0, elast = 0;
   constexpr int kE = 8;
-  for (int64_t g = lo; g < hi && tok < 0; g += 32 * kE) {
+  for (int64_t g = slo; g < shi && tok < 0; g += 32 * kE) {
     const int64_t i0 = g + int64_t(lane) * kE;
     float xv[kE];
 #pragma unroll
-    for (int q = 0; q < kE; ++q) xv[q] = i0 + q < hi ? tof(lrow[i0 + q]) : -INFINITY;
+    for (int q = 0; q < kE; ++q) xv[q] = i0 + q < shi ? tof(lrow[i0 + q]) : -INFINITY;
     double e[kE], lsum = 0, e_last = 0;
     int qlast = -1;
 #pragma unroll
