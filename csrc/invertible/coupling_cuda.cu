@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "pydiff/cuda_sm_count.h"
 #include "pydiff/invertible.h"
 
 namespace pydiff {
@@ -88,9 +89,7 @@ __global__ void __launch_bounds__(256) coupling_kernel(const TX* x, const TF* f,
 bool aligned(const void* p, int bytes) { return (reinterpret_cast<uintptr_t>(p) % uintptr_t(bytes)) == 0; }
 
 int grid_for(int64_t work) {
-  int dev = 0, sms = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const int sms = current_sm_count();
   int64_t blocks = (work + 255) / 256;
   const int64_t cap = int64_t(sms > 0 ? sms : 132) * 8;
   if (blocks > cap) blocks = cap;

@@ -22,6 +22,7 @@
 #include <cstdint>
 
 #include "pydiff/cuda_types.cuh"
+#include "pydiff/cuda_sm_count.h"
 #include "pydiff/invertible.h"
 
 namespace pydiff {
@@ -346,9 +347,7 @@ __global__ void __launch_bounds__(kThreads) gn_bwd_dx(const T* __restrict__ x, c
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 int num_sms() {
-  int dev = 0, sms = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const int sms = current_sm_count();
   return sms > 0 ? sms : 132;
 }
 

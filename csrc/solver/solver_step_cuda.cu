@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "pydiff/cuda_types.cuh"
+#include "pydiff/cuda_sm_count.h"
 #include "pydiff/solver.h"
 
 namespace pydiff {
@@ -249,9 +250,7 @@ cudaError_t launch(const SolverStepArgs& a, cudaStream_t s) {
     const int nc = num_step_coeffs(a.num_history);
     for (int q = 0; q < nc; ++q) hc.v[q] = float(a.coeffs[q]);
   }
-  int dev = 0, sms = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const int sms = current_sm_count();
   const int threads = 256;
   const int64_t work = (a.numel / VEC) > 0 ? a.numel / VEC : 1;
   int64_t blocks = (work + threads - 1) / threads;
