@@ -422,18 +422,22 @@ class _GradAcc:
         return list(gs[:n])
 
 
-def _trainable_params(module: nn.Module) -> list:
+def _trainable_params(module: nn.Module, locs: Optional[list] = None) -> list:
     """``[p for p in module.parameters() if p.requires_grad]``, same order, without building the
-    parameter names (a third of the time of ``parameters()``; the stack calls it per block and call)."""
+    parameter names (a third of the time of ``parameters()``; the stack calls it per block and call).
+    ``locs``: also receives, per parameter, where it was found (``(owner._parameters, name)``)."""
     out, seen_p, seen_m = [], set(), set()
 
     def walk(m):
         seen_m.add(id(m))
-        for p in m._parameters.values():
+        d = m._parameters
+        for name, p in d.items():
             if p is not None and id(p) not in seen_p:
                 seen_p.add(id(p))
                 if p.requires_grad:
                     out.append(p)
+                    if locs is not None:
+                        locs.append((d, name))
         for c in m._modules.values():
             if c is not None and id(c) not in seen_m:
                 walk(c)
@@ -442,12 +446,13 @@ def _trainable_params(module: nn.Module) -> list:
     return out
 
 
-def _check_params_unchanged(blk: nn.Module, k: int, params, versions) -> None:
+def _check_params_unchanged(k: int, params, versions, locs) -> None:
     """The recompute runs the block's modules as they are now: it must find the parameter tensors the
-    forward used, unmodified (plain autograd raises for an in-place change; a swap, as
-    ``torch.func.functional_call`` makes and undoes around the forward, would go unnoticed)."""
-    now = _trainable_params(blk)
-    if len(now) != len(params) or any(a is not b for a, b in zip(now, params)):
+    forward used, where the forward found them (``locs``, from :func:`_trainable_params`), still
+    requiring gradients and unmodified (plain autograd raises for an in-place change; a swap, as
+    ``torch.func.functional_call`` makes and undoes around the forward, would go unnoticed).  A look
+    per parameter, not a walk of the block's modules."""
+    if any(d.get(name) is not p or not p.requires_grad for p, (d, name) in zip(params, locs)):
         raise RuntimeError(f"ReversibleSequential: block {k}'s parameters are not the tensors its forward used (swapped "
                            f"between forward and backward, e.g. by torch.func.functional_call, or requires_grad "
                            f"changed); the backward recomputes the block with its current modules")
@@ -615,7 +620,7 @@ class _Chain:
     when the next node receives them, it updates them in place."""
 
     __slots__ = ("stack", "cond", "slots", "dtype", "codec", "det", "tape", "autocast", "replay", "state",
-                 "grads", "wrap")
+                 "grads", "wrap", "locs")
 
     def __init__(self, stack, cond, x: torch.Tensor):
         self.stack = stack
@@ -631,6 +636,7 @@ class _Chain:
         # an int64 fixed-point state crosses node boundaries as its bits viewed as float64 (autograd
         # carries gradients only for floating-point tensors); the gradients are float64
         self.wrap = self.codec.name == "fixed"
+        self.locs = ()  # per block, where its parameters were found (set by the forward)
 
     def fill(self, tensors) -> tuple:
         cond = list(self.cond)
@@ -730,7 +736,7 @@ class _Block(torch.autograd.Function):
             raise RuntimeError("ReversibleSequential: a block's backward ran before the stack's output node's "
                                "(backpropagate from the stack's output)")
         blk = chain.stack.blocks[k]
-        _check_params_unchanged(blk, k, ctx.params, ctx.versions)
+        _check_params_unchanged(k, ctx.params, ctx.versions, chain.locs[k])
         st, chain.state = chain.state, None
         o1, o2 = st.pop()
         # the read-only states (by id: the block may free them as soon as it is done with them, so
@@ -882,7 +888,9 @@ class ReversibleSequential(nn.Module):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         self._split(x)
         # the parameters that take gradients, per block (also handed to each block's autograd node)
-        per_block = [_trainable_params(blk) for blk in self.blocks] if torch.is_grad_enabled() else []
+        locs = [[] for _ in self.blocks]
+        per_block = ([_trainable_params(blk, loc) for blk, loc in zip(self.blocks, locs)] if torch.is_grad_enabled()
+                     else [])
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(isinstance(c, torch.Tensor) and c.requires_grad for c in cond) or any(per_block))
         if not needs_grad:
@@ -892,6 +900,7 @@ class ReversibleSequential(nn.Module):
         if not self.reversible:
             return self._plain(x, cond)
         chain = _Chain(self, cond, x)
+        chain.locs = locs  # where each block's parameters were found (checked again in the backward)
         tensors = [cond[i] for i in chain.slots]
         s1, s2 = _Enter.apply(chain, x)
         for k, bp in enumerate(per_block):
