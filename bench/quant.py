@@ -113,7 +113,7 @@ def gemm_rows(device, shapes):
                 # the same Triton kernel on the fp16 / fp8 tensor cores (i4dot; see triton_kernels/quant.py)
                 from pydiff.triton_kernels.quant import quant_gemm_triton
 
-                for mode, name in ((1, "fp16"), (2, "fp8 e4m3")):
+                for mode, name in ((1, "fp16"), (2, "fp8 e4m3"), (3, "fp8 e4m3, SWAR-unpacked codes")):
                     _timed_row(rows, device, shape, f"pydiff {fmt} g{g} (triton, {name} tensor cores)", flops, t_bf16,
                                _mib(qw, sw),
                                lambda: quant_gemm_triton(qa, sa, qw, sw, None, None, None, fmt, g, torch.bfloat16,

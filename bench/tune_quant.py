@@ -37,10 +37,13 @@ CANDIDATES = [
     (128, 256, None, 8, 3, 8), (256, 128, None, 8, 3, 8), (128, 128, None, 4, 4, 8), (64, 128, None, 4, 4, 8),
     (128, 64, None, 4, 4, 8), (128, 128, 64, 8, 4, 8), (128, 256, 64, 8, 4, 8), (128, 128, None, 8, 3, 16),
 ]
-# int4 only, tried first: the tensor-core type (``i4dot``: 1 fp16, 2 fp8 e4m3; 0, int8, is the default)
+# int4 only, tried first: the tensor-core type (``i4dot``: 1 fp16, 2 fp8 e4m3, 3 fp8 e4m3 from SWAR-unpacked
+# codes; 0, int8, is the default off Hopper)
 INT4_CANDIDATES = [
-    dict(i4dot=2), dict(i4dot=1), dict(i4dot=2, BM=128, BN=128, num_warps=8, num_stages=3),
+    dict(i4dot=2), dict(i4dot=1), dict(i4dot=3), dict(i4dot=2, BM=128, BN=128, num_warps=8, num_stages=3),
+    dict(i4dot=3, BM=128, BN=128, num_warps=8, num_stages=3),
     dict(i4dot=2, BM=128, BN=128, num_warps=8, num_stages=4), dict(i4dot=2, BM=64, BN=256, num_warps=8, num_stages=4),
+    dict(i4dot=3, BM=64, BN=256, num_warps=8, num_stages=4),
 ]
 # --fast: precision="fast" (fp16 operands, one accumulation over K); the default is triton_kernels.quant.FAST_TILE.
 # Outputs (fp32) are compared with the default's within 2^-12 of the output's largest value (the summation

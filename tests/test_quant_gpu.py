@@ -285,7 +285,7 @@ def test_gpu_quant_gemm_adversarial_extremes(backend, case):
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton backend on this GPU")
-@pytest.mark.parametrize("i4dot", (1, 2))
+@pytest.mark.parametrize("i4dot", (1, 2, 3))
 def test_gpu_int4_on_f16_and_e4m3_tensor_cores_bit_equal(i4dot):
     """The Triton int4 GEMM on the f16 (1) or e4m3 (2, sm_89+) tensor cores gives the int8 path's
     output bit for bit at GPU tile shapes (random operands with bias and low-rank terms, and the

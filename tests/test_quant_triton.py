@@ -319,7 +319,7 @@ def test_quant_gemm_adversarial(fmt, va, vw, G):
     assert (out == float(K * va * vw)).all(), f"{out.flatten()[:4].tolist()} != {K * va * vw}"
 
 
-@pytest.mark.parametrize("i4dot", (1, 2))
+@pytest.mark.parametrize("i4dot", (1, 2, 3))
 def test_int4_on_f16_and_e4m3_tensor_cores_equals_int8_path(i4dot):
     """``i4dot`` 1 / 2 (int4 unpacked to fp16, and on sm_89+ to e4m3, fp32 group sums) give the
     int8 path's output bit for bit: random operands with bias and low-rank terms, an odd group sum
@@ -498,6 +498,7 @@ cases = {
     "gemm_fp8_sm89": ((8, 9), lambda: gemm("fp8", (8, 9))),
     "gemm_int8_sm80": ((8, 0), lambda: gemm("int8", (8, 0))),
     "gemm_int4_e4m3_sm90": ((9, 0), lambda: gemm("int4", (9, 0))),  # the sm_90 default
+    "gemm_int4_e4m3_swar_sm90": ((9, 0), lambda: gemm("int4", (9, 0), {"i4dot": 3})),
     "gemm_int4_f16_sm80": ((8, 0), lambda: gemm("int4", (8, 0), {"i4dot": 1})),
     "gemm_int4_fast_sm90": ((9, 0), lambda: gemm("int4", (9, 0), {"fast": True})),
     "gemm_int4_fast_bk128_sm90": ((9, 0), lambda: gemm("int4", (9, 0), {"fast": True, "BK": 128, "BM": 64,
@@ -524,6 +525,7 @@ def compiled():
     ("gemm_fp8_sm89", ["mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32"]),
     ("gemm_int8_sm80", ["mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32"]),
     ("gemm_int4_e4m3_sm90", ["wgmma.mma_async.sync.aligned", ".f32.e4m3.e4m3", "cvt.rn.satfinite.e4m3x2.f16x2"]),
+    ("gemm_int4_e4m3_swar_sm90", ["wgmma.mma_async.sync.aligned", ".f32.e4m3.e4m3", "mul.lo.u32"]),
     ("gemm_int4_f16_sm80", ["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"]),
     ("gemm_int4_fast_sm90", ["wgmma.mma_async.sync.aligned", ".f32.f16.f16", "div.rn.f32", "mul.f16"]),
     ("gemm_int4_fast_bk128_sm90", ["wgmma.mma_async.sync.aligned", ".f32.f16.f16", "mul.f16"]),
@@ -538,3 +540,42 @@ def test_gpu_compile(compiled, case, expect):
         assert e in k["ptx"], f"{case}: {e} not in the PTX"
     assert k["shared"] <= 99 * 1024, f"{case}: {k['shared']} bytes of shared memory"
     assert k["spills"] == 0, f"{case}: {k['spills']} bytes of register spills"
+
+
+def _run_ptx(asm: str, regs: dict) -> dict:
+    """A tiny interpreter for the 32-bit integer PTX of :data:`tq.I4_E4M3_PTX` (shr.u32, and, or,
+    xor, add.u32, mul.lo.u32, shl.b32 with register or immediate operands), so that the inline
+    assembly the GPU path runs is checked on the CPU."""
+    m32 = 0xFFFFFFFF
+    ops = {"shr": lambda a, b: a >> b, "shl": lambda a, b: (a << b) & m32, "and": lambda a, b: a & b,
+           "or": lambda a, b: a | b, "xor": lambda a, b: a ^ b, "add": lambda a, b: (a + b) & m32,
+           "mul": lambda a, b: (a * b) & m32}
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        dst, a, b = [x.strip() for x in rest.split(",")]
+        val = lambda x: regs[x] if x in regs else int(x, 0)  # noqa: E731
+        regs[dst] = ops[op.split(".")[0]](val(a), val(b))
+    return regs
+
+
+def test_int4_e4m3_inline_ptx_equals_its_elementwise_form():
+    """The inline PTX of i4dot 3 (eight nibbles per register) gives, byte for byte, the codes of
+    the element-wise form the interpreter runs: every byte value in every byte position, and random
+    words; and those codes are sign-magnitude e4m3 bytes of v * 2^-9 for every int4 v."""
+    def elementwise(byte):
+        code = lambda n: (0x80 | (16 - n)) if n >= 8 else n  # noqa: E731
+        return code(byte & 0xF), code(byte >> 4)
+
+    g = torch.Generator().manual_seed(0)
+    words = [b << (8 * pos) for b in range(256) for pos in range(4)]
+    words += torch.randint(0, 2**32, (4096,), generator=g, dtype=torch.int64).tolist()
+    for w in words:
+        r = _run_ptx(tq.I4_E4M3_PTX, {"$2": w})
+        for pos in range(4):
+            lo, hi = elementwise((w >> (8 * pos)) & 0xFF)
+            assert (r["$0"] >> (8 * pos)) & 0xFF == lo and (r["$1"] >> (8 * pos)) & 0xFF == hi, hex(w)
+    codes = torch.tensor([elementwise(v & 0xF)[0] for v in range(-8, 8)], dtype=torch.uint8)
+    assert torch.equal(codes.view(torch.float8_e4m3fn).double(), torch.arange(-8, 8).double() * 2.0**-9)
