@@ -603,6 +603,22 @@ def _row_scale_max(s_ptr, idx, mask, Gn):
 
 
 @triton.jit
+def _fold(acc, d, sa_ptr, sw_ptr, rows, cols, rmask, cmask, Gn, g, FMT: tl.constexpr, I4DOT: tl.constexpr,
+          MAGIC: tl.constexpr):
+    """``acc + D_g sa[rows, g] sw[cols, g]``: group g's exact sum ``d`` scaled into the fp32 tile."""
+    sa_g = tl.load(sa_ptr + rows * Gn + g, mask=rmask, other=0.0)
+    sw_g = tl.load(sw_ptr + cols * Gn + g, mask=cmask, other=0.0)
+    if I4DOT >= 3:
+        df = d
+        sa_g = sa_g * 262144.0  # the codes' 2^-9 scale, twice (exact), on the row scales
+    elif FMT == 2 or I4DOT != 0:
+        df = d
+    else:
+        df = _i32_to_f32(d, MAGIC)
+    return acc + df * sa_g[:, None] * sw_g[None, :]
+
+
+@triton.jit
 def _qgemm_tile(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr, rows, cols, rmask, cmask,
                 N, Gn, R, stride_am, stride_wn,
                 FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, STEPS: tl.constexpr,
@@ -653,16 +669,7 @@ def _qgemm_tile(qa_ptr, sa_ptr, qw_ptr, sw_ptr, bias_ptr, la_ptr, lu_ptr, rows, 
                     d = _kstep(d, a_ptrs, w_ptrs, rmask, cmask, FMT, BM, BN, KB, DOT_FP8, I4DOT)
                     a_ptrs += KB
                     w_ptrs += KB
-            sa_g = tl.load(sa_ptr + rows * Gn + g, mask=rmask, other=0.0)
-            sw_g = tl.load(sw_ptr + cols * Gn + g, mask=cmask, other=0.0)
-            if I4DOT >= 3:
-                df = d
-                sa_g = sa_g * 262144.0  # the codes' 2^-9 scale, twice (exact), on the row scales
-            elif FMT == 2 or I4DOT != 0:
-                df = d
-            else:
-                df = _i32_to_f32(d, MAGIC)
-            acc += df * sa_g[:, None] * sw_g[None, :]
+            acc = _fold(acc, d, sa_ptr, sw_ptr, rows, cols, rmask, cmask, Gn, g, FMT, I4DOT, MAGIC)
     if HAS_LORA:
         for r0 in range(0, R, BR):
             r = r0 + tl.arange(0, BR)
