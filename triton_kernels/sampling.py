@@ -6,8 +6,8 @@ NVIDIA GPU, ~2 ulp; one instruction per logit instead of the ~12 of a polynomial
 then bound by its read of the logits, not by arithmetic), summed in fp32 by eights and then in
 float64.  These sums only choose the chunk (each chunk's probability to ~5e-7 relative, like the
 exponentials themselves); with the statistics (``STATS``) also the second max (with multiplicity),
-the first argmax, the sum of ``e * (l - m_c)/T`` and the sum split as (count of maxima) + (the
-rest), which the entropy needs.  Kernel 2, one program per row: combines the chunk partials, draws
+the sum of ``e * (l - m_c)/T`` and the sum split as (count of maxima) + (the rest), which the
+entropy needs; at temperature 0 (``ARG``) the first argmax.  Kernel 2, one program per row: combines the chunk partials, draws
 the counter-based float64 uniform, picks the chunk by the cumulative weighted sums and rescans it
 with float64-range exponentials (:func:`_exp_neg`, as the CUDA rescan and the C++ kernel compute
 them) and a float64 prefix sum to pick the token, at the target's share of the rescan's own total:
