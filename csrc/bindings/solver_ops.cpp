@@ -1,4 +1,6 @@
 // CPU registrations of torch.ops.pydiff.solver_step and cfg_rescale (schemas: pydiff/ops/_library.py).
+#include <ATen/EmptyTensor.h>
+
 #include "solver_args.h"
 
 namespace pydiff {
@@ -9,8 +11,11 @@ std::tuple<at::Tensor, at::Tensor> solver_step_cpu_impl(
     c10::ArrayRef<double> coeffs, const std::optional<at::Tensor>& coeff_table, const std::optional<at::Tensor>& step,
     double clip_lo, double clip_hi, bool write_history, const std::optional<at::Tensor>& x0_stats) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), "x: expected a CPU tensor, got ", x.device());
-  SolverStepCall call = make_solver_step_call(x, model_cond, model_uncond, history, noise, row_scale, coeffs,
-                                              coeff_table, step, clip_lo, clip_hi, write_history, x0_stats);
+  SolverStepCall call = make_solver_step_call(
+      x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step, clip_lo, clip_hi,
+      write_history, x0_stats, [](at::IntArrayRef sizes, const at::Tensor& like) {
+        return at::Tensor(at::detail::empty_cpu(sizes, like.scalar_type(), false, at::MemoryFormat::Contiguous));
+      });
   TORCH_CHECK(solver_step_cpu(call.args) == 0, x0_stats.has_value() ? "pydiff.solver_step_track" : "pydiff.solver_step",
               ": the CPU kernel rejected its arguments");
   return {std::move(call.out_x), std::move(call.out_h)};

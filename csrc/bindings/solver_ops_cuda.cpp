@@ -1,5 +1,6 @@
 // CUDA registrations of torch.ops.pydiff.solver_step and cfg_rescale. Compiled by the host
 // compiler (only the kernels in csrc/solver/*.cu go through nvcc).
+#include <ATen/cuda/EmptyTensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -14,8 +15,11 @@ std::tuple<at::Tensor, at::Tensor> solver_step_cuda_impl(
     double clip_lo, double clip_hi, bool write_history, const std::optional<at::Tensor>& x0_stats) {
   TORCH_CHECK_VALUE(x.is_cuda(), "x: expected a CUDA tensor, got ", x.device());
   c10::cuda::CUDAGuard guard(x.device());
-  SolverStepCall call = make_solver_step_call(x, model_cond, model_uncond, history, noise, row_scale, coeffs,
-                                              coeff_table, step, clip_lo, clip_hi, write_history, x0_stats);
+  SolverStepCall call = make_solver_step_call(
+      x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step, clip_lo, clip_hi,
+      write_history, x0_stats, [](at::IntArrayRef sizes, const at::Tensor& like) {
+        return at::Tensor(at::detail::empty_cuda(sizes, like.scalar_type(), like.device(), at::MemoryFormat::Contiguous));
+      });
   const int err = solver_step_cuda(call.args, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
   TORCH_CHECK(err == 0, x0_stats.has_value() ? "pydiff.solver_step_track" : "pydiff.solver_step",
               ": CUDA kernel launch failed with cudaError ", err);
