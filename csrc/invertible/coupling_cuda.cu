@@ -89,9 +89,8 @@ __global__ void __launch_bounds__(256) coupling_kernel(const TX* x, const TF* f,
 bool aligned(const void* p, int bytes) { return (reinterpret_cast<uintptr_t>(p) % uintptr_t(bytes)) == 0; }
 
 int grid_for(int64_t work) {
-  const int sms = current_sm_count();
   int64_t blocks = (work + 255) / 256;
-  const int64_t cap = int64_t(sms > 0 ? sms : 132) * 8;
+  const int64_t cap = int64_t(current_sm_count()) * 8;
   if (blocks > cap) blocks = cap;
   return int(blocks < 1 ? 1 : blocks);
 }

@@ -346,11 +346,6 @@ __global__ void __launch_bounds__(kThreads) gn_bwd_dx(const T* __restrict__ x, c
 // ---------------------------------------------------------------- launch helpers
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-int num_sms() {
-  const int sms = current_sm_count();
-  return sms > 0 ? sms : 132;
-}
-
 template <typename T>
 constexpr int vec_width() { return 16 / int(sizeof(T)); }
 
@@ -383,7 +378,7 @@ bool valid(const GroupNormSiluArgs& a) {
 
 template <typename T, int VEC>
 cudaError_t fwd(const GroupNormSiluArgs& a, void* ws, cudaStream_t s) {
-  const Split sp = make_split(a, VEC, num_sms());
+  const Split sp = make_split(a, VEC, current_sm_count());
   const int64_t G = a.groups, Cg = a.C / G, M = Cg * a.HW, NG = a.N * G;
   double* part = static_cast<double*>(ws);
   const int64_t blocks = NG * sp.S;
@@ -445,7 +440,7 @@ cudaError_t bwd(const GroupNormSiluArgs& a, void* ws, cudaStream_t s) {
     gn_bwd_params<Acc><<<unsigned((a.C + 255) / 256), 256, 0, s>>>(A, B, a.N, a.C, a.grad_weight, a.grad_bias);
 #endif
   if (a.grad_x) {
-    const Split sp = make_split(a, VEC, num_sms());
+    const Split sp = make_split(a, VEC, current_sm_count());
 #ifdef PYDIFF_CUDA_EMU
     cuda_emu::launch(gn_bwd_dx<T, VEC>, dim3(unsigned(NG * sp.S)), dim3(kThreads), kEmuSmem, s, x, dy, a.weight, a.bias,
                      static_cast<const void*>(a.mean), static_cast<const void*>(a.rstd), G, Cg, a.HW, sp,
@@ -475,7 +470,7 @@ __global__ void fill_zero(Acc* p, int64_t n) {
 int64_t groupnorm_silu_cuda_workspace(const GroupNormSiluArgs& a) {
   if (!valid(a)) return 0;
   // the largest split count any vector width can pick (vec = 1)
-  const Split sp = make_split(a, 1, num_sms());
+  const Split sp = make_split(a, 1, current_sm_count());
   return a.N * a.groups * sp.S * 2 * int64_t(sizeof(double));
 }
 

@@ -76,7 +76,7 @@ __device__ __forceinline__ float fast_exp2(float y) {
 #endif
 }
 
-// ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)) of a[o .. o + 7], in fp32
+// ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])), in fp32
 __device__ __forceinline__ float sum8(const float* a) {
   return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
@@ -243,18 +243,19 @@ __global__ void __launch_bounds__(kThreads, 4) partial_kernel(SampleArgs a, Part
   __syncthreads();
   if (threadIdx.x == 0) {
     double S = 0, Tt = 0, Zc = 0;
+    int nbelow = 0;
     for (int w = 0; w < kThreads / 32; ++w) {
       S += ss[w];
       if (STATS) {
         Tt += st[w];
         Zc += sz[w];
         below = fmaxf(below, sb[w]);
-        if (w > 0) nlo += sn[w];
+        nbelow += sn[w];
       }
       if (ARG && sarg[w] >= 0 && (arg < 0 || sarg[w] < arg)) arg = sarg[w];
     }
     // the maxima: every logit not below m1 (m1 the max of a NaN-free chunk; a NaN chunk is flagged)
-    const int nmax = kChunk - nlo;
+    const int nmax = kChunk - nbelow;
     Partial p;
     p.s = S;
     p.t = Tt;

@@ -250,12 +250,11 @@ cudaError_t launch(const SolverStepArgs& a, cudaStream_t s) {
     const int nc = num_step_coeffs(a.num_history);
     for (int q = 0; q < nc; ++q) hc.v[q] = float(a.coeffs[q]);
   }
-  const int sms = current_sm_count();
   const int threads = 256;
   const int64_t work = (a.numel / VEC) > 0 ? a.numel / VEC : 1;
   int64_t blocks = (work + threads - 1) / threads;
   // one vector per thread up to ~8.6M vectors (vector path); the scalar path loops more
-  const int64_t cap = int64_t(sms > 0 ? sms : 132) * (vec ? 64 : 8);
+  const int64_t cap = int64_t(current_sm_count()) * (vec ? 64 : 8);
   if (blocks > cap) blocks = cap;
 #ifdef PYDIFF_CUDA_EMU
   cuda_emu::launch(kern, dim3(int(blocks)), dim3(threads), kMaxStepCoeffs * sizeof(float), s, a, hc);
