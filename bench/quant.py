@@ -113,11 +113,18 @@ def gemm_rows(device, shapes):
                 # the same Triton kernel on the fp16 / fp8 tensor cores (i4dot; see triton_kernels/quant.py)
                 from pydiff.triton_kernels.quant import quant_gemm_triton
 
-                for mode, name in ((1, "fp16"), (2, "fp8 e4m3"), (3, "fp8 e4m3, SWAR-unpacked codes")):
+                # (the default Hopper tile, 64x256 with 8 warps at ~200 registers a thread, fits one CTA per
+                # SM, whose two warpgroups meet at a barrier every group: their MMAs and folds run in
+                # step; 64x128 with 4 warps fits two independent CTAs per SM, so one's fold can run
+                # under the other's MMA)
+                two = dict(BM=64, BN=128, num_warps=4, num_stages=3)
+                for mode, name, tile in ((1, "fp16", {}), (2, "fp8 e4m3", {}), (3, "fp8 e4m3, SWAR-unpacked codes", {}),
+                                         (2, "fp8 e4m3, 64x128 tiles, 2 CTAs/SM", two),
+                                         (3, "fp8 e4m3, SWAR, 64x128 tiles, 2 CTAs/SM", two)):
                     _timed_row(rows, device, shape, f"pydiff {fmt} g{g} (triton, {name} tensor cores)", flops, t_bf16,
                                _mib(qw, sw),
                                lambda: quant_gemm_triton(qa, sa, qw, sw, None, None, None, fmt, g, torch.bfloat16,
-                                                         _config={"i4dot": mode}))
+                                                         _config={"i4dot": mode, **tile}))
             if fmt == "int4" and _wgmma_available(device):
                 for mode, name in (("1", "wgmma f16 tensor cores"), ("2", "wgmma f16, swizzled tiles")):
                     _timed_row(rows, device, shape, f"pydiff {fmt} g{g} (cuda, {name})", flops, t_bf16, _mib(qw, sw),

@@ -44,6 +44,9 @@ INT4_CANDIDATES = [
     dict(i4dot=3, BM=128, BN=128, num_warps=8, num_stages=3),
     dict(i4dot=2, BM=128, BN=128, num_warps=8, num_stages=4), dict(i4dot=2, BM=64, BN=256, num_warps=8, num_stages=4),
     dict(i4dot=3, BM=64, BN=256, num_warps=8, num_stages=4),
+    # two CTAs per SM (~210 registers a thread at 4 warps; the 8-warp tiles above fit one)
+    dict(i4dot=3, BM=64, BN=128, num_warps=4, num_stages=3), dict(i4dot=2, BM=64, BN=128, num_warps=4, num_stages=3),
+    dict(i4dot=3, BM=64, BN=128, num_warps=4, num_stages=4), dict(i4dot=3, BM=128, BN=64, num_warps=4, num_stages=3),
 ]
 # --fast: precision="fast" (fp16 operands, one accumulation over K); the default is triton_kernels.quant.FAST_TILE.
 # Outputs (fp32) are compared with the default's within 2^-12 of the output's largest value (the summation

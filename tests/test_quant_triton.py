@@ -499,6 +499,8 @@ cases = {
     "gemm_int8_sm80": ((8, 0), lambda: gemm("int8", (8, 0))),
     "gemm_int4_e4m3_sm90": ((9, 0), lambda: gemm("int4", (9, 0))),  # the sm_90 default
     "gemm_int4_e4m3_swar_sm90": ((9, 0), lambda: gemm("int4", (9, 0), {"i4dot": 3})),
+    "gemm_int4_e4m3_swar_2cta_sm90": ((9, 0), lambda: gemm("int4", (9, 0), {"i4dot": 3, "BM": 64, "BN": 128,
+                                                                                 "num_warps": 4, "num_stages": 3})),
     "gemm_int4_f16_sm80": ((8, 0), lambda: gemm("int4", (8, 0), {"i4dot": 1})),
     "gemm_int4_fast_sm90": ((9, 0), lambda: gemm("int4", (9, 0), {"fast": True})),
     "gemm_int4_fast_bk128_sm90": ((9, 0), lambda: gemm("int4", (9, 0), {"fast": True, "BK": 128, "BM": 64,
@@ -526,6 +528,7 @@ def compiled():
     ("gemm_int8_sm80", ["mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32"]),
     ("gemm_int4_e4m3_sm90", ["wgmma.mma_async.sync.aligned", ".f32.e4m3.e4m3", "cvt.rn.satfinite.e4m3x2.f16x2"]),
     ("gemm_int4_e4m3_swar_sm90", ["wgmma.mma_async.sync.aligned", ".f32.e4m3.e4m3", "mul.lo.u32"]),
+    ("gemm_int4_e4m3_swar_2cta_sm90", ["wgmma.mma_async.sync.aligned", ".f32.e4m3.e4m3", "mul.lo.u32"]),
     ("gemm_int4_f16_sm80", ["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"]),
     ("gemm_int4_fast_sm90", ["wgmma.mma_async.sync.aligned", ".f32.f16.f16", "div.rn.f32", "mul.f16"]),
     ("gemm_int4_fast_bk128_sm90", ["wgmma.mma_async.sync.aligned", ".f32.f16.f16", "mul.f16"]),
