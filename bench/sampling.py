@@ -9,6 +9,8 @@ On CUDA the peak extra memory of each is measured with the caching allocator.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -60,6 +62,19 @@ def _fused_gumbel():
         return None
 
 
+def _with_env(name: str, value: str, fn):
+    """``fn()`` with the environment variable ``name`` set to ``value`` (restored after)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
 def rows(device: torch.device, shapes=None, dtype=None, bw=None, compile_baseline: bool = True, out=None):
     if shapes is None:
         shapes = [(4096, 126464)] if device.type == "cuda" else [(64, 32000)]
@@ -75,6 +90,12 @@ def rows(device: torch.device, shapes=None, dtype=None, bw=None, compile_baselin
                 continue  # the reference and the interpreter are correctness tools
             impls[f"pydiff[{b}]"] = (lambda b=b: sample_categorical(logits, seed=1, return_probs=True,
                                                                      on_invalid="flag", backend=b))
+        if device.type == "cuda" and "cuda" in pydiff.available_backends(device):
+            # the CUDA kernels with the select fused into the partial kernel's last block per row
+            # (PYDIFF_SAMPLING_FUSED=1, read on every call; opt-in until timed)
+            impls["pydiff[cuda], fused select"] = lambda: _with_env(
+                "PYDIFF_SAMPLING_FUSED", "1", lambda: sample_categorical(logits, seed=1, return_probs=True,
+                                                                         on_invalid="flag", backend="cuda"))
         impls["LLaDA float64 Gumbel"] = lambda: llada_float64(logits)
         impls["fp32 Gumbel-max (eager)"] = lambda: gumbel_fp32(logits)
         impls["torch.multinomial"] = lambda: multinomial(logits)

@@ -21,6 +21,9 @@
 
 #include <cfloat>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 
 #include "pydiff/cuda_types.cuh"
 #include "pydiff/sampling.h"
@@ -135,11 +138,25 @@ __device__ __forceinline__ void exp_sums(const float (&v)[kPerThread], float m1,
 // STATS = false (tokens + prob, temperature > 0): per logit only the max, the NaN/+inf flag and the
 // sum; the second max and the entropy and split sums (statistics only) are skipped. ARG (temperature
 // 0 only): the first argmax. HAS_T = false (no threshold): every logit is kept, no per-logit comparison.
-template <typename T, bool STATS, bool HAS_T, bool ARG>
-__global__ void __launch_bounds__(kThreads, 4) partial_kernel(SampleArgs a, Partial* __restrict__ part, int nchunks) {
+template <typename T>
+__device__ void select_row(const SampleArgs& a, const Partial* __restrict__ part, int nchunks, int64_t row, int lane);
+
+// counters (fused select, else nullptr): one int per row, zero on entry; the row's last block to
+// finish (threadfence reduction: each block's partial is made visible device-wide before it counts
+// itself) then runs select_row with its first warp, so the chosen chunk is read back while it is
+// likely still in L2 and no second kernel runs after the last partial.
+// (FUSED is a template argument so that the plain kernel keeps its registers: the select code raises
+// the bf16 tokens-only kernel from 56 to 72 registers a thread on sm_90a.)
+template <typename T, bool STATS, bool HAS_T, bool ARG, bool FUSED>
+__global__ void __launch_bounds__(kThreads, 4) partial_kernel(SampleArgs a, Partial* __restrict__ part, int nchunks,
+                                                              int* __restrict__ counters) {
   const int64_t row = blockIdx.y;
   const int c = blockIdx.x;
-  if (a.row_mask && !a.row_mask[row]) return;
+  if (a.row_mask && !a.row_mask[row]) {
+    // an unsampled row: no partials; fused, its first block writes the row's outputs (-1 / NaN)
+    if (FUSED && c == 0 && threadIdx.x < 32) select_row<T>(a, part, nchunks, row, int(threadIdx.x));
+    return;
+  }
   const T* lrow = static_cast<const T*>(a.logits) + row * a.row_stride;
   const float tau = a.threshold ? a.threshold[row] : -INFINITY;
   const int64_t base = int64_t(c) * kChunk;
@@ -267,13 +284,25 @@ __global__ void __launch_bounds__(kThreads, 4) partial_kernel(SampleArgs a, Part
     p.bad = bad | (!HAS_T && S != S);  // without a threshold a NaN logit reaches S (exp2 keeps NaN)
     part[row * nchunks + c] = p;
   }
+  if (FUSED) {
+    __shared__ int s_last;
+    if (threadIdx.x == 0) {
+      __threadfence();  // this block's partial, device-wide, before its count
+      s_last = atomicAdd(counters + row, 1) == nchunks - 1;
+    }
+    __syncthreads();
+    if (s_last) {
+      __threadfence();  // (the other blocks' partials were fenced before their counts)
+      if (threadIdx.x < 32) select_row<T>(a, part, nchunks, row, int(threadIdx.x));
+    }
+  }
 }
 
+// One row's second pass, by one whole warp (lane = its lane): combines the row's chunk partials,
+// writes the row's token, probability and statistics. Called by select_kernel (a warp per row) or,
+// fused, by the row's last partial block to finish (partial_kernel with counters).
 template <typename T>
-__global__ void select_kernel(SampleArgs a, const Partial* __restrict__ part, int nchunks) {
-  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= a.rows) return;
+__device__ void select_row(const SampleArgs& a, const Partial* __restrict__ part, int nchunks, int64_t row, int lane) {
   double* st = a.stats + 3 * row;
   const double nan = __longlong_as_double(0x7ff8000000000000ll);
   if (a.row_mask && !a.row_mask[row]) {
@@ -467,7 +496,21 @@ __global__ void select_kernel(SampleArgs a, const Partial* __restrict__ part, in
 }
 
 template <typename T>
-cudaError_t launch(const SampleArgs& a, void* ws, cudaStream_t s) {
+__global__ void select_kernel(SampleArgs a, const Partial* __restrict__ part, int nchunks) {
+  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= a.rows) return;
+  select_row<T>(a, part, nchunks, row, int(threadIdx.x % 32));
+}
+
+// The fused select (partial_kernel with counters, no select_kernel): opt-in by PYDIFF_SAMPLING_FUSED=1,
+// read on every call, until it is timed on a GPU.
+bool fused_select() {
+  const char* e = getenv("PYDIFF_SAMPLING_FUSED");
+  return e && e[0] == '1';
+}
+
+template <typename T>
+cudaError_t launch(const SampleArgs& a, void* ws, cudaStream_t s, int* counters) {
   const int nchunks = int((a.vocab + kChunk - 1) / kChunk);
   Partial* part = static_cast<Partial*>(ws);
   if (a.rows > 65535) {
@@ -484,7 +527,7 @@ cudaError_t launch(const SampleArgs& a, void* ws, cudaStream_t s) {
       b.tokens = a.tokens + r0;
       b.prob = a.prob + r0;
       b.stats = a.stats + 3 * r0;
-      const cudaError_t err = launch<T>(b, part + r0 * nchunks, s);
+      const cudaError_t err = launch<T>(b, part + r0 * nchunks, s, counters ? counters + r0 : nullptr);
       if (err != cudaSuccess) return err;
     }
     return cudaSuccess;
@@ -493,25 +536,51 @@ cudaError_t launch(const SampleArgs& a, void* ws, cudaStream_t s) {
   const bool argmax = a.temperature == 0.0;
   const bool stats = a.want_stats || argmax;
   const bool has_t = a.threshold != nullptr;
-  auto pk = argmax  ? (has_t ? partial_kernel<T, true, true, true> : partial_kernel<T, true, false, true>)
-            : stats ? (has_t ? partial_kernel<T, true, true, false> : partial_kernel<T, true, false, false>)
-                    : (has_t ? partial_kernel<T, false, true, false> : partial_kernel<T, false, false, false>);
+  auto pick = [&](auto fused) {
+    constexpr bool F = decltype(fused)::value;
+    return argmax ? (has_t ? partial_kernel<T, true, true, true, F> : partial_kernel<T, true, false, true, F>)
+           : stats ? (has_t ? partial_kernel<T, true, true, false, F> : partial_kernel<T, true, false, false, F>)
+                   : (has_t ? partial_kernel<T, false, true, false, F> : partial_kernel<T, false, false, false, F>);
+  };
+  auto pk = counters ? pick(std::true_type{}) : pick(std::false_type{});
 #ifdef PYDIFF_CUDA_EMU
-  cuda_emu::launch(pk, dim3(unsigned(nchunks), unsigned(a.rows)), dim3(kThreads), 0, s, a, part, nchunks);
-  cuda_emu::launch(select_kernel<T>, dim3(unsigned((a.rows + rows_per_block - 1) / rows_per_block)),
-                   dim3(32 * rows_per_block), 0, s, a, part, nchunks);
+  cuda_emu::launch(pk, dim3(unsigned(nchunks), unsigned(a.rows)), dim3(kThreads), 0, s, a, part, nchunks, counters);
+  if (!counters)
+    cuda_emu::launch(select_kernel<T>, dim3(unsigned((a.rows + rows_per_block - 1) / rows_per_block)),
+                     dim3(32 * rows_per_block), 0, s, a, part, nchunks);
 #else
-  pk<<<dim3(unsigned(nchunks), unsigned(a.rows)), kThreads, 0, s>>>(a, part, nchunks);
-  select_kernel<T><<<unsigned((a.rows + rows_per_block - 1) / rows_per_block), 32 * rows_per_block, 0, s>>>(
-      a, part, nchunks);
+  pk<<<dim3(unsigned(nchunks), unsigned(a.rows)), kThreads, 0, s>>>(a, part, nchunks, counters);
+  if (!counters)
+    select_kernel<T><<<unsigned((a.rows + rows_per_block - 1) / rows_per_block), 32 * rows_per_block, 0, s>>>(
+        a, part, nchunks);
 #endif
   return cudaGetLastError();
+}
+
+// The workspace: the partials (rows x chunks), then one int32 counter per row (the fused select's).
+int64_t partials_bytes(int64_t rows, int64_t vocab) {
+  return rows * ((vocab + kChunk - 1) / kChunk) * int64_t(sizeof(Partial));
+}
+
+template <typename T>
+cudaError_t launch_all(const SampleArgs& a, void* ws, cudaStream_t s) {
+  int* counters = nullptr;
+  if (fused_select()) {
+    counters = reinterpret_cast<int*>(static_cast<char*>(ws) + partials_bytes(a.rows, a.vocab));
+#ifdef PYDIFF_CUDA_EMU
+    std::memset(counters, 0, size_t(a.rows) * sizeof(int));
+#else
+    const cudaError_t err = cudaMemsetAsync(counters, 0, size_t(a.rows) * sizeof(int), s);
+    if (err != cudaSuccess) return err;
+#endif
+  }
+  return launch<T>(a, ws, s, counters);
 }
 
 }  // namespace
 
 int64_t sample_categorical_cuda_workspace(int64_t rows, int64_t vocab) {
-  return rows * ((vocab + kChunk - 1) / kChunk) * int64_t(sizeof(Partial));
+  return partials_bytes(rows, vocab) + rows * int64_t(sizeof(int));
 }
 
 int sample_categorical_cuda(const SampleArgs& a, void* workspace, void* stream) {
@@ -519,9 +588,9 @@ int sample_categorical_cuda(const SampleArgs& a, void* workspace, void* stream) 
   if (a.rows == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (a.dtype) {
-    case DType::kF32: return int(launch<float>(a, workspace, s));
-    case DType::kF16: return int(launch<__half>(a, workspace, s));
-    case DType::kBF16: return int(launch<__nv_bfloat16>(a, workspace, s));
+    case DType::kF32: return int(launch_all<float>(a, workspace, s));
+    case DType::kF16: return int(launch_all<__half>(a, workspace, s));
+    case DType::kBF16: return int(launch_all<__nv_bfloat16>(a, workspace, s));
   }
   return int(cudaErrorInvalidValue);
 }

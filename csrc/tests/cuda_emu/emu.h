@@ -1118,6 +1118,8 @@ inline int atomicMax(int* p, int v) {
   return old;
 }
 inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+// (stores are visible at once here; the fence only orders the worker threads' accesses)
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline float atomicAdd(float* p, float v) {
   std::atomic_ref<float> a(*p);
   float old = a.load();

@@ -259,6 +259,44 @@ void run_case(const Case& c, uint64_t seed) {
     }
     ok = ok && lean_ok;
   }
+  // the fused select (PYDIFF_SAMPLING_FUSED=1: the row's last partial block picks the token; the
+  // counters live in the poisoned workspace, so a missing reset fails here): the same bits as the
+  // two-kernel path, statistics and the tokens-only path alike
+  for (const bool want : {a.want_stats, false}) {
+    cuda_emu::Buffer f_tok(size_t(R) * 8, 8), f_prob(size_t(R) * 8, 8), f_st(size_t(R) * 24, 8);
+    f_tok.fill(0xA5);
+    f_prob.fill(0xA5);
+    f_st.fill(0xA5);
+    ws.fill(0xFF);
+    SampleArgs b = a;
+    b.want_stats = want;
+    b.tokens = f_tok.as<int64_t>();
+    b.prob = f_prob.as<double>();
+    b.stats = f_st.as<double>();
+    setenv("PYDIFF_SAMPLING_FUSED", "1", 1);
+    const int rc3 = pydiff::sample_categorical_cuda(b, ws.data(), nullptr);
+    unsetenv("PYDIFF_SAMPLING_FUSED");
+    ++g_checks;
+    bool fused_ok = rc3 == 0 && f_tok.intact() && f_prob.intact() && f_st.intact() && ws.intact();
+    for (int64_t r = 0; r < R && fused_ok; ++r) {
+      const double p1 = d_prob.as<double>()[r], p2 = f_prob.as<double>()[r];
+      const bool same_prob = (p1 != p1 && p2 != p2) || std::memcmp(&p1, &p2, sizeof(double)) == 0;
+      const double* s1 = d_st.as<double>() + 3 * r;
+      const double* s2 = f_st.as<double>() + 3 * r;
+      bool same_stats = true;
+      for (int q = 0; q < 3; ++q)
+        same_stats = same_stats && ((want || c.T == 0) ? ((s1[q] != s1[q] && s2[q] != s2[q]) ||
+                                                          std::memcmp(s1 + q, s2 + q, sizeof(double)) == 0)
+                                                       : s2[q] != s2[q]);
+      if (f_tok.as<int64_t>()[r] != d_tok.as<int64_t>()[r] || !same_prob || !same_stats) {
+        std::printf("  fused (want_stats=%d) row %lld: token %lld vs %lld, prob %.17g vs %.17g, stats (%g %g %g)\n",
+                    int(want), (long long)r, (long long)f_tok.as<int64_t>()[r], (long long)d_tok.as<int64_t>()[r], p2,
+                    p1, s2[0], s2[1], s2[2]);
+        fused_ok = false;
+      }
+    }
+    ok = ok && fused_ok;
+  }
   if (!ok) {
     ++g_fail;
     std::printf("FAIL %s R=%lld V=%lld pad=%lld T=%g thr=%d mask=%d scale=%g specials=%d seed=%llu (%d bad rows)\n",
