@@ -287,8 +287,11 @@ class _RngTape:
         state now) to find the calls that drew random numbers."""
         if self.enabled and self.states:
             seq = self.states + [self._now()]
-            self.used = [not (torch.equal(a[0], b[0]) and (a[1] is None or torch.equal(a[1], b[1])))
-                         for a, b in zip(seq, seq[1:])]
+            same = lambda a, b: torch.equal(a[0], b[0]) and (a[1] is None or torch.equal(a[1], b[1]))  # noqa: E731
+            if same(seq[0], seq[-1]):  # the state as the forward found it: nothing drew (every draw moves
+                self.used = [False] * len(self.states)  # it: Mersenne Twister position, Philox offset)
+                return
+            self.used = [not same(a, b) for a, b in zip(seq, seq[1:])]
 
     def replays(self) -> bool:
         """Whether a backward has any state to restore."""
