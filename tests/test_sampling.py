@@ -494,6 +494,42 @@ def test_triton_tokens_and_probs_without_statistics_are_bit_identical():
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.probs, b.probs) and not b.top1.isnan().any()
 
 
+@pytest.mark.skipif("triton" not in pydiff.available_backends(_TDEV),
+                    reason="needs the Triton backend (a GPU or TRITON_INTERPRET=1)")
+def test_triton_fused_select_is_bit_identical(monkeypatch):
+    """``fused=True`` (or PYDIFF_SAMPLING_FUSED=1): one launch, the row's last partial program picks
+    the token; the same bits as the two-kernel path for tokens, probabilities and statistics, with
+    thresholds, row masks, invalid rows, several chunks, temperature 0 and the tokens-only path.
+    (The interpreter runs programs in order, so the last to finish is always the row's last chunk;
+    the GPU test of the same name runs them concurrently.)"""
+    from pydiff.triton_kernels.sampling import sample_categorical_triton
+
+    dev = _TDEV
+    g = torch.Generator().manual_seed(12)
+    for R, V, dtype in ((3, 1, torch.float32), (3, 4099, torch.bfloat16), (6, 97, torch.float16)):
+        x = (torch.randn(R, V, generator=g) * 4).to(dtype)
+        if V > 2:
+            x[-1, 2] = float("nan")
+            x[1] = float("-inf")
+        x = x.to(dev)
+        seeds = torch.arange(R, device=dev) * 5 + 1
+        offs = torch.arange(R, device=dev)
+        tau = (x.float().amax(1) - 3.0).contiguous()
+        mask = torch.arange(R, device=dev) % 3 != 2
+        combos = [(T, thr, rm, stats) for T in (1.0, 0.0) for thr, rm in ((None, None), (tau, mask))
+                  for stats in (True, False)]
+        if V > 4096:  # (two chunks; the interpreter is slow at this width: the combinations that matter)
+            combos = [(1.0, tau, mask, True), (1.0, None, None, False), (0.0, None, None, True)]
+        for T, thr, rm, stats in combos:
+            two = sample_categorical_triton(x, thr, rm, seeds, offs, T, want_stats=stats, fused=False)
+            one = sample_categorical_triton(x, thr, rm, seeds, offs, T, want_stats=stats, fused=True)
+            for a, b in zip(two, one):
+                assert torch.equal(a.nan_to_num(-7.0), b.nan_to_num(-7.0)), (R, V, dtype, T, stats)
+    monkeypatch.setenv("PYDIFF_SAMPLING_FUSED", "1")
+    env = sample_categorical_triton(x, None, None, seeds, offs, 1.0)
+    assert torch.equal(env[0], sample_categorical_triton(x, None, None, seeds, offs, 1.0, fused=False)[0])
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the compiled CPU kernels")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_op_without_statistics_same_tokens_and_probs(dtype):

@@ -103,15 +103,16 @@ def test_gpu_tokens_and_probs_without_statistics_are_bit_identical(dtype):
                     assert torch.equal(full[2].nan_to_num(-1.0), lean[2].nan_to_num(-1.0)), (b, T)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in pydiff.available_backends(GPU),
-                    reason="needs the CUDA kernels and a GPU")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_fused_select_is_bit_identical(dtype, monkeypatch):
-    """PYDIFF_SAMPLING_FUSED=1: the row's last partial block to finish picks the token (threadfence
-    reduction over a per-row counter) instead of a second kernel; the same bits for every row, with
+    """PYDIFF_SAMPLING_FUSED=1 (CUDA and Triton): the row's last partial block to finish picks the
+    token (threadfence reduction over a per-row counter) instead of a second kernel; the same bits for every row, with
     thresholds, row masks, NaN and all -inf rows, at several temperatures, the statistics and the
     tokens-only kernels, and on a large batch where many rows finish at once (the memory ordering
     between the blocks' partials and the count is what this checks; the CPU emulator cannot)."""
+    from pydiff.ops.sampling import _triton_impl
+
+    ops = {"cuda": torch.ops.pydiff.sample_categorical, "triton": _triton_impl}
     g = torch.Generator(device=GPU).manual_seed(5)
     cases = [(37, 12289), (3, 1), (5, 4097), (2048, 126464)]
     for R, V in cases:
@@ -126,12 +127,13 @@ def test_gpu_fused_select_is_bit_identical(dtype, monkeypatch):
         for T in (1.0, 0.3, 0.0):
             for thr, rm in ((None, None), (tau, mask)):
                 for stats in (True, False):
-                    monkeypatch.delenv("PYDIFF_SAMPLING_FUSED", raising=False)
-                    two = torch.ops.pydiff.sample_categorical(x, thr, rm, s, o, T, stats)
-                    monkeypatch.setenv("PYDIFF_SAMPLING_FUSED", "1")
-                    fused = torch.ops.pydiff.sample_categorical(x, thr, rm, s, o, T, stats)
-                    for a, b in zip(two, fused):
-                        assert torch.equal(a.nan_to_num(-7.0), b.nan_to_num(-7.0)), (R, V, T, stats, thr is None)
+                    for b in [b for b in ops if b in pydiff.available_backends(GPU)]:
+                        monkeypatch.delenv("PYDIFF_SAMPLING_FUSED", raising=False)
+                        two = ops[b](x, thr, rm, s, o, T, stats)
+                        monkeypatch.setenv("PYDIFF_SAMPLING_FUSED", "1")
+                        fused = ops[b](x, thr, rm, s, o, T, stats)
+                        for u, v in zip(two, fused):
+                            assert torch.equal(u.nan_to_num(-7.0), v.nan_to_num(-7.0)), (b, R, V, T, stats, thr is None)
         del x
 
 

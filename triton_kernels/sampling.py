@@ -16,6 +16,8 @@ included.  Extra memory: ``rows x chunks`` partials.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -75,8 +77,9 @@ def _max_nan(a, b):
 
 @triton.jit
 def _partial_kernel(logits_ptr, thr_ptr, mask_ptr, pm1, pm2, ps, pt, pz, parg, pbad, V, row_stride, nchunks, inv_t,
+                    seeds_ptr, offsets_ptr, tok_ptr, prob_ptr, stats_ptr, cnt_ptr, t_stat,
                     HAS_T: tl.constexpr, HAS_M: tl.constexpr, CHUNK: tl.constexpr, STATS: tl.constexpr,
-                    UNIT_T: tl.constexpr, ARG: tl.constexpr):
+                    UNIT_T: tl.constexpr, ARG: tl.constexpr, FUSED: tl.constexpr, NCP: tl.constexpr):
     pid = tl.program_id(0)  # one grid dimension (y and z stop at 65535 rows)
     c = pid % nchunks
     r = (pid // nchunks).to(tl.int64)
@@ -125,6 +128,16 @@ def _partial_kernel(logits_ptr, thr_ptr, mask_ptr, pm1, pm2, ps, pt, pz, parg, p
     if ARG:  # the first argmax (T = 0 only)
         arg = tl.min(tl.where((kv == m1) & (kv > float("-inf")), offs, 2 ** 62), 0)
         tl.store(parg + i, arg)
+    if FUSED:
+        # the row's last program to finish runs its select: every store above before this program's
+        # count (a barrier, then a release at GPU scope); the count's acquire before the select's loads
+        # (which read the partials from L2, never a stale L1 line: .cg)
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr + r, 1, sem="acq_rel", scope="gpu")
+        if done == nchunks - 1:
+            _select_row(r, logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, pm2, ps, pt, pz, parg, pbad,
+                        tok_ptr, prob_ptr, stats_ptr, V, row_stride, nchunks, t_stat, inv_t, ARG, HAS_T, HAS_M,
+                        NCP, CHUNK, STATS, UNIT_T, True)
 
 
 @triton.jit
@@ -146,16 +159,36 @@ def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, p
                    tok_ptr, prob_ptr, stats_ptr, V, row_stride, nchunks, t_stat, inv_t,
                    ARGMAX: tl.constexpr, HAS_T: tl.constexpr, HAS_M: tl.constexpr, NCP: tl.constexpr,
                    CHUNK: tl.constexpr, STATS: tl.constexpr, UNIT_T: tl.constexpr):
-    r = tl.program_id(0).to(tl.int64)
+    _select_row(tl.program_id(0).to(tl.int64), logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, pm2, ps,
+                pt, pz, parg, pbad, tok_ptr, prob_ptr, stats_ptr, V, row_stride, nchunks, t_stat, inv_t, ARGMAX,
+                HAS_T, HAS_M, NCP, CHUNK, STATS, UNIT_T, False)
+
+
+@triton.jit
+def _ldp(ptr, mask, other, CG: tl.constexpr):
+    """A load of the chunk partials: ``.cg`` (L2, not L1) when another program of this launch wrote them."""
+    if CG:
+        return tl.load(ptr, mask=mask, other=other, cache_modifier=".cg")
+    return tl.load(ptr, mask=mask, other=other)
+
+
+@triton.jit
+def _select_row(r, logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, pm2, ps, pt, pz, parg, pbad,
+                tok_ptr, prob_ptr, stats_ptr, V, row_stride, nchunks, t_stat, inv_t,
+                ARGMAX: tl.constexpr, HAS_T: tl.constexpr, HAS_M: tl.constexpr, NCP: tl.constexpr,
+                CHUNK: tl.constexpr, STATS: tl.constexpr, UNIT_T: tl.constexpr, CG: tl.constexpr):
+    """Row ``r``'s second pass (see the module docstring): reads the row's chunk partials, writes its
+    token, probability and statistics.  Run by :func:`_select_kernel` (a program per row) or, fused, by
+    the row's last partial program to finish."""
     on = 1
     if HAS_M:
         on = tl.load(mask_ptr + r).to(tl.int32)
     ci = tl.arange(0, NCP)
     cv = ci < nchunks
     base = r * nchunks
-    m1 = tl.load(pm1 + base + ci, mask=cv, other=float("-inf"))
-    s = tl.load(ps + base + ci, mask=cv, other=0.0)
-    bad = tl.max(tl.load(pbad + base + ci, mask=cv, other=0), 0)
+    m1 = _ldp(pm1 + base + ci, cv, float("-inf"), CG)
+    s = _ldp(ps + base + ci, cv, 0.0, CG)
+    bad = tl.max(_ldp(pbad + base + ci, cv, 0, CG), 0)
     tau = tl.full([], float("-inf"), tl.float32)
     if HAS_T:
         tau = tl.load(thr_ptr + r)
@@ -168,9 +201,9 @@ def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, p
     Z = tl.sum(inc, 0)
     top1 = 1.0 / Z
     if STATS:
-        m2 = tl.load(pm2 + base + ci, mask=cv, other=float("-inf"))
-        t = tl.load(pt + base + ci, mask=cv, other=0.0)
-        zc = tl.load(pz + base + ci, mask=cv, other=0.0)
+        m2 = _ldp(pm2 + base + ci, cv, float("-inf"), CG)
+        t = _ldp(pt + base + ci, cv, 0.0, CG)
+        zc = _ldp(pz + base + ci, cv, 0.0, CG)
         # the statistics from the sums split as (count of maxima) + (the rest): see the partial kernel
         Zs = tl.sum(tl.where(s > 0, w * zc, 0.0), 0)
         top1 = 1.0 / Zs
@@ -183,7 +216,7 @@ def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, p
         ent = tl.log(Zs) - tsum / Zs
     invalid = (bad != 0) | (M == float("-inf"))
     if ARGMAX:
-        arg = tl.load(parg + base + ci, mask=cv, other=2 ** 62)
+        arg = _ldp(parg + base + ci, cv, 2 ** 62, CG)
         tok = tl.min(tl.where(m1 == M, arg, 2 ** 62), 0)  # the first argmax
         prob = top1
     else:
@@ -256,13 +289,19 @@ def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, p
 
 
 def sample_categorical_triton(logits, threshold, row_mask, seeds, offsets, temperature, chunk: int = CHUNK,
-                              want_stats: bool = True):
+                              want_stats: bool = True, fused: bool | None = None):
     """Launch the two kernels; arguments and outputs as ``torch.ops.pydiff.sample_categorical``.
 
     ``want_stats=False`` (the tokens + probability path): the partial kernel skips what only the
     statistics need (second maximum and its count, first argmax, the entropy sum), about a third of
     its per-logit instructions; the tokens and probabilities are bit-identical and the statistics
-    come back NaN.  Temperature 0 (argmax) always computes them."""
+    come back NaN.  Temperature 0 (argmax) always computes them.
+
+    ``fused`` (default: ``PYDIFF_SAMPLING_FUSED=1`` in the environment; opt-in until timed on a GPU):
+    one launch, the row's last partial program to finish runs the select (a per-row counter,
+    zeroed per call), reading the chosen chunk back while it is likely still in L2; the same bits."""
+    if fused is None:
+        fused = os.environ.get("PYDIFF_SAMPLING_FUSED", "") == "1"
     want_stats = bool(want_stats) or temperature == 0
     R, V = logits.shape
     dev = logits.device
@@ -291,12 +330,18 @@ def sample_categorical_triton(logits, threshold, row_mask, seeds, offsets, tempe
     thr = threshold.contiguous() if threshold is not None else pm1
     msk = row_mask.contiguous() if row_mask is not None else pbad
     seeds, offsets = seeds.contiguous(), offsets.contiguous()
+    ncp = max(2, triton.next_power_of_2(nchunks))
+    cnt = torch.zeros(R, dtype=torch.int32, device=dev) if fused else pbad
     _partial_kernel[(nchunks * R,)](logits, thr, msk, pm1, pm2, ps, pt, pz, parg, pbad, V, row_stride, nchunks,
-                                  inv_t, HAS_T=threshold is not None, HAS_M=row_mask is not None,
-                                  CHUNK=chunk, STATS=want_stats, UNIT_T=inv_t == 1.0, ARG=temperature == 0)
+                                  inv_t, seeds, offsets, tokens, prob, stats, cnt, t_stat,
+                                  HAS_T=threshold is not None, HAS_M=row_mask is not None,
+                                  CHUNK=chunk, STATS=want_stats, UNIT_T=inv_t == 1.0, ARG=temperature == 0,
+                                  FUSED=bool(fused), NCP=ncp)
+    if fused:
+        return tokens, prob, stats
     _select_kernel[(R,)](logits, thr, msk, seeds, offsets, pm1, pm2, ps, pt, pz, parg, pbad, tokens, prob, stats, V,
                          row_stride, nchunks, t_stat, inv_t, ARGMAX=temperature == 0,
                          HAS_T=threshold is not None, HAS_M=row_mask is not None,
-                         NCP=max(2, triton.next_power_of_2(nchunks)), CHUNK=chunk, STATS=want_stats,
+                         NCP=ncp, CHUNK=chunk, STATS=want_stats,
                          UNIT_T=inv_t == 1.0)
     return tokens, prob, stats
