@@ -227,75 +227,44 @@ void run_case(const Case& c, uint64_t seed) {
                   sc[0], sc[1], sc[2]);
     ok = ok && row_ok;
   }
-  // the tokens + prob path (want_stats = false): the same tokens and probabilities bit for bit, NaN
-  // statistics (temperature 0 computes them regardless)
-  {
-    cuda_emu::Buffer l_tok(size_t(R) * 8, 8), l_prob(size_t(R) * 8, 8), l_st(size_t(R) * 24, 8);
-    l_tok.fill(0xA5);
-    l_prob.fill(0xA5);
-    l_st.fill(0xA5);
+  // Against the run above, bit for bit: the tokens + prob path (want_stats = false: NaN statistics,
+  // except at temperature 0, which computes them regardless), and the fused select
+  // (PYDIFF_SAMPLING_FUSED=1: the row's last partial block picks the token; the counters live in the
+  // poisoned workspace, so a missing reset fails here) with and without the statistics.
+  struct Variant {
+    bool want, fused;
+  };
+  for (const Variant v : {Variant{false, false}, Variant{true, true}, Variant{false, true}}) {
+    cuda_emu::Buffer v_tok(size_t(R) * 8, 8), v_prob(size_t(R) * 8, 8), v_st(size_t(R) * 24, 8);
+    v_tok.fill(0xA5);
+    v_prob.fill(0xA5);
+    v_st.fill(0xA5);
     ws.fill(0xFF);
     SampleArgs b = a;
-    b.want_stats = false;
-    b.tokens = l_tok.as<int64_t>();
-    b.prob = l_prob.as<double>();
-    b.stats = l_st.as<double>();
+    b.want_stats = v.want;
+    b.tokens = v_tok.as<int64_t>();
+    b.prob = v_prob.as<double>();
+    b.stats = v_st.as<double>();
+    if (v.fused) setenv("PYDIFF_SAMPLING_FUSED", "1", 1);
     const int rc2 = pydiff::sample_categorical_cuda(b, ws.data(), nullptr);
-    ++g_checks;
-    bool lean_ok = rc2 == 0 && l_tok.intact() && l_prob.intact() && l_st.intact() && ws.intact();
-    for (int64_t r = 0; r < R && lean_ok; ++r) {
-      const double p1 = d_prob.as<double>()[r], p2 = l_prob.as<double>()[r];
-      const bool same_prob = (p1 != p1 && p2 != p2) || std::memcmp(&p1, &p2, sizeof(double)) == 0;
-      const double* s1 = d_st.as<double>() + 3 * r;
-      const double* s2 = l_st.as<double>() + 3 * r;
-      const bool stats_ok = c.T == 0 ? std::memcmp(s1, s2, 3 * sizeof(double)) == 0
-                                     : (s2[0] != s2[0] && s2[1] != s2[1] && s2[2] != s2[2]);
-      if (l_tok.as<int64_t>()[r] != d_tok.as<int64_t>()[r] || !same_prob || !stats_ok) {
-        std::printf("  want_stats=false row %lld: token %lld vs %lld, prob %.17g vs %.17g, stats (%g %g %g)\n",
-                    (long long)r, (long long)l_tok.as<int64_t>()[r], (long long)d_tok.as<int64_t>()[r], p2, p1,
-                    s2[0], s2[1], s2[2]);
-        lean_ok = false;
-      }
-    }
-    ok = ok && lean_ok;
-  }
-  // the fused select (PYDIFF_SAMPLING_FUSED=1: the row's last partial block picks the token; the
-  // counters live in the poisoned workspace, so a missing reset fails here): the same bits as the
-  // two-kernel path, statistics and the tokens-only path alike
-  for (const bool want : {a.want_stats, false}) {
-    cuda_emu::Buffer f_tok(size_t(R) * 8, 8), f_prob(size_t(R) * 8, 8), f_st(size_t(R) * 24, 8);
-    f_tok.fill(0xA5);
-    f_prob.fill(0xA5);
-    f_st.fill(0xA5);
-    ws.fill(0xFF);
-    SampleArgs b = a;
-    b.want_stats = want;
-    b.tokens = f_tok.as<int64_t>();
-    b.prob = f_prob.as<double>();
-    b.stats = f_st.as<double>();
-    setenv("PYDIFF_SAMPLING_FUSED", "1", 1);
-    const int rc3 = pydiff::sample_categorical_cuda(b, ws.data(), nullptr);
     unsetenv("PYDIFF_SAMPLING_FUSED");
     ++g_checks;
-    bool fused_ok = rc3 == 0 && f_tok.intact() && f_prob.intact() && f_st.intact() && ws.intact();
-    for (int64_t r = 0; r < R && fused_ok; ++r) {
-      const double p1 = d_prob.as<double>()[r], p2 = f_prob.as<double>()[r];
-      const bool same_prob = (p1 != p1 && p2 != p2) || std::memcmp(&p1, &p2, sizeof(double)) == 0;
+    bool v_ok = rc2 == 0 && v_tok.intact() && v_prob.intact() && v_st.intact() && ws.intact();
+    auto same = [](double x, double y) { return (x != x && y != y) || std::memcmp(&x, &y, sizeof(double)) == 0; };
+    for (int64_t r = 0; r < R && v_ok; ++r) {
       const double* s1 = d_st.as<double>() + 3 * r;
-      const double* s2 = f_st.as<double>() + 3 * r;
-      bool same_stats = true;
-      for (int q = 0; q < 3; ++q)
-        same_stats = same_stats && ((want || c.T == 0) ? ((s1[q] != s1[q] && s2[q] != s2[q]) ||
-                                                          std::memcmp(s1 + q, s2 + q, sizeof(double)) == 0)
-                                                       : s2[q] != s2[q]);
-      if (f_tok.as<int64_t>()[r] != d_tok.as<int64_t>()[r] || !same_prob || !same_stats) {
-        std::printf("  fused (want_stats=%d) row %lld: token %lld vs %lld, prob %.17g vs %.17g, stats (%g %g %g)\n",
-                    int(want), (long long)r, (long long)f_tok.as<int64_t>()[r], (long long)d_tok.as<int64_t>()[r], p2,
-                    p1, s2[0], s2[1], s2[2]);
-        fused_ok = false;
+      const double* s2 = v_st.as<double>() + 3 * r;
+      bool stats_ok = true;
+      for (int q = 0; q < 3; ++q) stats_ok = stats_ok && ((v.want || c.T == 0) ? same(s1[q], s2[q]) : s2[q] != s2[q]);
+      const double p1 = d_prob.as<double>()[r], p2 = v_prob.as<double>()[r];
+      if (v_tok.as<int64_t>()[r] != d_tok.as<int64_t>()[r] || !same(p1, p2) || !stats_ok) {
+        std::printf("  want_stats=%d fused=%d row %lld: token %lld vs %lld, prob %.17g vs %.17g, stats (%g %g %g)\n",
+                    int(v.want), int(v.fused), (long long)r, (long long)v_tok.as<int64_t>()[r],
+                    (long long)d_tok.as<int64_t>()[r], p2, p1, s2[0], s2[1], s2[2]);
+        v_ok = false;
       }
     }
-    ok = ok && fused_ok;
+    ok = ok && v_ok;
   }
   if (!ok) {
     ++g_fail;
