@@ -171,6 +171,23 @@ def test_shared_parameters():
     assert len(list(stack.parameters())) == 3 * 8 + 1
 
 
+def test_backward_recomputes_the_blocks_its_forward_ran():
+    """A block of the stack replaced between the forward and the backward (a model surgery, a LoRA
+    swap): the backward recomputes the block the forward ran, as plain autograd backpropagates the
+    graph it recorded, so the gradients are those of the forward's network."""
+    torch.manual_seed(0)
+    blocks = [AdditiveCoupling(resblock(8), resblock(8)) for _ in range(3)]
+    stack = ReversibleSequential(blocks, state_dtype=torch.float64)
+    x = torch.randn(2, 16, 8, 8)
+    want = torch.autograd.grad(stack(x.clone().requires_grad_()).square().sum(), list(stack.parameters()))
+    xr = x.clone().requires_grad_()
+    y = stack(xr)
+    params = list(stack.parameters())
+    stack.blocks[1] = AdditiveCoupling(resblock(8), resblock(8))  # after the forward
+    got = torch.autograd.grad(y.square().sum(), params)
+    assert max(rel_norm(a, b) for a, b in zip(got, want)) <= 1e-10
+
+
 def test_dropout_rng_replayed_and_restored():
     """Dropout draws the same masks in the recompute (RNG state recorded per F/G call); the backward
     leaves the global RNG state as it found it."""

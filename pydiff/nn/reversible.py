@@ -395,7 +395,7 @@ class _GradAcc:
 
     def __init__(self, params: Sequence[torch.Tensor], cond_leaves: Sequence[torch.Tensor]):
         self.params = list(params)
-        self.index = {id(p): i for i, p in enumerate(self.params)}
+        self.index = None  # id -> position, built on the first call that names its parameters
         self.pgrads: list = [None] * len(self.params)
         self.cond_leaves = [c for c in cond_leaves if c.requires_grad]
         self.cgrads: list = [None] * len(self.cond_leaves)
@@ -412,6 +412,8 @@ class _GradAcc:
         if params is None:
             plist, pidx = self.params, range(len(self.params))
         else:
+            if self.index is None:
+                self.index = {id(p): i for i, p in enumerate(self.params)}
             seen, plist, pidx = set(), [], []
             for p in params:
                 i = self.index.get(id(p))
@@ -633,7 +635,7 @@ class _Chain:
     when the next node receives them, it updates them in place."""
 
     __slots__ = ("stack", "cond", "slots", "dtype", "codec", "det", "tape", "autocast", "replay", "state",
-                 "grads", "wrap", "locs")
+                 "grads", "wrap", "locs", "blocks")
 
     def __init__(self, stack, cond, x: torch.Tensor):
         self.stack = stack
@@ -650,6 +652,9 @@ class _Chain:
         # carries gradients only for floating-point tensors); the gradients are float64
         self.wrap = self.codec.name == "fixed"
         self.locs = ()  # per block, where its parameters were found (set by the forward)
+        # the blocks this call runs (the backward recomputes the same modules, even if the stack's
+        # list is changed in between; a ModuleList lookup per node also costs more than this)
+        self.blocks = list(stack.blocks)
 
     def fill(self, tensors) -> tuple:
         cond = list(self.cond)
@@ -734,7 +739,7 @@ class _Block(torch.autograd.Function):
         ctx.save_for_backward(*tensors[:n_cond])
         ctx.params = tensors[n_cond:]
         ctx.versions = [p._version for p in ctx.params]
-        blk = chain.stack.blocks[k]
+        blk = chain.blocks[k]
         cond = chain.fill(tensors[:n_cond])
         with _deterministic_scope(s1.device, chain.det):
             y1, y2 = blk.forward_state(chain.inn(s1), chain.inn(s2), cond, chain.codec, chain.dtype,
@@ -748,7 +753,7 @@ class _Block(torch.autograd.Function):
         if chain.state is None:
             raise RuntimeError("ReversibleSequential: a block's backward ran before the stack's output node's "
                                "(backpropagate from the stack's output)")
-        blk = chain.stack.blocks[k]
+        blk = chain.blocks[k]
         _check_params_unchanged(k, ctx.params, ctx.versions, chain.locs[k])
         st, chain.state = chain.state, None
         o1, o2 = st.pop()
