@@ -800,7 +800,9 @@ class ReversibleSequential(nn.Module):
 
     With autograd on and ``reversible=True`` the forward runs without building a graph and saves
     only the final state (``[B, 2C, ...]`` in the state dtype); the backward rebuilds each block's
-    input from its output and recomputes F and G one block at a time.  Gradients equal plain
+    input from its output and recomputes F and G one block at a time (the blocks that forward ran,
+    even if ``blocks`` is changed before the backward; their parameters must not be replaced or
+    changed in place in between, which raises).  Gradients equal plain
     autograd's (tested: <= 1e-5 relative in fp32 with ``state_dtype=torch.float64`` or fixed point,
     <= 1e-10 in float64); ``reversible=False`` runs the same arithmetic with plain autograd.
 
