@@ -20,8 +20,9 @@
 // max + log p), NaN tau; row masks; all -inf rows, NaN / +inf logits, large-magnitude logits,
 // ties, a single kept token; row strides > V; negative seeds / offsets. Outputs are poisoned;
 // every buffer, the workspace included (exactly sample_categorical_cuda_workspace bytes), sits
-// against a guard page with canaries (cuda_emu::Buffer). Not here (too slow on the emulator):
-// R > 65535, the host code's 65535-row slices (checked once with R = 65537: 8 s, passed).
+// against a guard page with canaries (cuda_emu::Buffer). Not in the default run (too slow on the
+// emulator): R > 65535, the host code's 65535-row slices; CUDA_EMU_BIG_ROWS=1 adds that case (R =
+// 65537, all four runs incl. the fused select's per-slice counters; ~30 s).
 #include "emu.h"
 
 // The kernels' static `__shared__` arrays: one copy per emulator worker OS thread, i.e. one per
@@ -370,6 +371,7 @@ int main() {
       // special rows without a threshold (the partial kernel then finds NaN through its sums)
       run_case({dt, R, V, 0, T, false, false, 3.0, true}, seed++);
     }
+  if (std::getenv("CUDA_EMU_BIG_ROWS")) run_case({DType::kBF16, 65537, 7, 2, 1.0, true, true, 3.0, true}, seed++);
   // temperatures x thresholds / masks / specials on a few sizes
   for (const double T : temps)
     for (const DType dt : dts) {
