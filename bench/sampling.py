@@ -88,18 +88,12 @@ def rows(device: torch.device, shapes=None, dtype=None, bw=None, compile_baselin
         for b in pydiff.available_backends(device):
             if b == "torch" or (b == "triton" and device.type == "cpu"):
                 continue  # the reference and the interpreter are correctness tools
-            impls[f"pydiff[{b}]"] = (lambda b=b: sample_categorical(logits, seed=1, return_probs=True,
-                                                                     on_invalid="flag", backend=b))
-        if device.type == "cuda" and "cuda" in pydiff.available_backends(device):
-            # the select fused into the partial kernel's last block per row (PYDIFF_SAMPLING_FUSED=1,
-            # read on every call; opt-in until timed)
-            impls["pydiff[cuda], fused select"] = lambda: _with_env(
-                "PYDIFF_SAMPLING_FUSED", "1", lambda: sample_categorical(logits, seed=1, return_probs=True,
-                                                                         on_invalid="flag", backend="cuda"))
-        if device.type == "cuda" and "triton" in pydiff.available_backends(device):
-            impls["pydiff[triton], fused select"] = lambda: _with_env(
-                "PYDIFF_SAMPLING_FUSED", "1", lambda: sample_categorical(logits, seed=1, return_probs=True,
-                                                                         on_invalid="flag", backend="triton"))
+            run = (lambda b=b: sample_categorical(logits, seed=1, return_probs=True, on_invalid="flag", backend=b))
+            impls[f"pydiff[{b}]"] = run
+            if device.type == "cuda":
+                # the select fused into the partial kernel's last block per row (PYDIFF_SAMPLING_FUSED=1,
+                # read on every call; opt-in until timed)
+                impls[f"pydiff[{b}], fused select"] = lambda run=run: _with_env("PYDIFF_SAMPLING_FUSED", "1", run)
         impls["LLaDA float64 Gumbel"] = lambda: llada_float64(logits)
         impls["fp32 Gumbel-max (eager)"] = lambda: gumbel_fp32(logits)
         impls["torch.multinomial"] = lambda: multinomial(logits)

@@ -74,23 +74,38 @@ def test_gpu_rows_times_vocab_beyond_int32():
     del logits
 
 
+def _ops():
+    """The compiled GPU ops taking ``(logits, threshold, row_mask, seeds, offsets, T, want_stats)``."""
+    from pydiff.ops.sampling import _triton_impl
+
+    ops = {"cuda": torch.ops.pydiff.sample_categorical, "triton": _triton_impl}
+    return {b: f for b, f in ops.items() if b in pydiff.available_backends(GPU)}
+
+
+def _special_rows(R, V, dtype, g):
+    """``(x, seeds, offsets, tau, mask)``: random logits in ``dtype`` with (when R > 4) a NaN in row 3
+    and row 4 all -inf, per-row seeds and offsets, a threshold 2 below each row's max and a row mask."""
+    x = (torch.randn(R, V, device=GPU, generator=g) * 3).to(dtype)
+    if R > 4:
+        x[3, 0] = float("nan")
+        x[4] = float("-inf")
+    s = torch.randint(-2 ** 62, 2 ** 62, (R,), device=GPU, generator=g)
+    o = torch.arange(R, device=GPU)
+    tau = (x.float().amax(1) - 2.0).contiguous()
+    mask = torch.arange(R, device=GPU) % 5 != 2
+    return x, s, o, tau, mask
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_tokens_and_probs_without_statistics_are_bit_identical(dtype):
     """``want_stats=False`` (what ``sample_categorical`` passes unless confidences are asked for):
     the CUDA and Triton kernels skip the per-logit statistics work and give the same tokens and
     probabilities bit for bit, NaN statistics; temperature 0 computes them regardless."""
     g = torch.Generator(device=GPU).manual_seed(4)
-    x = (torch.randn(37, 12289, device=GPU, generator=g) * 3).to(dtype)
-    x[3, 5] = float("nan")
-    x[4] = float("-inf")
+    x, _, o, tau, mask = _special_rows(37, 12289, dtype, g)
     s = torch.arange(37, device=GPU) * 11 + 1
-    o = torch.arange(37, device=GPU)
-    tau = (x.float().amax(1) - 2.0).contiguous()
-    mask = torch.arange(37, device=GPU) % 5 != 2
-    from pydiff.ops.sampling import _triton_impl
-
-    ops = {"cuda": torch.ops.pydiff.sample_categorical, "triton": _triton_impl}
-    for b in [b for b in ops if b in pydiff.available_backends(GPU)]:
+    ops = _ops()
+    for b in ops:
         for T in (1.0, 0.3, 0.0):
             for thr, rm in ((None, None), (tau, mask)):
                 full = ops[b](x, thr, rm, s, o, T, True)
@@ -106,28 +121,19 @@ def test_gpu_tokens_and_probs_without_statistics_are_bit_identical(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_fused_select_is_bit_identical(dtype, monkeypatch):
     """PYDIFF_SAMPLING_FUSED=1 (CUDA and Triton): the row's last partial block to finish picks the
-    token (threadfence reduction over a per-row counter) instead of a second kernel; the same bits for every row, with
-    thresholds, row masks, NaN and all -inf rows, at several temperatures, the statistics and the
-    tokens-only kernels, and on a large batch where many rows finish at once (the memory ordering
-    between the blocks' partials and the count is what this checks; the CPU emulator cannot)."""
-    from pydiff.ops.sampling import _triton_impl
-
-    ops = {"cuda": torch.ops.pydiff.sample_categorical, "triton": _triton_impl}
+    token (threadfence reduction over a per-row counter) instead of a second kernel; the same bits
+    for every row, with thresholds, row masks, NaN and all -inf rows, at several temperatures, the
+    statistics and the tokens-only kernels, and on a large batch where many rows finish at once (the
+    memory ordering between the blocks' partials and the count is what this checks; the CPU
+    emulator cannot)."""
+    ops = _ops()
     g = torch.Generator(device=GPU).manual_seed(5)
-    cases = [(37, 12289), (3, 1), (5, 4097), (2048, 126464)]
-    for R, V in cases:
-        x = (torch.randn(R, V, device=GPU, generator=g) * 3).to(dtype)
-        if R > 4:
-            x[3, 0] = float("nan")
-            x[4] = float("-inf")
-        s = torch.randint(-2 ** 62, 2 ** 62, (R,), device=GPU, generator=g)
-        o = torch.arange(R, device=GPU)
-        tau = (x.float().amax(1) - 2.0).contiguous()
-        mask = torch.arange(R, device=GPU) % 5 != 2
+    for R, V in [(37, 12289), (3, 1), (5, 4097), (2048, 126464)]:
+        x, s, o, tau, mask = _special_rows(R, V, dtype, g)
         for T in (1.0, 0.3, 0.0):
             for thr, rm in ((None, None), (tau, mask)):
                 for stats in (True, False):
-                    for b in [b for b in ops if b in pydiff.available_backends(GPU)]:
+                    for b in ops:
                         monkeypatch.delenv("PYDIFF_SAMPLING_FUSED", raising=False)
                         two = ops[b](x, thr, rm, s, o, T, stats)
                         monkeypatch.setenv("PYDIFF_SAMPLING_FUSED", "1")

@@ -7,12 +7,13 @@ then bound by its read of the logits, not by arithmetic), summed in fp32 by eigh
 float64.  These sums only choose the chunk (each chunk's probability to ~5e-7 relative, like the
 exponentials themselves); with the statistics (``STATS``) also the second max (with multiplicity),
 the sum of ``e * (l - m_c)/T`` and the sum split as (count of maxima) + (the rest), which the
-entropy needs; at temperature 0 (``ARG``) the first argmax.  Kernel 2, one program per row: combines the chunk partials, draws
-the counter-based float64 uniform, picks the chunk by the cumulative weighted sums and rescans it
-with float64-range exponentials (:func:`_exp_neg`, as the CUDA rescan and the C++ kernel compute
-them) and a float64 prefix sum to pick the token, at the target's share of the rescan's own total:
-within the chunk, token ``i`` is drawn with probability ``e_i / sum(e)`` in float64, tails
-included.  Extra memory: ``rows x chunks`` partials.
+entropy needs; at temperature 0 (``ARG``) the first argmax.  Kernel 2, one program per row
+(:func:`_select_row`; fused, the row's last kernel-1 program runs it instead): combines the chunk
+partials, draws the counter-based float64 uniform, picks the chunk by the cumulative weighted sums
+and rescans it with float64-range exponentials (:func:`_exp_neg`, as the CUDA rescan and the C++
+kernel compute them) and a float64 prefix sum to pick the token, at the target's share of the
+rescan's own total: within the chunk, token ``i`` is drawn with probability ``e_i / sum(e)`` in
+float64, tails included.  Extra memory: ``rows x chunks`` partials.
 """
 from __future__ import annotations
 

@@ -135,12 +135,12 @@ __device__ __forceinline__ void exp_sums(const float (&v)[kPerThread], float m1,
   }
 }
 
-// STATS = false (tokens + prob, temperature > 0): per logit only the max, the NaN/+inf flag and the
-// sum; the second max and the entropy and split sums (statistics only) are skipped. ARG (temperature
-// 0 only): the first argmax. HAS_T = false (no threshold): every logit is kept, no per-logit comparison.
 template <typename T>
 __device__ void select_row(const SampleArgs& a, const Partial* __restrict__ part, int nchunks, int64_t row, int lane);
 
+// STATS = false (tokens + prob, temperature > 0): per logit only the max, the NaN/+inf flag and the
+// sum; the second max and the entropy and split sums (statistics only) are skipped. ARG (temperature
+// 0 only): the first argmax. HAS_T = false (no threshold): every logit is kept, no per-logit comparison.
 // counters (fused select, else nullptr): one int per row, zero on entry; the row's last block to
 // finish (threadfence reduction: each block's partial is made visible device-wide before it counts
 // itself) then runs select_row with its first warp, so the chosen chunk is read back while it is
@@ -506,7 +506,7 @@ __global__ void select_kernel(SampleArgs a, const Partial* __restrict__ part, in
 // read on every call, until it is timed on a GPU.
 bool fused_select() {
   const char* e = getenv("PYDIFF_SAMPLING_FUSED");
-  return e && e[0] == '1';
+  return e && e[0] == '1' && e[1] == '\0';  // exactly "1", as the Triton launcher reads it
 }
 
 template <typename T>
