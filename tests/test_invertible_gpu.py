@@ -177,9 +177,20 @@ def _stack(c, n, state_dtype, seed=0):
 def test_gpu_reversible_stack_gradients_and_peak_memory(state_dtype):
     """On CUDA: the per-block backward's gradients equal plain autograd's (float64 state: <= 1e-5
     relative), and the allocator's peak over forward + backward stays within the op-by-op model
-    (meta device) plus 25 % and far below plain autograd's."""
+    (meta device) plus 25 % and far below plain autograd's. TF32 convolutions are switched off
+    here: cuDNN's TF32 rounding (2^-11) of the branch inputs, which differ in their last fp32 bit
+    between the float64-state and the plain path, gave 4e-4 relative on an H200 (2026-11-27)."""
     from pydiff.testing.memory import peak_bytes
 
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        _stack_gradients_and_peak_memory(state_dtype, peak_bytes)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _stack_gradients_and_peak_memory(state_dtype, peak_bytes):
     stack = _stack(32, 8, state_dtype)
     x = _rand((2, 64, 32, 32), torch.float32, 21).requires_grad_()
     w = _rand((2, 64, 32, 32), torch.float32, 22)
