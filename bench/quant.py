@@ -113,12 +113,14 @@ def gemm_rows(device, shapes):
                 # the same Triton kernel on the fp16 / fp8 tensor cores (i4dot; see triton_kernels/quant.py)
                 from pydiff.triton_kernels.quant import quant_gemm_triton
 
-                # (the default Hopper tile, 64x256 with 8 warps at ~200 registers a thread, fits one CTA per
-                # SM, whose two warpgroups meet at a barrier every group: their MMAs and folds run in
-                # step; 64x128 with 4 warps fits two independent CTAs per SM, so one's fold can run
-                # under the other's MMA)
-                two = dict(BM=64, BN=128, num_warps=4, num_stages=3)
-                for mode, name, tile in ((1, "fp16", {}), (2, "fp8 e4m3", {}), (3, "fp8 e4m3, SWAR-unpacked codes", {}),
+                # (64x256 with 8 warps at ~200 registers a thread, the Hopper tile before 2026-11-27, fits
+                # one CTA per SM, whose two warpgroups meet at a barrier every group: their MMAs and folds
+                # run in step; 64x128 with 4 warps, the Hopper default since, fits two independent CTAs
+                # per SM, so one's fold can run under the other's MMA.  The plain "(triton)" row above
+                # is the default: i4dot 3 at 64x128 on Hopper)
+                one, two = dict(BM=64, BN=256, num_warps=8, num_stages=3), dict(BM=64, BN=128, num_warps=4, num_stages=3)
+                for mode, name, tile in ((1, "fp16, 64x256 tiles", one), (2, "fp8 e4m3, 64x256 tiles", one),
+                                         (3, "fp8 e4m3, SWAR, 64x256 tiles", one),
                                          (2, "fp8 e4m3, 64x128 tiles, 2 CTAs/SM", two),
                                          (3, "fp8 e4m3, SWAR, 64x128 tiles, 2 CTAs/SM", two)):
                     _timed_row(rows, device, shape, f"pydiff {fmt} g{g} (triton, {name} tensor cores)", flops, t_bf16,

@@ -66,8 +66,7 @@ def targets(rows):
     gemm = [r for r in rows if r.get("part") == "quant" and r.get("sub") == "gemm"]
     for shape in dict.fromkeys(r["shape"] for r in gemm):
         fp8 = _find(gemm, shape=shape, impl="torch._scaled_mm fp8")
-        for b in ("cuda", "cuda, wgmma f16 tensor cores", "triton", "triton, fp16 tensor cores",
-                  "triton, fp8 e4m3 tensor cores"):
+        for b in ("cuda", "cuda, wgmma f16 tensor cores", "triton"):  # (triton: the default tile and tensor cores)
             r = _find(gemm, shape=shape, impl=f"pydiff int4 g64 ({b})")
             v = r[0]["time_us"] / fp8[0]["time_us"] if r and fp8 else None
             lines.append(_line(5, f"W4A4 GEMM {shape} ({b[:17]}) time / cuBLAS fp8",

@@ -285,14 +285,17 @@ def test_gpu_quant_gemm_adversarial_extremes(backend, case):
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton backend on this GPU")
-@pytest.mark.parametrize("i4dot", (1, 2, 3))
-def test_gpu_int4_on_f16_and_e4m3_tensor_cores_bit_equal(i4dot):
+@pytest.mark.parametrize("i4dot,tile", [(1, ""), (2, ""), (3, ""), (3, "64x128")])
+def test_gpu_int4_on_f16_and_e4m3_tensor_cores_bit_equal(i4dot, tile):
     """The Triton int4 GEMM on the f16 (1) or e4m3 (2, sm_89+) tensor cores gives the int8 path's
     output bit for bit at GPU tile shapes (random operands with bias and low-rank terms, and the
     fused quant_gemm_quant; groups of 64 and of 128, the widest the e4m3 path takes: Hopper's fp8
     accumulator keeps ~14 bits, and |D| <= 2^13 there), and the exact result for all -8 x -8 at
-    K = 16384 (groups of 64, 128 and 4096, where the e4m3 request falls back to fp16)."""
+    K = 16384 (groups of 64, 128 and 4096, where the e4m3 request falls back to fp16).  ``tile``
+    "64x128": the 4-warp 64x128 tile that fits two CTAs per SM (a bench row and tune candidate)."""
     from pydiff.triton_kernels import quant as tq
+
+    cfg = {"i4dot": i4dot, **(dict(BM=64, BN=128, num_warps=4, num_stages=3) if tile else {})}
 
     M, N, K, R = 257, 384, 3072, 32
     b, la, lu = _rand((N,), torch.bfloat16, 3), _rand((M, R), torch.float32, 4), _rand((R, N), torch.bfloat16, 5)
@@ -301,18 +304,18 @@ def test_gpu_int4_on_f16_and_e4m3_tensor_cores_bit_equal(i4dot):
         qw, sw, _ = quantize(_rand((N, K), torch.bfloat16, 2), "int4", G, backend="triton")
         for od in (torch.float32, torch.bfloat16):
             ref = tq.quant_gemm_triton(qa, sa, qw, sw, b, la, lu, "int4", G, od, _config={"i4dot": 0})
-            out = tq.quant_gemm_triton(qa, sa, qw, sw, b, la, lu, "int4", G, od, _config={"i4dot": i4dot})
+            out = tq.quant_gemm_triton(qa, sa, qw, sw, b, la, lu, "int4", G, od, _config=cfg)
             assert torch.equal(out, ref), (G, od, (out.float() - ref.float()).abs().max().item())
         args = (qa, sa, qw, sw, b, la, lu, None, None, "int4", G, "gelu_tanh", "int4", 64)
         ref = tq.quant_gemm_quant_triton(*args, _config={"i4dot": 0})
-        out = tq.quant_gemm_quant_triton(*args, _config={"i4dot": i4dot})
+        out = tq.quant_gemm_quant_triton(*args, _config=cfg)
         assert all(torch.equal(x, y) for x, y in zip(out, ref)), G
     K = 16384
     q = _filled("int4", -8, 129, K)
     for G in (64, 128, 4096):
         ones = torch.ones(129, K // G, device=GPU)
         out = tq.quant_gemm_triton(q, ones, q[:67], ones[:67], None, None, None, "int4", G, torch.float32,
-                                   _config={"i4dot": i4dot})
+                                   _config=cfg)
         assert (out == 64.0 * K).all(), (G, out.flatten()[:4].tolist())
 
 

@@ -497,10 +497,11 @@ cases = {
     "gemm_int4_sm90": ((9, 0), lambda: gemm("int4", (9, 0), {"i4dot": 0})),
     "gemm_fp8_sm89": ((8, 9), lambda: gemm("fp8", (8, 9))),
     "gemm_int8_sm80": ((8, 0), lambda: gemm("int8", (8, 0))),
-    "gemm_int4_e4m3_sm90": ((9, 0), lambda: gemm("int4", (9, 0))),  # the sm_90 default
-    "gemm_int4_e4m3_swar_sm90": ((9, 0), lambda: gemm("int4", (9, 0), {"i4dot": 3})),
-    "gemm_int4_e4m3_swar_2cta_sm90": ((9, 0), lambda: gemm("int4", (9, 0), {"i4dot": 3, "BM": 64, "BN": 128,
-                                                                                 "num_warps": 4, "num_stages": 3})),
+    "gemm_int4_e4m3_sm90": ((9, 0), lambda: gemm("int4", (9, 0), {"i4dot": 2, "BM": 64, "BN": 256,
+                                                                       "num_warps": 8})),  # the default before
+    "gemm_int4_e4m3_swar_sm90": ((9, 0), lambda: gemm("int4", (9, 0), {"i4dot": 3, "BM": 64, "BN": 256,
+                                                                            "num_warps": 8})),
+    "gemm_int4_e4m3_swar_2cta_sm90": ((9, 0), lambda: gemm("int4", (9, 0))),  # the sm_90 default: SWAR, 64x128
     "gemm_int4_f16_sm80": ((8, 0), lambda: gemm("int4", (8, 0), {"i4dot": 1})),
     "gemm_int4_fast_sm90": ((9, 0), lambda: gemm("int4", (9, 0), {"fast": True})),
     "gemm_int4_fast_bk128_sm90": ((9, 0), lambda: gemm("int4", (9, 0), {"fast": True, "BK": 128, "BM": 64,

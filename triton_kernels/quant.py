@@ -747,13 +747,18 @@ def _gemm_config(M: int, N: int, K: int, G: int, R: int, fmt: str, cap, fast: bo
         BM, BN, warps = 32, 64, 4
     elif M <= 64:
         BM, BN, warps = 64, 128, 4
-    elif fmt == "int4" and _nv(cap, (9, 0)) and N > 128:
-        BM, BN, warps = 64, 256, 8  # 128x128 spills on sm_90 with the int4 unpacking in registers
+    elif fmt == "int4" and _nv(cap, (9, 0)):
+        # 4 warps, ~210 registers a thread: two CTAs per SM, so one's per-group fold runs under the
+        # other's MMAs (one 64x256 CTA of 8 warps ran both warpgroups in step); 128x128 spills here
+        BM, BN, warps = 64, 128, 4
     else:
         BM, BN, warps = 128, 128, 8
-    # int4 on Hopper: the e4m3 tensor cores (i4dot 2) ran 1.15-1.22x faster than int8 (i4dot 0) at
-    # M = 4096, K, N in {3072, 12288} on an H100 (bench/tune_quant.py), same outputs bit for bit
-    i4dot = 2 if fmt == "int4" and _nv(cap, (9, 0)) else 0
+    # int4 on Hopper: the e4m3 tensor cores.  H200, 2026-11-27, M = 4096, (K, N) in {(3072, 3072),
+    # (3072, 12288), (12288, 3072)}, groups of 64 (bench/quant.py): i4dot 2 at 64x256 / 8 warps
+    # (the default before) 454-1742 us; i4dot 3 (SWAR codes) at 64x128 / 4 warps 278-1125 us, 1.55-1.64x
+    # faster, bit for bit equal to i4dot 0 on that GPU (tests/test_quant_gpu.py).  The 16- and 32-row
+    # tiles keep i4dot 2 (i4dot 3 was not run on a GPU at those tiles).
+    i4dot = (3 if BM == 64 else 2) if fmt == "int4" and _nv(cap, (9, 0)) else 0
     cfg = dict(BM=BM, BN=BN, BK=BK, BR=16, GROUP_M=8, num_warps=warps, num_stages=3, i4dot=i4dot)
     if fast and M > 64:
         cfg.update(FAST_TILE)
@@ -770,9 +775,9 @@ def _i4dot(cfg, fmt: str, G: int, interp: bool, cap) -> int:
     e4m3 codes of ``v * 2^-9`` built eight nibbles at a time by inline PTX (:data:`I4_E4M3_PTX`,
     ~1.75 integer instructions per value instead of ~5 and no interleave), the even and odd
     channels dotted apart; it relies on the tensor cores taking e4m3 subnormals exactly (a GPU test
-    checks it bit for bit against mode 0), and is opt-in until timed.  All give bit-identical
-    outputs (exact group sums, same epilogue).  Default: 2 on sm_90 (measured faster there, see
-    ``_gemm_config``), 0 elsewhere."""
+    checks it bit for bit against mode 0; passed on an H200).  All give bit-identical outputs
+    (exact group sums, same epilogue).  Default: 3 on sm_90 for 64-row tiles, 2 for the smaller
+    ones (measured faster there, see ``_gemm_config``), 0 elsewhere (Ada's fp8 path: not timed)."""
     mode = int(cfg.get("i4dot", 0)) if fmt == "int4" else 0
     if mode in (2, 3) and G > 128:
         return 1  # Hopper's fp8 MMA accumulates with ~14 bits: group sums of up to 128 int4 products
