@@ -147,27 +147,14 @@ def check_special_groups(q, s, qr, fmt, backend):
         assert q[0, 0].item() == ((-7) & 0xF) | ((0 & 0xF) << 4)  # -7 (amax), rint(0.5) = 0
 
 
-def check_lora_act2(la2, ref, qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, G, epilogue, what,
-                    mma_rel=0.0):
-    """``lora_act2 = y_s @ lora_down`` of quant_gemm_quant (``la2``, a backend's fp32 ``[M, R2]``)
-    against the reference's ``ref``, within a bound derived from fp32 rounding, elementwise:
-
-    * ``y_s`` itself: the kernels' fp32 GEMM epilogue is within ``2 (Gn + R + 2) 2^-24 mag`` of the
-      exact value (``mag``: :func:`gemm_magnitude`; plus ``mma_rel mag``), plus its own rounding; the GELU (slope below
-      1.2) adds 8 ulps of its result; ``/ smooth`` divides the error and adds an ulp.  That error
-      ``dy`` enters the sum as ``|dy| @ |lora_down|``;
-    * the N-term fp32 sum (any order, atomics included; tf32x3 dots on GPUs): ``(N + 4) 2^-24
-      |y_s| @ |lora_down|``, plus the final rounding ``2^-24 |ref|``.
-    """
+def y_and_error_bound(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, G, epilogue, mma_rel=0.0):
+    """quant_gemm_quant's unquantized output ``y_s`` (after the epilogue and ``/ smooth``; float64
+    ``[M, N]``) and a bound ``dy`` on a kernel's error in it, elementwise: the kernels' fp32 GEMM
+    epilogue is within ``2 (Gn + R + 2) 2^-24 mag`` of the exact value (``mag``:
+    :func:`gemm_magnitude`; plus ``mma_rel mag`` on Hopper's fp8 MMA), plus its own rounding; the
+    GELU (slope below 1.2) adds 8 ulps of its result; ``/ smooth`` divides the error and adds an ulp."""
     from pydiff.reference.quant import gelu_tanh, quant_gemm_ref
 
-    M, N = qa.shape[0], qw.shape[0]
-    R2 = 0 if lora_down is None else lora_down.shape[1]
-    assert la2.dtype == torch.float32 and tuple(la2.shape) == (M, R2), f"{what}: lora_act2 {la2.dtype} {tuple(la2.shape)}"
-    assert tuple(ref.shape) == (M, R2)
-    if R2 == 0:
-        return
-    assert torch.isfinite(la2).all(), f"{what}: lora_act2 not written or not finite"
     u = 2.0**-24
     K = q_values(qa, fmt).shape[1]
     R = 0 if lora_act is None else lora_act.shape[1]
@@ -181,6 +168,53 @@ def check_lora_act2(la2, ref, qa, sa, qw, sw, bias, lora_act, lora_up, smooth, l
         s = smooth.double()[None, :]
         y = y / s
         dy = dy / s.abs() + u * y.abs()
+    return y, dy
+
+
+def code_step(q, fmt):
+    """The quantization step at each stored value of q, float64 (int formats 1; e4m3: 2^(e - 3) for
+    |v| in [2^e, 2^(e+1)), e >= -6, and 2^-9 among the subnormals)."""
+    v = q_values(q, fmt)
+    if fmt != "fp8":
+        return torch.ones_like(v)
+    e = torch.floor(torch.log2(v.abs().clamp_min(2.0**-6)))
+    return torch.exp2(e - 3)
+
+
+def check_q_within(q, s, qr, sr, dy, fmt, G2, what):
+    """Quantized outputs ``(q, s)`` against the reference's ``(qr, sr)`` where ``y`` may carry an error
+    up to ``dy`` (:func:`y_and_error_bound`): each rounds its own y to the nearest step, so
+    ``|q s - qr sr| <= dy + (half a step of each, at its scale)``, elementwise.  This is the check
+    where a ``dy`` of fp8 MMA size makes small values many e4m3 steps apart (near zero a step is
+    2^-9 of the group's scale, but dy scales with the whole sum's magnitude)."""
+    sx, srx = s.double().repeat_interleave(G2, 1), sr.double().repeat_interleave(G2, 1)
+    v, vr = q_values(q, fmt) * sx, q_values(qr, fmt) * srx
+    bound = dy + 0.5 * (code_step(q, fmt) * sx + code_step(qr, fmt) * srx)
+    err = (v - vr).abs()
+    worst = (err / (bound * (1 + 1e-6) + 1e-30)).max().item() if err.numel() else 0.0
+    assert worst <= 1.0, f"{what}: dequantized q differs by up to {worst:.3g} x its bound"
+    return worst
+
+
+def check_lora_act2(la2, ref, qa, sa, qw, sw, bias, lora_act, lora_up, smooth, lora_down, fmt, G, epilogue, what,
+                    mma_rel=0.0):
+    """``lora_act2 = y_s @ lora_down`` of quant_gemm_quant (``la2``, a backend's fp32 ``[M, R2]``)
+    against the reference's ``ref``, within a bound derived from fp32 rounding, elementwise:
+
+    * ``y_s`` itself: within ``dy`` of :func:`y_and_error_bound`. That error enters the sum as
+      ``|dy| @ |lora_down|``;
+    * the N-term fp32 sum (any order, atomics included; tf32x3 dots on GPUs): ``(N + 4) 2^-24
+      |y_s| @ |lora_down|``, plus the final rounding ``2^-24 |ref|``.
+    """
+    M, N = qa.shape[0], qw.shape[0]
+    R2 = 0 if lora_down is None else lora_down.shape[1]
+    assert la2.dtype == torch.float32 and tuple(la2.shape) == (M, R2), f"{what}: lora_act2 {la2.dtype} {tuple(la2.shape)}"
+    assert tuple(ref.shape) == (M, R2)
+    if R2 == 0:
+        return
+    assert torch.isfinite(la2).all(), f"{what}: lora_act2 not written or not finite"
+    u = 2.0**-24
+    y, dy = y_and_error_bound(qa, sa, qw, sw, bias, lora_act, lora_up, smooth, fmt, G, epilogue, mma_rel)
     ld = lora_down.double().abs()
     bound = dy @ ld + (N + 4) * u * (y.abs() @ ld) + u * ref.double().abs() + 1e-30
     err = (la2.double() - ref.double()).abs()
