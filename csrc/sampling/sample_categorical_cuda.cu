@@ -36,12 +36,19 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kPerThread = 32;
 constexpr int kChunk = kThreads * kPerThread;  // 4096 logits per block
+// A chunk's segments: a thread's sums of eight (v[8g .. 8g + 7]) all lie in segment g, in both load
+// paths (16-byte loads: load q of thread t holds elements (q * kThreads + t) * kVec + e; one element
+// per load: element j at j * kThreads + t), so the per-segment sums cost one extra reduction.
+constexpr int kSeg = kPerThread / 8;      // 4 segments
+constexpr int kSegLen = kChunk / kSeg;    // of 1024 logits
 
 struct Partial {
-  double s, t, z;   // sum e, sum e * x (relative to the chunk max), (count of maxima) + (sum of the other e)
-  float m1, m2;     // chunk max and second max (with multiplicity), kept tokens only
-  int64_t arg;      // first index of m1 in the row (-1 if none kept)
-  int bad, pad;     // NaN / +inf seen
+  double s, t, z;     // sum e, sum e * x (relative to the chunk max), (count of maxima) + (sum of the other e)
+  double seg[kSeg];   // s by segment (s = ((seg[0] + seg[1]) + seg[2]) + seg[3])
+  float m1, m2;       // chunk max and second max (with multiplicity), kept tokens only
+  int64_t arg;        // first index of m1 in the row (-1 if none kept)
+  int bad;            // NaN / +inf seen
+  int flushed;        // bit g: segment g holds a kept token but its fp32 exponentials all flushed to 0
 };
 
 __device__ __forceinline__ double exp_neg(float x) {
@@ -89,6 +96,20 @@ __device__ __forceinline__ double warp_sum(double v) {
   return v;
 }
 
+// The warp sums of four values a thread (a segment each), in 6 double shuffles instead of 4 x 5: the
+// first two levels exchange half the values, so that lane 8g ends with segment g's sum (lanes 8g ..
+// 8g + 7 with the same; a fixed order, so deterministic).
+__device__ __forceinline__ double warp_sum4(const double (&a)[4], int lane) {
+  const bool h16 = (lane & 16) != 0, h8 = (lane & 8) != 0;
+  double k0 = h16 ? a[2] : a[0], k1 = h16 ? a[3] : a[1];  // kept: segments 0, 1 (low half) or 2, 3
+  k0 += __shfl_xor_sync(0xffffffffu, h16 ? a[0] : a[2], 16);
+  k1 += __shfl_xor_sync(0xffffffffu, h16 ? a[1] : a[3], 16);
+  double k = h8 ? k1 : k0;  // segment 2 * h16 + h8
+  k += __shfl_xor_sync(0xffffffffu, h8 ? k0 : k1, 8);
+  for (int o = 4; o > 0; o >>= 1) k += __shfl_xor_sync(0xffffffffu, k, o);
+  return k;
+}
+
 // (m1, m2, arg) pair merge: keep the two largest with multiplicity and the first argmax.
 __device__ __forceinline__ void merge_top2(float& m1, float& m2, int64_t& arg, float o1, float o2, int64_t oarg) {
   if (o1 > m1) {
@@ -104,12 +125,12 @@ __device__ __forceinline__ void merge_top2(float& m1, float& m2, int64_t& arg, f
 }
 
 // A thread's sums over its logits, x = (v - m1) / T (UNIT: T = 1, no multiply: the same x):
-// s += sum e (fp32 sums of eight, then float64). With STATS also t += sum e * x, z += sum of e over
+// sg[g] = sum e over v[8g .. 8g + 7] (an fp32 sum of eight, in float64). With STATS also t += sum e * x, z += sum of e over
 // v < m1 (the others are the maxima, e = 1: counted apart, in nlo, so that Z - 1 keeps its own
 // rounding, which the entropy of a peaked row needs), below = max of v < m1, nlo = count of v < m1.
 template <bool STATS, bool UNIT>
-__device__ __forceinline__ void exp_sums(const float (&v)[kPerThread], float m1, float inv_tf, double& s, double& t,
-                                         double& z, float& below, int& nlo) {
+__device__ __forceinline__ void exp_sums(const float (&v)[kPerThread], float m1, float inv_tf, double (&sg)[kSeg],
+                                         double& t, double& z, float& below, int& nlo) {
   static_assert(kPerThread % 8 == 0, "sums of eight");
 #pragma unroll
   for (int g = 0; g < kPerThread; g += 8) {
@@ -127,7 +148,7 @@ __device__ __forceinline__ void exp_sums(const float (&v)[kPerThread], float m1,
         nlo += lo;
       }
     }
-    s += double(sum8(e));
+    sg[g / 8] = double(sum8(e));
     if (STATS) {
       t += double(sum8(ex));
       z += double(sum8(er));
@@ -161,7 +182,7 @@ __global__ void __launch_bounds__(kThreads, 4) partial_kernel(SampleArgs a, Part
   const float tau = a.threshold ? a.threshold[row] : -INFINITY;
   const int64_t base = int64_t(c) * kChunk;
   float v[kPerThread];
-  float m1 = -INFINITY;
+  float gm[kSeg];  // the maxima of the thread's segments (sums of eight), kept tokens only
   int bad = 0;
   // A full chunk at a 16-byte aligned address: 16-byte loads, lane t of load q holding elements
   // (q * kThreads + t) * kVec .. + kVec - 1 (each load instruction reads one contiguous span of the
@@ -190,14 +211,21 @@ __global__ void __launch_bounds__(kThreads, 4) partial_kernel(SampleArgs a, Part
     }
   }
 #pragma unroll
+  for (int g = 0; g < kSeg; ++g) gm[g] = -INFINITY;
+#pragma unroll
   for (int j = 0; j < kPerThread; ++j) {
     const float x = v[j];  // -inf past the vocabulary
     // NaN / +inf: with a threshold checked here; without one, +inf is the max and NaN makes the sum NaN
     if (HAS_T) bad |= (x != x) | (x == INFINITY);
     const float kv = !HAS_T || x >= tau ? x : -INFINITY;
     v[j] = kv;
-    m1 = fmaxf(m1, kv);
+    gm[j / 8] = fmaxf(gm[j / 8], kv);
   }
+  float m1 = fmaxf(fmaxf(gm[0], gm[1]), fmaxf(gm[2], gm[3]));
+  static_assert(kSeg == 4, "four segments: m1 above, warp_sum4 below");
+  // bits 1-4 of bad: the segments holding a kept token (block-reduced with it)
+#pragma unroll
+  for (int g = 0; g < kSeg; ++g) bad |= int(gm[g] > -INFINITY) << (g + 1);
   // block reduce (m1, bad)
   __shared__ float sm1[kThreads / 32];
   __shared__ int sbad[kThreads / 32];
@@ -214,29 +242,31 @@ __global__ void __launch_bounds__(kThreads, 4) partial_kernel(SampleArgs a, Part
     m1 = fmaxf(m1, sm1[w]);
     bad |= sbad[w];
   }
+  const int kept = bad >> 1;
+  bad &= 1;
   // exponentials relative to the chunk max
   // T above kMaxTemperature samples as kMaxTemperature (1 / T would be 0: -inf * 0 = NaN at a banned token)
   const double inv_t = 1.0 / (a.temperature == 0.0 ? 1.0 : fmin(a.temperature, kMaxTemperature));
   const float inv_tf = fminf(float(inv_t), FLT_MAX);  // T < 1 / FLT_MAX: inf * 0 would give NaN at the max
-  double s = 0, t = 0, z = 0;
+  double sg[kSeg] = {0, 0, 0, 0}, t = 0, z = 0;
   float below = -INFINITY;
   int nlo = 0;
   int64_t arg = -1;
   if (m1 > -INFINITY) {
     if (inv_tf == 1.f)
-      exp_sums<STATS, true>(v, m1, inv_tf, s, t, z, below, nlo);
+      exp_sums<STATS, true>(v, m1, inv_tf, sg, t, z, below, nlo);
     else
-      exp_sums<STATS, false>(v, m1, inv_tf, s, t, z, below, nlo);
+      exp_sums<STATS, false>(v, m1, inv_tf, sg, t, z, below, nlo);
     if (ARG) {
 #pragma unroll
       for (int j = kPerThread - 1; j >= 0; --j) arg = v[j] == m1 ? index(j) : arg;  // the thread's first
     }
   } else if (!HAS_T) {
 #pragma unroll
-    for (int j = 0; j < kPerThread; ++j) s = v[j] != v[j] ? double(NAN) : s;  // only NaN and -inf here
+    for (int j = 0; j < kPerThread; ++j) sg[0] = v[j] != v[j] ? double(NAN) : sg[0];  // only NaN and -inf here
   }
   if (!HAS_T) bad |= m1 == INFINITY;  // (the NaN case: S != S below)
-  s = warp_sum(s);
+  const double s = warp_sum4(sg, lane);  // lane 8g: segment g
   if (STATS) {
     t = warp_sum(t);
     z = warp_sum(z);
@@ -251,18 +281,19 @@ __global__ void __launch_bounds__(kThreads, 4) partial_kernel(SampleArgs a, Part
       arg = oa >= 0 && (arg < 0 || oa < arg) ? oa : arg;
     }
   }
-  __shared__ double ss[kThreads / 32], st[kThreads / 32], sz[kThreads / 32];
+  __shared__ double ss[kThreads / 32][kSeg], st[kThreads / 32], sz[kThreads / 32];
   __shared__ float sb[kThreads / 32];
   __shared__ int sn[kThreads / 32];
   __shared__ int64_t sarg[kThreads / 32];
   __syncthreads();
-  if (lane == 0) { ss[warp] = s; st[warp] = t; sz[warp] = z; sb[warp] = below; sn[warp] = nlo; sarg[warp] = arg; }
+  if (lane % 8 == 0) ss[warp][lane / 8] = s;
+  if (lane == 0) { st[warp] = t; sz[warp] = z; sb[warp] = below; sn[warp] = nlo; sarg[warp] = arg; }
   __syncthreads();
   if (threadIdx.x == 0) {
-    double S = 0, Tt = 0, Zc = 0;
+    double Tt = 0, Zc = 0, seg[kSeg] = {0, 0, 0, 0};
     int nbelow = 0;
     for (int w = 0; w < kThreads / 32; ++w) {
-      S += ss[w];
+      for (int g = 0; g < kSeg; ++g) seg[g] += ss[w][g];
       if (STATS) {
         Tt += st[w];
         Zc += sz[w];
@@ -271,16 +302,22 @@ __global__ void __launch_bounds__(kThreads, 4) partial_kernel(SampleArgs a, Part
       }
       if (ARG && sarg[w] >= 0 && (arg < 0 || sarg[w] < arg)) arg = sarg[w];
     }
+    const double S = ((seg[0] + seg[1]) + seg[2]) + seg[3];
     // the maxima: every logit not below m1 (m1 the max of a NaN-free chunk; a NaN chunk is flagged)
     const int nmax = kChunk - nbelow;
     Partial p;
     p.s = S;
+    int flushed = 0;
+    for (int g = 0; g < kSeg; ++g) {
+      p.seg[g] = seg[g];
+      flushed |= ((kept >> g) & 1) && !(seg[g] > 0.0) ? 1 << g : 0;
+    }
+    p.flushed = flushed;
     p.t = Tt;
     p.z = m1 > -INFINITY ? Zc + double(nmax) : 0.0;
     p.m1 = m1;
     p.m2 = m1 > -INFINITY && nmax > 1 ? m1 : below;  // the second max, with multiplicity
     p.arg = arg;
-    p.pad = 0;
     p.bad = bad | (!HAS_T && S != S);  // without a threshold a NaN logit reaches S (exp2 keeps NaN)
     part[row * nchunks + c] = p;
   }
@@ -393,18 +430,49 @@ __device__ void select_row(const SampleArgs& a, const Partial* __restrict__ part
     c_sel = c_last;
     w_sel = exp((double(P[c_sel].m1) - double(M)) / t_stat);
   }
-  // rescan the chunk
+  // The target's share of the chunk sum s left: the segment holding it, from the segment sums (beyond
+  // the last cumulative one by rounding: the last segment with a kept token). Where a segment holds
+  // kept tokens whose fp32 exponentials all flushed to 0 (a sum of 0 would never be picked), the
+  // whole chunk is rescanned instead, so that every kept token keeps its float64 weight.
+  const Partial& pc = P[c_sel];
+  const double share = (target - acc) / w_sel;  // (unused if beyond)
+  int64_t lo = int64_t(c_sel) * kChunk, end = lo + kChunk;
+  double num = share, den = pc.s;
+  bool past = beyond;
+  if (pc.flushed == 0) {
+    double run = 0;
+    int ks = -1, klast = 0;
+#pragma unroll
+    for (int k = 0; k < kSeg; ++k) {
+      const double sk = pc.seg[k];
+      if (sk > 0) klast = k;
+      if (ks < 0) {
+        if (sk > 0 && run + sk > share)
+          ks = k;
+        else
+          run += sk;
+      }
+    }
+    if (ks < 0) {
+      ks = klast;
+      past = true;
+    }
+    lo += int64_t(ks) * kSegLen;
+    end = lo + kSegLen;
+    num = share - run;
+    den = pc.seg[ks];
+  }
+  // rescan that segment (or chunk)
   const T* lrow = static_cast<const T*>(a.logits) + row * a.row_stride;
   const float tau = a.threshold ? a.threshold[row] : -INFINITY;
-  const float mc = P[c_sel].m1;
+  const float mc = pc.m1;
   const float inv_tf = fminf(float(1.0 / t_stat), FLT_MAX);  // as in partial_kernel
-  const int64_t lo = int64_t(c_sel) * kChunk;
-  const int64_t hi = lo + kChunk < a.vocab ? lo + kChunk : a.vocab;
-  // The chunk's float64 total with the rescan's exponentials (>= 1: its maximum gives e = 1), in steps
-  // of 512 logits (16 coalesced loads in flight per lane: each step waits one DRAM round trip), the
-  // steps' sums kept; the target at the same share of that total as of the partial kernel's
-  // fp32-summed one; then only the step holding it is scanned again (beyond the last cumulative sum:
-  // the last kept token, i.e. in the last step with a kept logit).
+  const int64_t hi = end < a.vocab ? end : a.vocab;
+  // Its float64 total with the rescan's exponentials (relative to the chunk max), in steps of 512
+  // logits (16 coalesced loads in flight per lane: each step waits one DRAM round trip; a segment is
+  // two steps), the steps' sums kept; the target at the same share of that total as of the partial
+  // kernel's fp32-summed one; then only the step holding it is scanned again (beyond the last
+  // cumulative sum: the last kept token, i.e. in the last step with a kept logit).
   constexpr int kA = 16, kSteps = kChunk / (32 * kA);
   double stot[kSteps];
   double tot = 0;
@@ -425,7 +493,7 @@ __device__ void select_row(const SampleArgs& a, const Partial* __restrict__ part
     stot[k] = warp_sum(ls);
     tot += stot[k];
   }
-  const double rem = beyond ? INFINITY : (target - acc) / w_sel / P[c_sel].s * tot;
+  const double rem = past ? INFINITY : num / den * tot;
   double run = 0;
   int ks = -1, klast = 0;
 #pragma unroll

@@ -314,8 +314,10 @@ void check_args() {
 // 16-byte-loaded bf16 chunk (thread 0 holds 0..7) and fp32 chunk (thread 0 holds 0..3, 512..515).
 void tail_beside_max() {
   struct T { DType dt; int64_t V, tail; };
+  // (the tail in the maximum's segment, in another segment of its chunk, in another chunk)
   const T cases[] = {{DType::kF32, 1000, 256}, {DType::kBF16, 1000, 256}, {DType::kBF16, 4096, 7},
-                     {DType::kF16, 8192, 5}, {DType::kF32, 4096, 512}};
+                     {DType::kF16, 8192, 5}, {DType::kF32, 4096, 512}, {DType::kBF16, 4096, 3000},
+                     {DType::kF32, 4096, 1024}, {DType::kF16, 8192, 4096 + 2500}};
   for (const T& c : cases) {
     const size_t eb = elem_bytes(c.dt);
     cuda_emu::Buffer d_log(size_t(c.V) * eb, 16), d_seed(8, 8), d_off(8, 8), d_tok(8, 8), d_prob(8, 8), d_st(24, 8);
@@ -351,12 +353,60 @@ void tail_beside_max() {
   }
 }
 
+// The partials' segment sums and flush flags, read from the workspace after a run: V = 4096 (one
+// chunk), the maximum 0 at index 0, segment 1 (indices 1024 .. 2047) at -200 (kept, but e^-200 flushes
+// to 0 in fp32), segment 2 at -5, segment 3 -inf. Without a threshold: segment sums (1, 0, 1024 e^-5,
+// 0), s = their sum in order, flushed = 0b0010; with tau = -100 segment 1 is not kept: flushed = 0.
+void segment_partials() {
+  for (const DType dt : {DType::kF32, DType::kBF16})
+    for (const bool thr : {false, true}) {
+      const int64_t V = 4096;
+      const size_t eb = elem_bytes(dt);
+      cuda_emu::Buffer d_log(size_t(V) * eb, 16), d_thr(4, 4), d_seed(8, 8), d_off(8, 8), d_tok(8, 8), d_prob(8, 8),
+          d_st(24, 8);
+      for (int64_t i = 0; i < V; ++i)
+        store(dt, d_log.data(), i, i == 0 ? 0.f : i < 1024 ? -INFINITY : i < 2048 ? -200.f : i < 3072 ? -5.f : -INFINITY);
+      const float tau = -100.f;
+      const int64_t seed = 7, off = 11;
+      d_thr.copy_from(&tau, 4);
+      d_seed.copy_from(&seed, 8);
+      d_off.copy_from(&off, 8);
+      SampleArgs a{};
+      a.dtype = dt;
+      a.rows = 1;
+      a.vocab = a.row_stride = V;
+      a.temperature = 1.0;
+      a.logits = d_log.data();
+      a.threshold = thr ? d_thr.as<float>() : nullptr;
+      a.seeds = d_seed.as<int64_t>();
+      a.offsets = d_off.as<int64_t>();
+      a.tokens = d_tok.as<int64_t>();
+      a.prob = d_prob.as<double>();
+      a.stats = d_st.as<double>();
+      cuda_emu::Buffer ws(size_t(pydiff::sample_categorical_cuda_workspace(1, V)), 8);
+      ws.fill(0xFF);
+      const int rc = pydiff::sample_categorical_cuda(a, ws.data(), nullptr);
+      const pydiff::Partial& p = *reinterpret_cast<const pydiff::Partial*>(ws.data());
+      const double want2 = 1024 * std::exp(-5.0);
+      ++g_checks;
+      const bool ok = rc == 0 && p.flushed == (thr ? 0 : 2) && close(p.seg[0], 1.0, 1e-6, 0) && p.seg[1] == 0.0 &&
+                      close(p.seg[2], want2, 1e-6, 0) && p.seg[3] == 0.0 &&
+                      p.s == ((p.seg[0] + p.seg[1]) + p.seg[2]) + p.seg[3];
+      if (!ok) {
+        std::printf("FAIL segment partials %s threshold %d: rc %d flushed %d seg (%.10g %.10g %.10g %.10g) s %.17g\n",
+                    dname(dt), int(thr), rc, p.flushed, p.seg[0], p.seg[1], p.seg[2], p.seg[3], p.s);
+        ++g_fail;
+      }
+    }
+}
+
 }  // namespace
 
 int main() {
   const auto t0 = std::chrono::steady_clock::now();
   check_args();
   tail_beside_max();
+  segment_partials();
   const DType dts[] = {DType::kF32, DType::kF16, DType::kBF16};
   const double temps[] = {1.0, 0.7, 2.5, 1e-3, 1e-6, 1e-30, 1e-40, 1e-44, 1e30, 1e50, 0.0};
   const int64_t vocabs[] = {1, 2, 31, 257, 2048, 2049, 4095, 4096, 4097, 8191, 12289, 40961};
