@@ -5,15 +5,18 @@
 // read of the logits in total), reduces the chunk's max / second max / first argmax / NaN flag,
 // then sums e = exp((l - m_c) / T): e by the hardware exp2 in fp32 (ex2.approx.ftz, ~2 ulp: one
 // MUFU instruction per logit instead of a ~12-instruction polynomial, so the kernel is bound by its
-// read of the logits), summed in fp32 by eights, then in float64. These sums only choose the chunk
-// (its probability to ~5e-7 relative); with the statistics also e * x for the entropy and the sum
-// split as (count of maxima) + (the rest), which the entropy of a peaked row needs.
+// read of the logits), summed in fp32 by eights, then in float64, kept by 1024-logit segment. These
+// sums only choose the chunk and its segment (their probabilities to ~5e-7 relative); with the
+// statistics also e * x for the entropy and the sum split as (count of maxima) + (the rest), which
+// the entropy of a peaked row needs.
 // Kernel 2, one warp per row: combines the chunk partials (max, Z, entropy, margin), draws the
-// float64 uniform, scans the weighted chunk sums to pick the chunk and rescans that chunk (from
-// L2) with float64-range exponentials (fp32 polynomial on the reduced argument, 2^k in float64:
-// nothing underflows above 1e-308): once for its float64 total, then with a warp prefix sum to
-// find the token at the target's share of that total (within the chunk each token keeps its
-// float64 probability, tails included, although the pass-1 sum differs by ~1e-7).
+// float64 uniform, scans the weighted chunk sums to pick the chunk, its segment sums to pick the
+// segment, and rescans that segment with float64-range exponentials (fp32 polynomial on the reduced
+// argument, 2^k in float64: nothing underflows above 1e-308): once for its float64 total, then with
+// a warp prefix sum to find the token at the target's share of that total (within the segment each
+// token keeps its float64 probability, tails included, although the pass-1 sum differs by ~1e-7).
+// A segment whose kept tokens' fp32 exponentials all flushed to 0 has a sum of 0 and could not be
+// picked: the partial flags it, and the select then rescans the whole chunk instead.
 // Tested without a GPU by csrc/tests/cuda_emu (CPU emulator; the `#ifdef PYDIFF_CUDA_EMU` seam).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
