@@ -452,6 +452,27 @@ def test_wide_logit_range_keeps_float64_range(backend):
     assert math.isclose(r1.margin.item(), (1 - math.exp(-299)) / (1 + math.exp(-299)), rel_tol=1e-12)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_segment_with_every_exponential_flushed_in_fp32(backend):
+    """The GPU kernels keep each chunk's sums by segment of 1024 logits and rescan only the segment
+    holding the target. A segment whose kept tokens all sit more than ~87 nats below their chunk's
+    maximum has an fp32 sum of 0 (flushed) and is flagged, and the select then chooses the segment
+    from float64 totals: tokens equal the float64 reference's on rows with such a segment
+    (indices 1024-2047, 100-150 nats down) beside ordinary ones, and the flagged rows' ordinary
+    segments are still drawn from."""
+    g = torch.Generator().manual_seed(21)
+    logits = torch.randn(16, 8192, generator=g) * 2.0
+    logits[:, 1024:2048] = -100.0 - 50.0 * torch.rand(16, 1024, generator=g)
+    logits[::2, 5000:5100] += 3.0  # (the second chunk heavier on some rows)
+    seeds, offsets = _seeds(16, seed=5)
+    res = sample_categorical(logits, seeds=seeds, offsets=offsets, return_probs=True, backend=backend)
+    ref = _ref(logits, seeds, offsets)
+    assert torch.equal(res.tokens, ref[0])
+    assert torch.allclose(res.probs, ref[1], rtol=1e-6)
+    assert ((res.tokens < 1024) | (res.tokens >= 2048)).all()
+    assert (res.tokens >= 2048).any() and (res.tokens < 1024).any()
+
+
 _TDEV = torch.device("cuda") if torch.cuda.is_available() else CPU
 
 

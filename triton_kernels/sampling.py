@@ -4,16 +4,19 @@ Kernel 1, one program per (row, chunk): one read of each chunk of logits; the ch
 flag and the sum of ``e = exp((l - m_c)/T)``: ``e`` by the hardware ``exp2`` in fp32 (MUFU.EX2 on an
 NVIDIA GPU, ~2 ulp; one instruction per logit instead of the ~12 of a polynomial, and the kernel is
 then bound by its read of the logits, not by arithmetic), summed in fp32 by eights and then in
-float64.  These sums only choose the chunk (each chunk's probability to ~5e-7 relative, like the
-exponentials themselves); with the statistics (``STATS``) also the second max (with multiplicity),
+float64, kept by segment of ``CHUNK / 4`` logits.  These sums only choose the chunk and its segment
+(their probabilities to ~5e-7 relative, like the exponentials themselves); with the statistics (``STATS``) also the second max (with multiplicity),
 the sum of ``e * (l - m_c)/T`` and the sum split as (count of maxima) + (the rest), which the
 entropy needs; at temperature 0 (``ARG``) the first argmax.  Kernel 2, one program per row
 (:func:`_select_row`; fused, the row's last kernel-1 program runs it instead): combines the chunk
 partials, draws the counter-based float64 uniform, picks the chunk by the cumulative weighted sums
-and rescans it with float64-range exponentials (:func:`_exp_neg`, as the CUDA rescan and the C++
-kernel compute them) and a float64 prefix sum to pick the token, at the target's share of the
-rescan's own total: within the chunk, token ``i`` is drawn with probability ``e_i / sum(e)`` in
-float64, tails included.  Extra memory: ``rows x chunks`` partials.
+and the segment by the chunk's segment sums, and rescans that segment with float64-range
+exponentials (:func:`_exp_neg`, as the CUDA rescan and the C++ kernel compute them) and a float64
+prefix sum to pick the token, at the target's share of the rescan's own total: within the segment,
+token ``i`` is drawn with probability ``e_i / sum(e)`` in float64, tails included.  A segment whose
+kept tokens' fp32 exponentials all flushed to 0 (more than ~87 nats below the chunk maximum) is
+flagged by kernel 1; the select then chooses among the chunk's segments by their float64 totals, so
+no kept token loses its weight.  Extra memory: ``rows x chunks`` partials.
 """
 from __future__ import annotations
 
@@ -77,10 +80,11 @@ def _max_nan(a, b):
 
 
 @triton.jit
-def _partial_kernel(logits_ptr, thr_ptr, mask_ptr, pm1, pm2, ps, pt, pz, parg, pbad, V, row_stride, nchunks, inv_t,
-                    seeds_ptr, offsets_ptr, tok_ptr, prob_ptr, stats_ptr, cnt_ptr, t_stat,
+def _partial_kernel(logits_ptr, thr_ptr, mask_ptr, pm1, pm2, ps, pt, pz, parg, pbad, pseg, pflush, V, row_stride,
+                    nchunks, inv_t, seeds_ptr, offsets_ptr, tok_ptr, prob_ptr, stats_ptr, cnt_ptr, t_stat,
                     HAS_T: tl.constexpr, HAS_M: tl.constexpr, CHUNK: tl.constexpr, STATS: tl.constexpr,
-                    UNIT_T: tl.constexpr, ARG: tl.constexpr, FUSED: tl.constexpr, NCP: tl.constexpr):
+                    UNIT_T: tl.constexpr, ARG: tl.constexpr, FUSED: tl.constexpr, NCP: tl.constexpr,
+                    NSEG: tl.constexpr):
     pid = tl.program_id(0)  # one grid dimension (y and z stop at 65535 rows)
     c = pid % nchunks
     r = (pid // nchunks).to(tl.int64)
@@ -108,8 +112,22 @@ def _partial_kernel(logits_ptr, thr_ptr, mask_ptr, pm1, pm2, ps, pt, pz, parg, p
     # fp32 exponentials by the hardware exp2 (MUFU.EX2 on NVIDIA GPUs, ~2 ulp; exactly 0 where kv = -inf),
     # summed in fp32 by eights, then in float64
     e = tl.exp2(xs * 1.4426950408889634)
-    s = _group_sum(e, CHUNK)
     i = r * nchunks + c
+    if NSEG > 1:
+        # the sums by segment of CHUNK // NSEG logits (the select rescans only the one holding the
+        # target), s their sum; a segment with a kept token whose exponentials all flushed to 0 in fp32
+        # is flagged (bit k of pflush): the select then rescans the whole chunk
+        SEG: tl.constexpr = CHUNK // NSEG
+        g8 = tl.sum(tl.reshape(e, [CHUNK // 8, 8]), 1)
+        seg = tl.sum(tl.reshape(g8.to(tl.float64), [NSEG, SEG // 8]), 1)
+        s = tl.sum(seg, 0)
+        kept = tl.max(tl.reshape((kv > float("-inf")).to(tl.int32), [NSEG, SEG]), 1)
+        sk = tl.arange(0, NSEG)
+        flushed = tl.sum(tl.where((kept != 0) & (seg <= 0.0), tl.full([NSEG], 1, tl.int32) << sk, 0), 0)
+        tl.store(pseg + i * NSEG + sk, seg)
+        tl.store(pflush + i, flushed)
+    else:
+        s = _group_sum(e, CHUNK)
     tl.store(pm1 + i, m1)
     tl.store(ps + i, s)
     tl.store(pbad + i, bad)
@@ -137,8 +155,8 @@ def _partial_kernel(logits_ptr, thr_ptr, mask_ptr, pm1, pm2, ps, pt, pz, parg, p
         done = tl.atomic_add(cnt_ptr + r, 1, sem="acq_rel", scope="gpu")
         if done == nchunks - 1:
             _select_row(r, logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, pm2, ps, pt, pz, parg, pbad,
-                        tok_ptr, prob_ptr, stats_ptr, V, row_stride, nchunks, t_stat, inv_t, ARG, HAS_T, HAS_M,
-                        NCP, CHUNK, STATS, UNIT_T, True)
+                        pseg, pflush, tok_ptr, prob_ptr, stats_ptr, V, row_stride, nchunks, t_stat, inv_t, ARG, HAS_T,
+                        HAS_M, NCP, CHUNK, STATS, UNIT_T, True, NSEG)
 
 
 @triton.jit
@@ -156,13 +174,47 @@ def _rescan_e(row_ptr, offs, valid, tau, m_sel, inv_t, HAS_T: tl.constexpr, UNIT
 
 
 @triton.jit
-def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, pm2, ps, pt, pz, parg, pbad,
-                   tok_ptr, prob_ptr, stats_ptr, V, row_stride, nchunks, t_stat, inv_t,
+def _rescan_window(row_ptr, start, V, live, tau, m_sel, inv_t, frac, W: tl.constexpr, HAS_T: tl.constexpr,
+                   UNIT_T: tl.constexpr):
+    """The token at share ``frac`` of the float64 total of the ``W`` logits from ``start`` (a segment or
+    the chunk; ``frac`` inf: its last kept token) and its ``e``.  The partial kernel's fp32 sums differ
+    from the rescan's by ~1e-7 relative, so the target is placed at the same share of the rescan's own
+    total: within the window each token is drawn with probability ``e_i / sum(e)`` in float64, tails
+    included.  Pass 1 reads the window in one go (one memory round trip) for its SUB-wide pieces'
+    sums; the piece holding the target is read again for its prefix sum (a W-wide float64 prefix sum
+    would hold every value in registers)."""
+    SUB: tl.constexpr = 512 if W > 512 else W
+    NP: tl.constexpr = W // SUB
+    pi = tl.arange(0, NP)
+    offs = start + tl.arange(0, W).to(tl.int64)
+    e = _rescan_e(row_ptr, offs, (offs < V) & live, tau, m_sel, inv_t, HAS_T, UNIT_T)
+    psum = tl.sum(tl.reshape(e, [NP, SUB]), 1)
+    last = tl.max(tl.where(e > 0, offs, -1), 0)
+    rem = frac * tl.sum(psum, 0)
+    pcum = tl.cumsum(psum, 0)
+    found = tl.min(tl.where((pcum > rem) & (psum > 0), pi, NP), 0)
+    before = tl.sum(tl.where(pi == found, pcum - psum, 0.0), 0)
+    fb = tl.minimum(found, NP - 1)
+    offs = start + fb * SUB + tl.arange(0, SUB).to(tl.int64)
+    e = _rescan_e(row_ptr, offs, (offs < V) & live & (found < NP), tau, m_sel, inv_t, HAS_T, UNIT_T)
+    ce = before + tl.cumsum(e, 0)
+    tok = tl.min(tl.where((ce > rem) & (e > 0), offs, 2 ** 62), 0)
+    # not reached (rounding: the piece's prefix ends a hair below the sum that chose it): its last
+    # kept token; no piece chosen (beyond the last cumulative sum): the window's last kept token
+    last_b = tl.max(tl.where(e > 0, offs, -1), 0)
+    tok = tl.where(tok == 2 ** 62, tl.where(found < NP, last_b, last), tok)
+    te = _rescan_e(row_ptr, tok + tl.zeros([2], dtype=tl.int64), (tok >= 0) & live, tau, m_sel, inv_t, HAS_T, UNIT_T)
+    return tok, tl.max(te, 0)
+
+
+@triton.jit
+def _select_kernel(logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, pm2, ps, pt, pz, parg, pbad, pseg,
+                   pflush, tok_ptr, prob_ptr, stats_ptr, V, row_stride, nchunks, t_stat, inv_t,
                    ARGMAX: tl.constexpr, HAS_T: tl.constexpr, HAS_M: tl.constexpr, NCP: tl.constexpr,
-                   CHUNK: tl.constexpr, STATS: tl.constexpr, UNIT_T: tl.constexpr):
+                   CHUNK: tl.constexpr, STATS: tl.constexpr, UNIT_T: tl.constexpr, NSEG: tl.constexpr):
     _select_row(tl.program_id(0).to(tl.int64), logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, pm2, ps,
-                pt, pz, parg, pbad, tok_ptr, prob_ptr, stats_ptr, V, row_stride, nchunks, t_stat, inv_t, ARGMAX,
-                HAS_T, HAS_M, NCP, CHUNK, STATS, UNIT_T, False)
+                pt, pz, parg, pbad, pseg, pflush, tok_ptr, prob_ptr, stats_ptr, V, row_stride, nchunks, t_stat, inv_t,
+                ARGMAX, HAS_T, HAS_M, NCP, CHUNK, STATS, UNIT_T, False, NSEG)
 
 
 @triton.jit
@@ -174,10 +226,10 @@ def _ldp(ptr, mask, other, CG: tl.constexpr):
 
 
 @triton.jit
-def _select_row(r, logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, pm2, ps, pt, pz, parg, pbad,
-                tok_ptr, prob_ptr, stats_ptr, V, row_stride, nchunks, t_stat, inv_t,
+def _select_row(r, logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, pm2, ps, pt, pz, parg, pbad, pseg,
+                pflush, tok_ptr, prob_ptr, stats_ptr, V, row_stride, nchunks, t_stat, inv_t,
                 ARGMAX: tl.constexpr, HAS_T: tl.constexpr, HAS_M: tl.constexpr, NCP: tl.constexpr,
-                CHUNK: tl.constexpr, STATS: tl.constexpr, UNIT_T: tl.constexpr, CG: tl.constexpr):
+                CHUNK: tl.constexpr, STATS: tl.constexpr, UNIT_T: tl.constexpr, CG: tl.constexpr, NSEG: tl.constexpr):
     """Row ``r``'s second pass (see the module docstring): reads the row's chunk partials, writes its
     token, probability and statistics.  Run by :func:`_select_kernel` (a program per row) or, fused, by
     the row's last partial program to finish."""
@@ -237,40 +289,45 @@ def _select_row(r, logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, p
         m_sel = tl.sum(tl.where(ci == sel, m1, 0.0), 0)
         s_sel = tl.sum(tl.where(ci == sel, s, 0.0), 0)
         # the target's share of the chosen chunk's sum (beyond: past its last kept token)
-        frac = tl.where(beyond, float("inf"), (target - acc) / tl.where(w_sel > 0, w_sel, 1.0)
-                        / tl.where(s_sel > 0, s_sel, 1.0))
-        # Rescan the chunk with the float64-range exponentials (:func:`_exp_neg`), its prefix sum in
-        # SUB-wide pieces (a 4096-wide float64 prefix sum held every value in registers: 2 programs per
-        # SM on an H100).
-        # The partial kernel's fp32 sum of the chunk differs from the rescan's by ~1e-7 relative, so
-        # the target is placed at the same share of the rescan's own total: within the chunk each
-        # token is drawn with probability e_i / (its float64 sum), tails included.  Pass 1: the
-        # pieces' sums; the piece holding the target; its prefix sum then finds the token.
-        SUB: tl.constexpr = 512 if CHUNK > 512 else CHUNK
-        NP: tl.constexpr = CHUNK // SUB
+        share = (target - acc) / tl.where(w_sel > 0, w_sel, 1.0)
+        frac = tl.where(beyond, float("inf"), share / tl.where(s_sel > 0, s_sel, 1.0))
         row_ptr = logits_ptr + r * row_stride
         live = (on != 0) & (invalid == 0)
-        pi = tl.arange(0, NP)
-        # the whole chunk in one read (one memory round trip, not NP of them), its pieces' sums
-        offs = sel.to(tl.int64) * CHUNK + tl.arange(0, CHUNK).to(tl.int64)
-        e = _rescan_e(row_ptr, offs, (offs < V) & live, tau, m_sel, inv_t, HAS_T, UNIT_T)
-        psum = tl.sum(tl.reshape(e, [NP, SUB]), 1)
-        last = tl.max(tl.where(e > 0, offs, -1), 0)
-        rem = frac * tl.sum(psum, 0)
-        pcum = tl.cumsum(psum, 0)
-        found = tl.min(tl.where((pcum > rem) & (psum > 0), pi, NP), 0)
-        before = tl.sum(tl.where(pi == found, pcum - psum, 0.0), 0)
-        fb = tl.minimum(found, NP - 1)
-        offs = sel.to(tl.int64) * CHUNK + fb * SUB + tl.arange(0, SUB).to(tl.int64)
-        e = _rescan_e(row_ptr, offs, (offs < V) & live & (found < NP), tau, m_sel, inv_t, HAS_T, UNIT_T)
-        ce = before + tl.cumsum(e, 0)
-        tok = tl.min(tl.where((ce > rem) & (e > 0), offs, 2 ** 62), 0)
-        # not reached (rounding: the piece's prefix ends a hair below the sum that chose it): its last
-        # kept token; no piece chosen (beyond the last cumulative sum): the chunk's last kept token
-        last_b = tl.max(tl.where(e > 0, offs, -1), 0)
-        tok = tl.where(tok == 2 ** 62, tl.where(found < NP, last_b, last), tok)
-        te = _rescan_e(row_ptr, tok + tl.zeros([2], dtype=tl.int64), (tok >= 0) & live, tau, m_sel, inv_t, HAS_T, UNIT_T)
-        etok = tl.max(te, 0)
+        cbase = sel.to(tl.int64) * CHUNK
+        if NSEG > 1:
+            # the segment holding the target, from the chunk's segment sums (beyond their last
+            # cumulative sum by rounding: the last segment with a kept token, past its last one);
+            # a chunk with a flushed segment chooses by the segments' float64 totals (see the partial kernel)
+            SEG: tl.constexpr = CHUNK // NSEG
+            sk = tl.arange(0, NSEG)
+            sg = _ldp(pseg + (base + sel) * NSEG + sk, sk < NSEG, 0.0, CG)
+            flushed = _ldp(pflush + base + sel, live, 0, CG)
+            scum = tl.cumsum(sg, 0)
+            ks = tl.min(tl.where((scum > share) & (sg > 0), sk, NSEG), 0)
+            past = beyond | (ks == NSEG)
+            ks = tl.where(past, tl.max(tl.where(sg > 0, sk, 0), 0), ks)
+            run = tl.sum(tl.where(sk == ks, scum - sg, 0.0), 0)
+            den = tl.sum(tl.where(sk == ks, sg, 0.0), 0)
+            fseg = tl.where(past, float("inf"), (share - run) / tl.where(den > 0, den, 1.0))
+            if flushed != 0:
+                # (rare) the same choice from the segments' float64 totals instead, one segment at a
+                # time (a CHUNK-wide window would raise this kernel's registers for every row)
+                tots = tl.zeros([NSEG], dtype=tl.float64)
+                for k in tl.static_range(NSEG):
+                    offs = cbase + k * SEG + tl.arange(0, SEG).to(tl.int64)
+                    ek = _rescan_e(row_ptr, offs, (offs < V) & live, tau, m_sel, inv_t, HAS_T, UNIT_T)
+                    tots = tl.where(sk == k, tl.sum(ek, 0), tots)
+                rem = frac * tl.sum(tots, 0)
+                tcum = tl.cumsum(tots, 0)
+                ks = tl.min(tl.where((tcum > rem) & (tots > 0), sk, NSEG), 0)
+                past = ks == NSEG
+                ks = tl.where(past, tl.max(tl.where(tots > 0, sk, 0), 0), ks)
+                run = tl.sum(tl.where(sk == ks, tcum - tots, 0.0), 0)
+                den = tl.sum(tl.where(sk == ks, tots, 0.0), 0)
+                fseg = tl.where(past, float("inf"), (rem - run) / tl.where(den > 0, den, 1.0))
+            tok, etok = _rescan_window(row_ptr, cbase + ks * SEG, V, live, tau, m_sel, inv_t, fseg, SEG, HAS_T, UNIT_T)
+        else:
+            tok, etok = _rescan_window(row_ptr, cbase, V, live, tau, m_sel, inv_t, frac, CHUNK, HAS_T, UNIT_T)
         prob = etok * w_sel / Z
     nan = float("nan")
     tok = tl.where(invalid, -2, tok)
@@ -298,7 +355,7 @@ def sample_categorical_triton(logits, threshold, row_mask, seeds, offsets, tempe
     its per-logit instructions; the tokens and probabilities are bit-identical and the statistics
     come back NaN.  Temperature 0 (argmax) always computes them.
 
-    ``fused`` (default: ``PYDIFF_SAMPLING_FUSED=1`` in the environment; opt-in until timed on a GPU):
+    ``fused`` (default: ``PYDIFF_SAMPLING_FUSED=1`` in the environment; opt-in: slower on an H200):
     one launch, the row's last partial program to finish runs the select (a per-row counter,
     zeroed per call), reading the chosen chunk back while it is likely still in L2; the same bits."""
     if fused is None:
@@ -322,6 +379,9 @@ def sample_categorical_triton(logits, threshold, row_mask, seeds, offsets, tempe
     pz = torch.empty_like(ps)
     parg = torch.empty((R, nchunks), dtype=torch.int64, device=dev)
     pbad = torch.empty((R, nchunks), dtype=torch.int32, device=dev)
+    nseg = 4 if chunk >= 64 else 1  # segments of chunk / 4 logits (the select rescans one of them)
+    pseg = torch.empty((R, nchunks, nseg), dtype=torch.float64, device=dev)
+    pflush = torch.empty((R, nchunks), dtype=torch.int32, device=dev)
     # T above 2**100 samples as 2**100 (1 / T would underflow to 0 in fp32: -inf * 0 = NaN at a banned token)
     t_stat = min(float(temperature), MAX_TEMPERATURE) if temperature > 0 else 1.0
     # 1 / T as an fp32 kernel scalar: clamp to FLT_MAX (T below ~2.9e-38 would give inf, and
@@ -333,16 +393,16 @@ def sample_categorical_triton(logits, threshold, row_mask, seeds, offsets, tempe
     seeds, offsets = seeds.contiguous(), offsets.contiguous()
     ncp = max(2, triton.next_power_of_2(nchunks))
     cnt = torch.zeros(R, dtype=torch.int32, device=dev) if fused else pbad
-    _partial_kernel[(nchunks * R,)](logits, thr, msk, pm1, pm2, ps, pt, pz, parg, pbad, V, row_stride, nchunks,
-                                  inv_t, seeds, offsets, tokens, prob, stats, cnt, t_stat,
+    _partial_kernel[(nchunks * R,)](logits, thr, msk, pm1, pm2, ps, pt, pz, parg, pbad, pseg, pflush, V, row_stride,
+                                  nchunks, inv_t, seeds, offsets, tokens, prob, stats, cnt, t_stat,
                                   HAS_T=threshold is not None, HAS_M=row_mask is not None,
                                   CHUNK=chunk, STATS=want_stats, UNIT_T=inv_t == 1.0, ARG=temperature == 0,
-                                  FUSED=bool(fused), NCP=ncp)
+                                  FUSED=bool(fused), NCP=ncp, NSEG=nseg)
     if fused:
         return tokens, prob, stats
-    _select_kernel[(R,)](logits, thr, msk, seeds, offsets, pm1, pm2, ps, pt, pz, parg, pbad, tokens, prob, stats, V,
-                         row_stride, nchunks, t_stat, inv_t, ARGMAX=temperature == 0,
+    _select_kernel[(R,)](logits, thr, msk, seeds, offsets, pm1, pm2, ps, pt, pz, parg, pbad, pseg, pflush, tokens,
+                         prob, stats, V, row_stride, nchunks, t_stat, inv_t, ARGMAX=temperature == 0,
                          HAS_T=threshold is not None, HAS_M=row_mask is not None,
                          NCP=ncp, CHUNK=chunk, STATS=want_stats,
-                         UNIT_T=inv_t == 1.0)
+                         UNIT_T=inv_t == 1.0, NSEG=nseg)
     return tokens, prob, stats

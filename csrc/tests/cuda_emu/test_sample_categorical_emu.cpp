@@ -357,6 +357,7 @@ void tail_beside_max() {
 // chunk), the maximum 0 at index 0, segment 1 (indices 1024 .. 2047) at -200 (kept, but e^-200 flushes
 // to 0 in fp32), segment 2 at -5, segment 3 -inf. Without a threshold: segment sums (1, 0, 1024 e^-5,
 // 0), s = their sum in order, flushed = 0b0010; with tau = -100 segment 1 is not kept: flushed = 0.
+// Both: the tokens of six seeds equal the CPU kernel's (the flagged chunk is rescanned whole).
 void segment_partials() {
   for (const DType dt : {DType::kF32, DType::kBF16})
     for (const bool thr : {false, true}) {
@@ -388,9 +389,27 @@ void segment_partials() {
       const int rc = pydiff::sample_categorical_cuda(a, ws.data(), nullptr);
       const pydiff::Partial& p = *reinterpret_cast<const pydiff::Partial*>(ws.data());
       const double want2 = 1024 * std::exp(-5.0);
+      // the token (flagged: chosen from the whole chunk; else from the segment sums) against the CPU
+      // kernel's, for a few seeds
+      bool tokens_ok = true;
+      for (int64_t sd = 0; sd < 6 && rc == 0; ++sd) {
+        d_seed.copy_from(&sd, 8);
+        int64_t tok_c = -9;
+        double prob_c = 0, st_c[3];
+        SampleArgs b = a;
+        b.tokens = &tok_c;
+        b.prob = &prob_c;
+        b.stats = st_c;
+        if (pydiff::sample_categorical_cpu(b) != 0 || pydiff::sample_categorical_cuda(a, ws.data(), nullptr) != 0 ||
+            d_tok.as<int64_t>()[0] != tok_c || !close(d_prob.as<double>()[0], prob_c, 1e-5, 0)) {
+          std::printf("  seed %lld: cuda token %lld, cpu token %lld\n", (long long)sd, (long long)d_tok.as<int64_t>()[0],
+                      (long long)tok_c);
+          tokens_ok = false;
+        }
+      }
       ++g_checks;
-      const bool ok = rc == 0 && p.flushed == (thr ? 0 : 2) && close(p.seg[0], 1.0, 1e-6, 0) && p.seg[1] == 0.0 &&
-                      close(p.seg[2], want2, 1e-6, 0) && p.seg[3] == 0.0 &&
+      const bool ok = rc == 0 && tokens_ok && p.flushed == (thr ? 0 : 2) && close(p.seg[0], 1.0, 1e-6, 0) &&
+                      p.seg[1] == 0.0 && close(p.seg[2], want2, 1e-6, 0) && p.seg[3] == 0.0 &&
                       p.s == ((p.seg[0] + p.seg[1]) + p.seg[2]) + p.seg[3];
       if (!ok) {
         std::printf("FAIL segment partials %s threshold %d: rc %d flushed %d seg (%.10g %.10g %.10g %.10g) s %.17g\n",
