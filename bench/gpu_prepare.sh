@@ -20,6 +20,8 @@ if [ "${PREBUILT:-0}" = 1 ]; then
   VENV312=${VENV312:-/tmp/pydiff-venv312}
   if [ ! -x "$VENV312/bin/python" ]; then
     PY312=${PY312:-$(command -v python3.12)}
+    # (a pyenv shim can exist without that version selected: then a pyenv install of 3.12)
+    "$PY312" --version > /dev/null 2>&1 || PY312=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2> /dev/null | tail -1)
     "$PY312" -m venv "$VENV312"
     "$VENV312/bin/pip" install -q torch==2.11.0 'numpy<2.3' pybind11 ninja
   fi
