@@ -92,7 +92,7 @@ def rows(device: torch.device, shapes=None, dtype=None, bw=None, compile_baselin
             impls[f"pydiff[{b}]"] = run
             if device.type == "cuda":
                 # the select fused into the partial kernel's last block per row (PYDIFF_SAMPLING_FUSED=1,
-                # read on every call; opt-in until timed)
+                # read on every call; opt-in: slower on an H200)
                 impls[f"pydiff[{b}], fused select"] = lambda run=run: _with_env("PYDIFF_SAMPLING_FUSED", "1", run)
         impls["LLaDA float64 Gumbel"] = lambda: llada_float64(logits)
         impls["fp32 Gumbel-max (eager)"] = lambda: gumbel_fp32(logits)

@@ -116,7 +116,7 @@ def _partial_kernel(logits_ptr, thr_ptr, mask_ptr, pm1, pm2, ps, pt, pz, parg, p
     if NSEG > 1:
         # the sums by segment of CHUNK // NSEG logits (the select rescans only the one holding the
         # target), s their sum; a segment with a kept token whose exponentials all flushed to 0 in fp32
-        # is flagged (bit k of pflush): the select then rescans the whole chunk
+        # is flagged (bit k of pflush): the select then chooses the segment from float64 totals
         SEG: tl.constexpr = CHUNK // NSEG
         g8 = tl.sum(tl.reshape(e, [CHUNK // 8, 8]), 1)
         seg = tl.sum(tl.reshape(g8.to(tl.float64), [NSEG, SEG // 8]), 1)
@@ -171,6 +171,20 @@ def _rescan_e(row_ptr, offs, valid, tau, m_sel, inv_t, HAS_T: tl.constexpr, UNIT
     if UNIT_T:
         return _exp_neg(kv - m_sel)  # 0 where kv = -inf
     return _exp_neg((kv - m_sel) * inv_t)
+
+
+@triton.jit
+def _pick_part(sums, target, idx, N: tl.constexpr):
+    """The part (of ``N``, ``idx = arange(N)``) holding ``target`` in the running sum of ``sums``, among
+    the positive ones, and the target's share of that part (``inf`` past the total, by rounding or for
+    an infinite target: then the last positive part)."""
+    cum = tl.cumsum(sums, 0)
+    k = tl.min(tl.where((cum > target) & (sums > 0), idx, N), 0)
+    past = k == N
+    k = tl.where(past, tl.max(tl.where(sums > 0, idx, 0), 0), k)
+    run = tl.sum(tl.where(idx == k, cum - sums, 0.0), 0)
+    den = tl.sum(tl.where(idx == k, sums, 0.0), 0)
+    return k, tl.where(past, float("inf"), (target - run) / tl.where(den > 0, den, 1.0))
 
 
 @triton.jit
@@ -302,13 +316,7 @@ def _select_row(r, logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, p
             sk = tl.arange(0, NSEG)
             sg = _ldp(pseg + (base + sel) * NSEG + sk, sk < NSEG, 0.0, CG)
             flushed = _ldp(pflush + base + sel, live, 0, CG)
-            scum = tl.cumsum(sg, 0)
-            ks = tl.min(tl.where((scum > share) & (sg > 0), sk, NSEG), 0)
-            past = beyond | (ks == NSEG)
-            ks = tl.where(past, tl.max(tl.where(sg > 0, sk, 0), 0), ks)
-            run = tl.sum(tl.where(sk == ks, scum - sg, 0.0), 0)
-            den = tl.sum(tl.where(sk == ks, sg, 0.0), 0)
-            fseg = tl.where(past, float("inf"), (share - run) / tl.where(den > 0, den, 1.0))
+            ks, fseg = _pick_part(sg, tl.where(beyond, float("inf"), share), sk, NSEG)
             if flushed != 0:
                 # (rare) the same choice from the segments' float64 totals instead, one segment at a
                 # time (a CHUNK-wide window would raise this kernel's registers for every row)
@@ -317,14 +325,7 @@ def _select_row(r, logits_ptr, thr_ptr, mask_ptr, seeds_ptr, offsets_ptr, pm1, p
                     offs = cbase + k * SEG + tl.arange(0, SEG).to(tl.int64)
                     ek = _rescan_e(row_ptr, offs, (offs < V) & live, tau, m_sel, inv_t, HAS_T, UNIT_T)
                     tots = tl.where(sk == k, tl.sum(ek, 0), tots)
-                rem = frac * tl.sum(tots, 0)
-                tcum = tl.cumsum(tots, 0)
-                ks = tl.min(tl.where((tcum > rem) & (tots > 0), sk, NSEG), 0)
-                past = ks == NSEG
-                ks = tl.where(past, tl.max(tl.where(tots > 0, sk, 0), 0), ks)
-                run = tl.sum(tl.where(sk == ks, tcum - tots, 0.0), 0)
-                den = tl.sum(tl.where(sk == ks, tots, 0.0), 0)
-                fseg = tl.where(past, float("inf"), (rem - run) / tl.where(den > 0, den, 1.0))
+                ks, fseg = _pick_part(tots, frac * tl.sum(tots, 0), sk, NSEG)
             tok, etok = _rescan_window(row_ptr, cbase + ks * SEG, V, live, tau, m_sel, inv_t, fseg, SEG, HAS_T, UNIT_T)
         else:
             tok, etok = _rescan_window(row_ptr, cbase, V, live, tau, m_sel, inv_t, frac, CHUNK, HAS_T, UNIT_T)
