@@ -40,6 +40,8 @@ CONFIGS = [
     (3, True, False, True, False, (-0.5, 0.25)),
     (6, True, True, True, True, None),
     (2, False, False, False, False, None),
+    (4, True, True, False, False, None),  # every history length has its own compiled CPU loop
+    (5, False, False, True, False, (-1.0, 0.5)),
 ]
 
 
