@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "pydiff/cpu_convert.h"
 #include "pydiff/cpu_types.h"
 #include "pydiff/sampling.h"
 
@@ -183,7 +184,7 @@ const float* load_chunk(const T* src, int64_t n, float* dst, int64_t* n8_out) {
   if constexpr (std::is_same_v<T, float>) {
     if (n8 == n) return src;
   }
-  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+  convert_to_float(src, n, dst);
   for (int64_t i = n; i < n8; ++i) dst[i] = kNegInf;
   return dst;
 }

@@ -6,6 +6,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "pydiff/cpu_convert.h"
 #include "pydiff/cpu_types.h"
 #include "pydiff/solver.h"
 
@@ -17,8 +18,7 @@ constexpr int64_t kParallelMin = int64_t(1) << 16;  // below this, a parallel re
 
 template <typename T>
 inline void load(const void* p, int64_t off, int64_t n, float* __restrict__ dst) {
-  const T* src = static_cast<const T*>(p) + off;
-  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+  convert_to_float(static_cast<const T*>(p) + off, n, dst);
 }
 // fp32: a pointer into the tensor itself; fp16/bf16: converted into buf.
 template <typename T>
@@ -34,8 +34,7 @@ inline float* out_view(void* p, int64_t off, float* buf) {
 }
 template <typename T>
 inline void store(void* p, int64_t off, int64_t n, const float* __restrict__ src) {
-  T* dst = static_cast<T*>(p) + off;
-  for (int64_t i = 0; i < n; ++i) dst[i] = from_float<T>(src[i]);
+  convert_from_float(src, n, static_cast<T*>(p) + off);
 }
 
 struct Coef {
