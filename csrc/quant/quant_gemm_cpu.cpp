@@ -24,6 +24,7 @@
 #include <limits>
 #include <vector>
 
+#include "pydiff/cpu_convert.h"
 #include "pydiff/cpu_types.h"
 #include "pydiff/quant.h"
 
@@ -99,8 +100,7 @@ inline void group_dots_int(const int16_t* a, const int16_t* const* w, int64_t G,
 
 template <typename T>
 void load_vec(const void* p, int64_t n, float* dst) {
-  const T* s = static_cast<const T*>(p);
-  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(s[i]);
+  convert_to_float(static_cast<const T*>(p), n, dst);
 }
 
 std::vector<float> to_vec(const void* p, FloatType t, int64_t n) {
@@ -120,13 +120,11 @@ std::vector<float> to_vec(const void* p, FloatType t, int64_t n) {
 void store_row(void* out, FloatType t, int64_t off, int64_t n, const float* src) {
   switch (t) {
     case FloatType::kF16: {
-      half_t* o = static_cast<half_t*>(out) + off;
-      for (int64_t i = 0; i < n; ++i) o[i] = from_float<half_t>(src[i]);
+      convert_from_float(src, n, static_cast<half_t*>(out) + off);
       break;
     }
     case FloatType::kBF16: {
-      bf16_t* o = static_cast<bf16_t*>(out) + off;
-      for (int64_t i = 0; i < n; ++i) o[i] = from_float<bf16_t>(src[i]);
+      convert_from_float(src, n, static_cast<bf16_t*>(out) + off);
       break;
     }
     default: std::memcpy(static_cast<float*>(out) + off, src, size_t(n) * sizeof(float)); break;

@@ -28,6 +28,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "pydiff/cpu_convert.h"
 #include "pydiff/cpu_types.h"
 #include "pydiff/quant.h"
 
@@ -56,8 +57,7 @@ inline uint8_t float_to_e4m3(float f) {
 
 template <typename T>
 inline void load_row(const void* p, int64_t off, int64_t n, float* __restrict__ dst) {
-  const T* src = static_cast<const T*>(p) + off;
-  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+  convert_to_float(static_cast<const T*>(p) + off, n, dst);
 }
 
 void load_any(const void* p, FloatType t, int64_t off, int64_t n, float* dst) {
