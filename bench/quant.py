@@ -280,8 +280,43 @@ def linear_rows(device, shapes, mlp_shapes=()):
                     continue
                 rows.append(dict(shape=shape, case=case, impl=f"pydiff W4A4 rank {rank} ({b})", time_us=t_ours * 1e6,
                                  baseline=theirs_name, baseline_us=t_base * 1e6, speedup=t_base / t_ours))
+        rows += _linear_part_rows(device, shape, x, w, qw, sw, ld, lu)
     for M, D, H in mlp_shapes:
         rows += _mlp_rows(device, M, D, H)
+    return rows
+
+
+def _linear_part_rows(device, shape, x, w, qw, sw, ld, lu):
+    """``case="linear parts"``: the W4A4 linear's two kernels timed apart, each with and without the
+    rank-32 branch (the quantizer's fused down-projection ``x @ lora_down``, the GEMM epilogue's
+    ``lora_act @ lora_up``), so the branch's cost is located without a profiler: on an H200 (11-27)
+    the whole linear took ~80 us more at rank 32 than at rank 0.  Next to each part, bf16
+    ``F.linear`` as the common baseline."""
+    rows = []
+    try:
+        t_base = bench(lambda: F.linear(x, w), device)
+    except Exception as exc:  # noqa: BLE001
+        print(f"linear parts: {_why(exc)}")
+        return rows
+    for b in _backends(device):
+        try:
+            qa, sa, la = Q.quantize(x, "int4", 64, lora_down=ld, backend=b, check=False)
+            parts = {
+                "quantize": lambda: Q.quantize(x, "int4", 64, backend=b, check=False),
+                f"quantize + lora_down (rank {RANK})": lambda: Q.quantize(x, "int4", 64, lora_down=ld, backend=b,
+                                                                          check=False),
+                "quant_gemm": lambda: Q.quant_gemm(qa, sa, qw, sw, fmt="int4", group_size=64,
+                                                   out_dtype=torch.bfloat16, backend=b, check=False),
+                f"quant_gemm + lora_up (rank {RANK})": lambda: Q.quant_gemm(
+                    qa, sa, qw, sw, fmt="int4", group_size=64, out_dtype=torch.bfloat16, backend=b, check=False,
+                    lora_act=la, lora_up=lu),
+            }
+            for name, fn in parts.items():
+                t = bench(fn, device)
+                rows.append(dict(shape=shape, case="linear parts", impl=f"{name} ({b})", time_us=t * 1e6,
+                                 baseline="bf16 F.linear", baseline_us=t_base * 1e6, speedup=t_base / t))
+        except Exception as exc:  # noqa: BLE001
+            print(f"linear parts {b}: {_why(exc)}")
     return rows
 
 
