@@ -1,6 +1,7 @@
 // Fused solver step, CPU kernel: one pass over the inputs in L1-sized chunks, two threads with
-// OpenMP. Each chunk is converted to fp32 buffers, combined with simple loops the compiler
-// vectorises, and written once. Formula: csrc/include/pydiff/solver.h.
+// OpenMP. fp32 chunks are used in place, fp16 / bf16 ones converted to fp32 buffers; one vectorised
+// loop per chunk (chunk_fused) combines them and writes each output once. Formula:
+// csrc/include/pydiff/solver.h.
 #include <algorithm>
 #include <cmath>
 #include <limits>
