@@ -209,6 +209,10 @@ def test_quantize_prologue(fmt, prologue, M, K, G, B, R):
     (dict(BM=2, GPC=1, GB=64, NSUB=5), 3, 640, 320, 0, "gelu_tanh"),  # two-pass wide groups
     (dict(BM=16, GPC=1, GB=64, NSUB=1, BR=16, LNB=64), 17, 192, 64, 7, "layernorm"),  # GPU lora shapes
     (dict(BM=16, GPC=1, GB=32, NSUB=4, BR=16), 5, 256, 128, 3, "none"),  # two-pass with lora
+    # lora with the tiles split over programs: partial down-projections in a [splits, M, R] workspace
+    (dict(BM=4, GPC=1, GB=64, NSUB=1, BR=16, SPLITS=3), 9, 64 * 7, 64, 5, "none"),  # 7 tiles: 3 + 3 + 1
+    (dict(BM=8, GPC=2, GB=64, NSUB=1, BR=16, SPLITS=2), 3, 64 * 6, 64, 16, "gelu_tanh"),
+    (dict(BM=16, GPC=1, GB=32, NSUB=4, BR=16, SPLITS=2), 5, 256 * 2, 128, 3, "none"),  # two-pass, split
 ])
 def test_quantize_gpu_shapes(fmt, cfg, M, K, G, R, prologue):
     x = _randn((M, K), seed=M + 2 * K, dtype=torch.bfloat16)

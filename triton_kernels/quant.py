@@ -403,9 +403,10 @@ def _quantize_kernel(x_ptr, smooth_ptr, ld_ptr, shift_ptr, scale_ptr, q_ptr, s_p
                     kqm = kmask
                 _quant_store(y, div, ok, q_ptr, rows, rmask, kq, kqm, FMT, QMAX, BM, GPC, GB, INTERP, QC)
         tl.store(s_ptr + rows[:, None] * Gn + g64[None, :], stored, mask=rmask[:, None] & gmask[None, :])
-    if HAS_LORA:
+    if HAS_LORA:  # this program's partial sum: slice pid_t of the [splits, M, R] workspace (splits = 1: lora_act)
         r = tl.arange(0, BR)
-        tl.store(la_ptr + rows[:, None] * R + r[None, :], acc_l, mask=rmask[:, None] & (r < R)[None, :])
+        part = pid_t.to(tl.int64) * M * R
+        tl.store(la_ptr + part + rows[:, None] * R + r[None, :], acc_l, mask=rmask[:, None] & (r < R)[None, :])
 
 
 def _quantize_config(M: int, K: int, R: int, G: int, prologue: str, has_lora: bool, cap):
@@ -420,7 +421,8 @@ def _quantize_config(M: int, K: int, R: int, G: int, prologue: str, has_lora: bo
         chunk = 512 if has_lora else 1024
         BM, num_warps = max(1, min(64, _np2(M))), 4
     elif has_lora:  # lora_down tile [chunk, BR] and the tf32x3 dot's operands live in shared memory
-        # H100, [4096, 3072] bf16, rank 32 (bench/tune_quantize.py): BM 8 x 128 channels 82 us, BM 16 x 64 99 us
+        # H100, [4096, 3072] bf16, rank 32 (bench/tune_quantize.py), one program per row block (no K
+        # split, as before 11-27): BM 8 x 128 channels 82 us, BM 16 x 64 99 us
         chunk = 128 if BR <= 32 else (64 if BR <= 64 else 32)
         BM, num_warps = (8 if BR <= 32 else 16), 4
     else:
@@ -461,21 +463,29 @@ def _quantize_launch(x, smooth, lora_down, shift, scale, fmt, group_size, prolog
     qk = q.view(torch.uint8) if fmt == "fp8" else q
     n_tiles = -(-Gn // cfg["GPC"])
     n_rb = max(1, -(-M // cfg["BM"]))  # (M = 0: nothing is launched)
-    if has_lora or prologue == "layernorm":
-        splits = 1
+    if prologue == "layernorm":
+        splits = 1  # each program reads its rows whole for the statistics: a split would repeat that
+    elif has_lora:
+        # Each program's share of the down-projection goes to slice [split] of a [splits, M, R] fp32
+        # workspace, summed in a fixed order after the kernel (deterministic, no atomics). Without
+        # the split (before 11-27) the 512 programs of [4096, 3072] each ran all 24 tiles' dots in a
+        # chain: 82 us on an H100 against 22 us without the branch. ~4096 programs on a GPU;
+        # **not yet timed** (bench/quant.py "linear parts" rows, bench/tune_quantize.py).
+        splits = max(1, min(n_tiles, -(-(4096 if not interp else 1) // n_rb)))
     else:
         splits = max(1, min(n_tiles, -(-(12288 if not interp else 1) // n_rb)))  # ~12k programs on a GPU
     if "SPLITS" in cfg:
         splits = max(1, min(n_tiles, cfg["SPLITS"]))
     tpp = -(-n_tiles // splits) if n_tiles else 1
     splits = -(-n_tiles // tpp) if n_tiles else 1
+    la_parts = _empty((splits, M, R), device=x.device, dtype=torch.float32) if has_lora and splits > 1 else la
     contig = lambda t: None if t is None else t.contiguous()  # noqa: E731
     smooth, lora_down, shift, scale = map(contig, (smooth, lora_down, shift, scale))
     mod = shift if shift is not None else scale
     rpb = M // mod.shape[0] if mod is not None and mod.shape[0] > 0 else 1  # (B = 0 only with M = 0)
     dummy = x
     args = [x, smooth if smooth is not None else dummy, lora_down if has_lora else dummy,
-            shift if shift is not None else dummy, scale if scale is not None else dummy, qk, s, la,
+            shift if shift is not None else dummy, scale if scale is not None else dummy, qk, s, la_parts,
             M, K, R, max(rpb, 1), x.stride(0), x.stride(1), float(eps), n_tiles, tpp]
     const = dict(FMT=_FMT[fmt], PROLOGUE=_PROLOGUE[prologue], HAS_SMOOTH=smooth is not None, HAS_LORA=has_lora,
                  HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, G=G, GB=cfg["GB"], GPC=cfg["GPC"],
@@ -483,7 +493,7 @@ def _quantize_launch(x, smooth, lora_down, shift, scale, fmt, group_size, prolog
                  LORA_PREC=_lora_prec(interp, cap))
     grid = (n_rb, splits)
     opts = dict(num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2))
-    return (q, s, la), args, const, grid, opts
+    return (q, s, la), args, const, grid, opts, la_parts
 
 
 def quantize_triton(x, smooth, lora_down, shift, scale, fmt, group_size, prologue, eps, *, _config=None):
@@ -493,14 +503,16 @@ def quantize_triton(x, smooth, lora_down, shift, scale, fmt, group_size, prologu
     ``[M, K]``, ``scales`` fp32 ``[M, K/G]``, ``lora_act`` fp32 ``[M, R]``.  ``_config`` overrides
     the block shapes (tests)."""
     M, K = x.shape
-    outs, args, const, grid, opts = _quantize_launch(x, smooth, lora_down, shift, scale, fmt, group_size, prologue,
-                                                     eps, cap=_cap(x.device), config=_config)
+    outs, args, const, grid, opts, la_parts = _quantize_launch(x, smooth, lora_down, shift, scale, fmt, group_size,
+                                                               prologue, eps, cap=_cap(x.device), config=_config)
     if M == 0:
         return outs
     if K == 0:
         outs[2].zero_()
         return outs
     _quantize_kernel[grid](*args, **const, **opts)
+    if la_parts is not outs[2]:
+        torch.sum(la_parts, dim=0, out=outs[2])  # the programs' partial down-projections, in split order
     return outs
 
 
@@ -1043,7 +1055,7 @@ def compile_for_gpu(op: str, cap=(9, 0), *inputs, **kw):
 
     launch, fn = {"quantize": (_quantize_launch, _quantize_kernel), "quant_gemm": (_gemm_launch, _qgemm_kernel),
                   "quant_gemm_quant": (_gemm_quant_launch, _qgemm_quant_kernel)}[op]
-    _, args, const, _, opts = launch(*inputs, cap=cap, interp=False, **kw)
+    _, args, const, _, opts = launch(*inputs, cap=cap, interp=False, **kw)[:5]
     if not isinstance(fn, triton.runtime.jit.JITFunction):
         raise RuntimeError("compile_for_gpu: Triton's interpreter is on (TRITON_INTERPRET=1); its language "
                            "functions cannot be compiled in this process: run it in one without it")
