@@ -575,3 +575,40 @@ def test_cpu_op_without_statistics_same_tokens_and_probs(dtype):
                 assert lean[2].isnan().all()
             else:
                 assert torch.equal(full[2].nan_to_num(-1.0), lean[2].nan_to_num(-1.0))
+
+
+# ---------------------------------------------------------------- top-p threshold without a full sort
+def _topp_threshold_by_sort(lg, tau, temperature, top_p):
+    """The definition: sort each row, cumulative softmax mass, value at the first index >= top_p."""
+    blk = lg.double()
+    if tau is not None:
+        blk = torch.where(blk >= tau.double().unsqueeze(1), blk, torch.full_like(blk, float("-inf")))
+    srt = torch.sort(blk, dim=1, descending=True).values
+    c = torch.cumsum(torch.softmax(srt / (temperature if temperature > 0 else 1.0), dim=1), dim=1)
+    j = torch.searchsorted(c, torch.full((c.shape[0], 1), top_p, dtype=c.dtype)).clamp(max=lg.shape[1] - 1)
+    return srt.gather(1, j).squeeze(1).float()
+
+
+@pytest.mark.parametrize("V", [1, 7, 100, 5003])
+@pytest.mark.parametrize("kind", ["peaked", "flat", "ties", "banned", "top_k"])
+def test_topp_threshold_matches_the_full_sort(V, kind):
+    from pydiff.ops.sampling import _topp_threshold
+    g = torch.Generator().manual_seed(V + len(kind))
+    R = 37
+    scale = {"peaked": 6.0, "flat": 0.05}.get(kind, 2.0)
+    lg = torch.randn(R, V, generator=g) * scale
+    if kind == "ties":
+        lg = torch.round(lg)
+    if kind == "banned":
+        lg[:, ::3] = float("-inf")
+        lg[:, -1] = 0.5  # every row keeps a token
+    tau = None
+    if kind == "top_k" and V > 1:
+        tau = torch.topk(lg, min(V, 9), dim=1).values[:, -1].contiguous()
+    for top_p in (0.05, 0.5, 0.9, 0.999):
+        for T in (1.0, 0.7):
+            # k0 = 2 forces the k escalation (2, 16, 128, ...) on most rows
+            for k0 in (2, 64):
+                got = _topp_threshold(lg, tau, T, top_p, rows_per_block=16, k0=k0)
+                want = _topp_threshold_by_sort(lg, tau, T, top_p)
+                assert torch.equal(got, want), (kind, V, top_p, T, k0, (got != want).nonzero()[:4].tolist())

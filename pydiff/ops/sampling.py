@@ -116,9 +116,17 @@ def check_sample_args(logits, temperature, top_k, top_p, min_p, mask, fill, seed
 
 
 def _topp_threshold(lg: torch.Tensor, tau: Optional[torch.Tensor], temperature: float, top_p: float,
-                    rows_per_block: int = 64) -> torch.Tensor:
+                    rows_per_block: int = 64, k0: int = 64) -> torch.Tensor:
     """Per-row logit threshold keeping the smallest top set of mass >= top_p (ties at the edge
-    kept), computed in float64 on blocks of rows: extra memory rows_per_block x V, not R x V."""
+    kept), computed in float64 on blocks of rows: extra memory rows_per_block x V, not R x V.
+
+    With p = softmax(l / T) over the row (float64, after the ``tau`` truncation), the threshold is
+    the value l_(j) of the sorted-descending logits at the first j whose cumulative p reaches
+    ``top_p`` (the last kept value when rounding leaves the total just short).  Only the top k logits
+    are sorted (``torch.topk``), k = ``k0`` first and 8x larger until every row of the block reaches
+    ``top_p`` inside them (at most V): a full sort of each row cost 170-250 ms at 64 x 32000 on the
+    2-core CPU, the top 64 cost well under 1 % of that where the mass concentrates, as it does in
+    language models; a flat row costs about a sort."""
     R, V = lg.shape
     out = torch.empty(R, dtype=torch.float32, device=lg.device)
     t = temperature if temperature > 0 else 1.0
@@ -127,13 +135,20 @@ def _topp_threshold(lg: torch.Tensor, tau: Optional[torch.Tensor], temperature: 
         if tau is not None:
             blk = torch.where(blk >= tau[r0:r0 + rows_per_block].double().unsqueeze(1), blk,
                               torch.full_like(blk, float("-inf")))
-        srt = torch.sort(blk, dim=1, descending=True).values
-        p = torch.softmax(srt / t, dim=1)
-        c = torch.cumsum(p, dim=1)
+        xs = blk / t
+        m = xs.amax(1, keepdim=True)
+        Z = torch.exp(xs - m).sum(1, keepdim=True)  # softmax's own form: equal logits give exact shares
+        target = torch.full((blk.shape[0], 1), top_p, dtype=blk.dtype, device=blk.device)
+        k = min(V, k0)
+        while True:
+            top = torch.topk(blk, k, dim=1).values  # sorted, descending
+            c = torch.cumsum(torch.exp(top / t - m) / Z, dim=1)
+            if k == V or bool((c[:, -1] >= top_p).all()):
+                break
+            k = min(V, 8 * k)
         # first index whose cumulative mass reaches top_p (guard rounding with the last index)
-        j = torch.searchsorted(c, torch.full((c.shape[0], 1), top_p, dtype=c.dtype, device=c.device))
-        j = j.clamp(max=V - 1)
-        out[r0:r0 + rows_per_block] = srt.gather(1, j).squeeze(1).float()
+        j = torch.searchsorted(c, target).clamp(max=k - 1)
+        out[r0:r0 + rows_per_block] = top.gather(1, j).squeeze(1).float()
     return out
 
 
