@@ -1,9 +1,9 @@
 // Exact categorical sampling, CPU kernel. Rows in parallel (OpenMP); each row in chunks of
-// kSampleChunk logits converted to fp32 in L1: chunk max, then the exponentials relative to it
-// (a vectorised exp: fp32 polynomial on a reduced argument, scaled by 2^k in float64 so nothing
-// underflows above 1e-308), summed in float64. A float64 uniform picks the chunk by the
-// cumulative chunk sums and a rescan of that chunk picks the token; at T = 0 the first argmax is
-// tracked in the first pass (no rescan). Definition:
+// kSampleChunk logits (fp16 / bf16 converted to fp32 in L1, fp32 read in place): chunk max, then
+// the exponentials relative to it (a vectorised exp: fp32 polynomial on a reduced argument,
+// scaled by 2^k in float64 so nothing underflows above 1e-308), summed in float64. A float64
+// uniform picks the chunk by the cumulative chunk sums and a rescan of that chunk picks the token;
+// at T = 0 the first argmax is tracked in the first pass (no rescan). Definition:
 // pydiff/reference/sampling.py; declarations: csrc/include/pydiff/sampling.h.
 #include <algorithm>
 #include <cmath>
