@@ -10,6 +10,7 @@
 #                                                   NCU_SECTIONS="--section ..." replaces the default sections)
 #   TUNE_ARGS="--fast --fmts int4" bash bench/gpu_check.sh       (arguments of the tile sweep, bench/tune_quant.py)
 #   GPU_CHECK_STACKPROF=1 bash bench/gpu_check.sh    (also the invertible stack's kernel breakdown, in bench.log)
+#   GPU_CHECK_SOLVER_TUNE=1 bash bench/gpu_check.sh  (also the CUDA solver kernel's launch-shape sweep, in bench.log)
 # What comes back under $OUT (at most 8 files): build.log, gpu_tests.log, fails.txt (if any), bench.log,
 # bench_gpu.json (all parts merged), tune_quant.json, summary.txt.  Deadline: T_TOTAL seconds
 # (default 345, under the 6 minutes issue 2 asks for; the build, when there is no prebuilt wheel,
@@ -110,6 +111,13 @@ if [ "$tl" -ge 15 ]; then
   timeout -k 10 "$tl" python3 bench/tune_quant.py --budget $(( tl - 10 )) --out "$OUTDIR/tune_quant.json" \
     ${TUNE_ARGS:-} > /tmp/tune.log 2>&1; echo "tune: rc $? ($(since) s)"; grep -A12 "best tile" /tmp/tune.log
   grep MISMATCH /tmp/tune.log
+fi
+
+# 4b. Optional (GPU_CHECK_SOLVER_TUNE=1): launch shapes of the CUDA solver kernel (bench/tune_solver.py:
+#     threads per block and grid cap, for issue 2's 1.15x floor), 30 s, appended to bench.log.
+if [ "${GPU_CHECK_SOLVER_TUNE:-0}" = "1" ]; then
+  timeout -k 5 "${T_SOLVER_TUNE:-30}" python3 bench/tune_solver.py >> "$OUTDIR/bench.log" 2>&1
+  echo "tune_solver: rc $? ($(since) s)"; grep -A4 "best launch" "$OUTDIR/bench.log"
 fi
 
 # 5. Summary: the targets of the issues, from the merged JSON.

@@ -101,3 +101,21 @@ def test_overhead_quick_rows():
     for op in ops:
         impls = {r["impl"] for r in rows if r["op"] == op}
         assert {"pydiff", "eager torch"} <= impls, (op, impls)
+
+
+def test_tune_solver_sweep_runs_on_the_cpu_backend():
+    """bench/tune_solver.py's sweep (a GPU tool) end to end on the CPU kernel, where the launch hook
+    changes nothing: every row runs, is timed and compares equal to the default's output."""
+    from pydiff import _ext
+
+    if _ext._C is None or not _ext._C.built_with_cuda():
+        pytest.skip("the launch hook exists in builds with the CUDA kernels")
+    import tune_solver
+
+    res = tune_solver.sweep(torch.device("cpu"), shape=(1, 3, 5, 7), steps=("dpmpp2m_cfg", "ddim_cfg"),
+                            launches=[(0, 0), (128, 4), (64, 1)], backend="cpu")
+    rows = res["rows"]
+    assert len(rows) == 6 and all(r["bit_equal"] and r["time_us"] > 0 for r in rows)
+    assert [(r["threads"], r["blocks_per_sm"]) for r in rows[:3]] == [(256, 64), (128, 4), (64, 1)]
+    with pytest.raises(ValueError, match="threads in"):
+        _ext._C.solver_cuda_launch(512, 0)

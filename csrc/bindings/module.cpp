@@ -181,9 +181,31 @@ PyObject* solver_step_direct(PyObject*, PyObject* const* args, Py_ssize_t nargs)
   END_HANDLE_TH_ERRORS
 }
 
+// solver_cuda_launch(threads, blocks_per_sm): the CUDA step kernel's launch shape (tuning hook, see
+// pydiff::solver_step_cuda_set_launch; 0, 0 = defaults). Raises ValueError for a bad value, and
+// RuntimeError in a build without CUDA kernels.
+PyObject* solver_cuda_launch(PyObject*, PyObject* args) {
+  int threads = 0, per_sm = 0;
+  if (!PyArg_ParseTuple(args, "ii", &threads, &per_sm)) return nullptr;
+#ifdef PYDIFF_WITH_CUDA
+  if (pydiff::solver_step_cuda_set_launch(threads, per_sm) != 0) {
+    PyErr_Format(PyExc_ValueError,
+                 "solver_cuda_launch: expected threads in (0, 64, 128, 256) and blocks_per_sm in [0, 1024], got %d, %d",
+                 threads, per_sm);
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+#else
+  PyErr_SetString(PyExc_RuntimeError, "solver_cuda_launch: this build has no CUDA kernels");
+  return nullptr;
+#endif
+}
+
 PyMethodDef methods[] = {
     {"built_with_cuda", built_with_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
     {"cuda_archs", cuda_archs, METH_NOARGS, "The CUDA architectures the kernels were compiled for."},
+    {"solver_cuda_launch", solver_cuda_launch, METH_VARARGS,
+     "solver_cuda_launch(threads, blocks_per_sm): the CUDA solver kernel's launch shape (tuning; 0, 0 = defaults)."},
     {"solver_step_direct", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(solver_step_direct)),
      METH_FASTCALL,
      "solver_step_direct(x, model_cond, model_uncond, history, noise, row_scale, coeffs, coeff_table, step, clip_lo, "

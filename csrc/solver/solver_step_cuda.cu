@@ -239,6 +239,10 @@ bool all_aligned(const SolverStepArgs& a) {
   return ok;
 }
 
+// Launch shape (solver_step_cuda_set_launch): threads per block and the grid cap in blocks per SM
+// (beyond the cap, each thread loops over vectors grid-stride). 0 = the defaults below.
+int g_threads = 0, g_blocks_per_sm = 0;
+
 cudaError_t launch(const SolverStepArgs& a, cudaStream_t s) {
   const int vec_width = a.dtype == DType::kF32 ? 4 : 8;
   const bool vec = all_aligned(a);
@@ -250,11 +254,11 @@ cudaError_t launch(const SolverStepArgs& a, cudaStream_t s) {
     const int nc = num_step_coeffs(a.num_history);
     for (int q = 0; q < nc; ++q) hc.v[q] = float(a.coeffs[q]);
   }
-  const int threads = 256;
+  const int threads = g_threads > 0 ? g_threads : 256;
   const int64_t work = (a.numel / VEC) > 0 ? a.numel / VEC : 1;
   int64_t blocks = (work + threads - 1) / threads;
   // one vector per thread up to ~8.6M vectors (vector path); the scalar path loops more
-  const int64_t cap = int64_t(current_sm_count()) * (vec ? 64 : 8);
+  const int64_t cap = int64_t(current_sm_count()) * (g_blocks_per_sm > 0 ? g_blocks_per_sm : (vec ? 64 : 8));
   if (blocks > cap) blocks = cap;
 #ifdef PYDIFF_CUDA_EMU
   cuda_emu::launch(kern, dim3(int(blocks)), dim3(threads), kMaxStepCoeffs * sizeof(float), s, a, hc);
@@ -265,6 +269,14 @@ cudaError_t launch(const SolverStepArgs& a, cudaStream_t s) {
 }
 
 }  // namespace
+
+int solver_step_cuda_set_launch(int threads, int blocks_per_sm) {
+  if (threads != 0 && threads != 64 && threads != 128 && threads != 256) return 1;  // __launch_bounds__(256)
+  if (blocks_per_sm < 0 || blocks_per_sm > 1024) return 1;
+  g_threads = threads;
+  g_blocks_per_sm = blocks_per_sm;
+  return 0;
+}
 
 int solver_step_cuda(const SolverStepArgs& a, void* stream) {
   if (a.num_history < 0 || a.num_history > kMaxHistory || a.inner <= 0) return int(cudaErrorInvalidValue);

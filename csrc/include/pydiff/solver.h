@@ -50,6 +50,11 @@ int solver_step_cpu(const SolverStepArgs& args);
 
 // CUDA kernel, launched on `stream` (a cudaStream_t). Returns a cudaError_t value (0 = success).
 int solver_step_cuda(const SolverStepArgs& args, void* stream);
+// Tuning hook for bench/tune_solver.py: the step kernel's threads per block (64, 128 or 256) and grid
+// cap in blocks per multiprocessor (past it, threads loop grid-stride); 0, 0 restores the defaults
+// (256 threads, 64 blocks per SM: one 16-byte vector per thread at the benchmark sizes). Process-wide
+// and not synchronised with launches in flight on other threads. Returns nonzero for a bad value.
+int solver_step_cuda_set_launch(int threads, int blocks_per_sm);
 
 // Guidance-rescale factor per sample: r[b] = phi std(c_b) / std(u_b + g (c_b - u_b)) + (1 - phi)
 // (unbiased std over `inner` elements, sums in float64). out: float32 [batch].

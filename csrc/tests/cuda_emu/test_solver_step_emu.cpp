@@ -52,6 +52,7 @@ struct Case {
   int64_t step = 0, table_rows = 1;
   int misalign = 0;  // 1: x misaligned, 2: out_x misaligned, 3: a history entry misaligned, 4: out_h
   int sms = 132;     // multiprocessor count the emulated device reports (caps the grid)
+  int threads = 0, blocks_per_sm = 0;  // launch shape (solver_step_cuda_set_launch; 0: the defaults)
 };
 
 // A typed device buffer of n elements filled with N(0, 1) values (as stored) and their values.
@@ -80,6 +81,7 @@ void run_case(const Case& C, Rng& rng) {
   std::string tag = std::string(C.what) + " [" + dname(C.dt) + " numel=" + std::to_string(n) +
                     " hist=" + std::to_string(k) + "]";
   cuda_emu::device(0).sms = C.sms;
+  CHECK(pydiff::solver_step_cuda_set_launch(C.threads, C.blocks_per_sm) == 0, "%s: launch shape refused", tag.c_str());
 
   Tensor x(t, n, C.misalign == 1, &rng);
   Tensor mc, mu, z;
@@ -226,6 +228,7 @@ void run_case(const Case& C, Rng& rng) {
   CHECK(x.buf.intact() && ox.buf.intact() && (!C.out_h || oh.buf.intact()) && (!C.stats || st.intact()),
         "%s: a canary next to a buffer was overwritten", tag.c_str());
   cuda_emu::device(0).sms = 132;
+  pydiff::solver_step_cuda_set_launch(0, 0);
 }
 
 void run_rescale(DType dt, int64_t batch, int64_t inner, Rng& rng) {
@@ -302,6 +305,12 @@ int main(int argc, char** argv) {
        .sms = 1},
       {.what = "grid capped, table (loads before the barrier)", .dt = BF16, .numel = 256 * 8 * 2 * 2 + 3, .hist = 1,
        .table = true, .step = 1, .table_rows = 3, .sms = 1},
+      {.what = "launch 128 threads, 1 block per SM (grid-stride)", .dt = F32, .numel = 4 * 128 * 3 * 5 + 7,
+       .batch = 1, .hist = 3, .stats = true, .sms = 3, .threads = 128, .blocks_per_sm = 1},
+      {.what = "launch 64 threads, 2 blocks per SM, table", .dt = BF16, .numel = 8 * 64 * 2 * 2 * 3 + 1, .hist = 2,
+       .table = true, .step = 2, .table_rows = 4, .sms = 2, .threads = 64, .blocks_per_sm = 2},
+      {.what = "launch 128 threads, scalar", .dt = F16, .numel = 128 * 4 * 3 + 2, .batch = 1, .hist = 1,
+       .misalign = 1, .sms = 2, .threads = 128, .blocks_per_sm = 2},
       {.what = "rows narrower than a vector (row_scale)", .dt = F16, .numel = 50 * 3, .batch = 50, .hist = 1},
       {.what = "rows narrower than a vector, fp32", .dt = F32, .numel = 41 * 2, .batch = 41, .hist = 2},
   };
@@ -338,6 +347,9 @@ int main(int argc, char** argv) {
     a.num_history = 0;
     a.inner = 0;
     CHECK(pydiff::solver_step_cuda(a, nullptr) != 0, "inner == 0 accepted");
+    CHECK(pydiff::solver_step_cuda_set_launch(512, 0) != 0, "512 threads accepted (launch bounds 256)");
+    CHECK(pydiff::solver_step_cuda_set_launch(96, 0) != 0, "96 threads accepted");
+    CHECK(pydiff::solver_step_cuda_set_launch(0, -1) != 0, "negative blocks per SM accepted");
   }
   run_rescale(DType::kF32, 1, 2, rng);
   run_rescale(DType::kF32, 3, 1031, rng);
