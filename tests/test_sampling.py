@@ -589,6 +589,16 @@ def _topp_threshold_by_sort(lg, tau, temperature, top_p):
     return srt.gather(1, j).squeeze(1).float()
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the compiled CPU kernels")
+def test_top_p_traces_fullgraph():
+    """sample_categorical(top_p=..., on_invalid="flag") under torch.compile(fullgraph=True): the
+    threshold's k escalation (a host-side check) is off while tracing, with the same tokens."""
+    x = torch.randn(8, 300, generator=torch.Generator().manual_seed(4))
+    f = torch.compile(lambda lg: sample_categorical(lg, seed=1, top_p=0.9, on_invalid="flag", backend="cpu"),
+                      fullgraph=True, backend="aot_eager")
+    assert torch.equal(f(x), sample_categorical(x, seed=1, top_p=0.9, on_invalid="flag", backend="cpu"))
+
+
 @pytest.mark.parametrize("V", [1, 7, 100, 5003])
 @pytest.mark.parametrize("kind", ["peaked", "flat", "ties", "banned", "top_k"])
 def test_topp_threshold_matches_the_full_sort(V, kind):

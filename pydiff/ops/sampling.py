@@ -126,7 +126,8 @@ def _topp_threshold(lg: torch.Tensor, tau: Optional[torch.Tensor], temperature: 
     are sorted (``torch.topk``), k = ``k0`` first and 8x larger until every row of the block reaches
     ``top_p`` inside them (at most V): a full sort of each row cost 170-250 ms at 64 x 32000 on the
     2-core CPU, the top 64 cost well under 1 % of that where the mass concentrates, as it does in
-    language models; a flat row costs about a sort."""
+    language models; a flat row costs about a sort.  On other devices (and while torch.compile
+    traces) k = V from the start: checking the mass would synchronise with the host."""
     R, V = lg.shape
     out = torch.empty(R, dtype=torch.float32, device=lg.device)
     t = temperature if temperature > 0 else 1.0
@@ -139,7 +140,9 @@ def _topp_threshold(lg: torch.Tensor, tau: Optional[torch.Tensor], temperature: 
         m = xs.amax(1, keepdim=True)
         Z = torch.exp(xs - m).sum(1, keepdim=True)  # softmax's own form: equal logits give exact shares
         target = torch.full((blk.shape[0], 1), top_p, dtype=blk.dtype, device=blk.device)
-        k = min(V, k0)
+        # the escalation tests the mass on the host: on the CPU only (free there); a GPU call keeps no
+        # host synchronisation, and a torch.compile trace no data-dependent branch, by taking k = V
+        k = min(V, k0) if lg.device.type == "cpu" and not torch.compiler.is_compiling() else V
         while True:
             top = torch.topk(blk, k, dim=1).values  # sorted, descending
             c = torch.cumsum(torch.exp(top / t - m) / Z, dim=1)
