@@ -41,7 +41,7 @@ QUICK_SHAPES = [(5, 256, 0), (5, 256, 5)]
 QUICK_CANDIDATES = [(2, 2, 4, 2), (4, 4, 4, 1)]
 
 
-def _cfg(c, has_lora):  # noqa: ARG001 (SPLITS applies with lora too since 11-27)
+def _cfg(c):
     bm, gpc, warps, splits = c
     return dict(BM=bm, GPC=gpc, GB=G, NSUB=1, num_warps=warps, SPLITS=splits)
 
@@ -72,7 +72,7 @@ def sweep(device, shapes, candidates, lora_candidates, budget):
             if time.time() > t_end:
                 print(f"budget spent: stopped before {shape} {c}")
                 return rows
-            cfg = _cfg(c, R > 0)
+            cfg = _cfg(c)
             try:
                 out = run(dict(cfg))
                 equal = bool(torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]))

@@ -41,13 +41,13 @@ inline void store(void* p, int64_t off, int64_t n, const float* __restrict__ src
 struct Coef {
   float g, px, pm, ex, em, ed;
   float a0[4], a1[4];  // x m d e terms of the two outputs
-  float lo, hi;
-  bool clip;
+  float lo, hi;  // the clip of d (-inf, +inf without one)
 };
 
 // Per element, in one loop (each input read once, each output written once):
-//   m = (u + g (c - u)) r  (MODE 2; MODE 1: m = c r; MODE 0: m = 0), stored to M for the x0 statistics
-//   d = clamp(px x + pm m, lo, hi)  (lo = -inf, hi = +inf without a clip: the identity, NaN included)
+//   m = (u + g (c - u)) r  (MODE 2; MODE 1: m = c r; MODE 0: m = 0)
+//   d = clamp(px x + pm m, lo, hi)  (lo = -inf, hi = +inf without a clip: the identity, NaN included),
+//       stored to D for the x0 statistics
 //   e = ex x + em m + ed d
 //   o0 = a0 . (x, m, d, e) + z0 noise + sum_j w0_j h_j, and o1 likewise with a1, z1, w1 when OUT_H.
 // The terms are added in the order of the formula (noise, then h_0, h_1, ...); K (history length) and
@@ -58,7 +58,7 @@ template <int K, int MODE, bool NOISE, bool OUT_H>
 PYDIFF_CLONES_AVX2 void chunk_fused(const Coef k, int64_t n, const float* __restrict__ X, const float* __restrict__ C,
                                    const float* __restrict__ U, float r, const float* __restrict__ Z,
                                    const float* const* __restrict__ H, const float* __restrict__ w0,
-                                   const float* __restrict__ w1, float z0, float z1, float* __restrict__ M,
+                                   const float* __restrict__ w1, float z0, float z1, float* __restrict__ D,
                                    float* __restrict__ O0, float* __restrict__ O1) {
   const float* h[K > 0 ? K : 1];
   float v0[K > 0 ? K : 1], v1[K > 0 ? K : 1];
@@ -68,9 +68,9 @@ PYDIFF_CLONES_AVX2 void chunk_fused(const Coef k, int64_t n, const float* __rest
     float m = 0.f;
     if (MODE == 2) m = (U[i] + k.g * (C[i] - U[i])) * r;
     if (MODE == 1) m = C[i] * r;
-    M[i] = m;
     float d = k.px * x + k.pm * m;
     d = d < k.lo ? k.lo : (d > k.hi ? k.hi : d);
+    D[i] = d;
     const float e = k.ex * x + k.em * m + k.ed * d;
     float o0 = k.a0[0] * x + k.a0[1] * m + k.a0[2] * d + k.a0[3] * e;
     float o1 = OUT_H ? k.a1[0] * x + k.a1[1] * m + k.a1[2] * d + k.a1[3] * e : 0.f;
@@ -122,14 +122,11 @@ ChunkFn pick_chunk_fn(int k, int mode, bool noise, bool out_h) {
   }
 }
 
-// x0 statistics: S1 += d, S2 += d^2 (float64), d recomputed from X and M exactly as chunk_math does.
-void chunk_x0_stats(const Coef& k, int64_t n, const float* __restrict__ X, const float* __restrict__ M,
-                    double* __restrict__ S1, double* __restrict__ S2) {
+// x0 statistics: S1 += d, S2 += d^2 (float64), d the step's own x0 estimate (chunk_fused's D).
+void chunk_x0_stats(int64_t n, const float* __restrict__ D, double* __restrict__ S1, double* __restrict__ S2) {
   for (int64_t i = 0; i < n; ++i) {
-    float d = k.px * X[i] + k.pm * M[i];
-    if (k.clip) d = d < k.lo ? k.lo : (d > k.hi ? k.hi : d);
-    S1[i] += double(d);
-    S2[i] += double(d) * double(d);
+    S1[i] += double(D[i]);
+    S2[i] += double(D[i]) * double(D[i]);
   }
 }
 
@@ -141,9 +138,9 @@ void run(const SolverStepArgs& a, const float* c) {
   Coef co;
   co.g = c[0]; co.px = c[1]; co.pm = c[2]; co.ex = c[3]; co.em = c[4]; co.ed = c[5];
   for (int j = 0; j < 4; ++j) { co.a0[j] = r0[j]; co.a1[j] = r1[j]; }
-  co.clip = a.clip_lo < a.clip_hi;
-  co.lo = co.clip ? a.clip_lo : -std::numeric_limits<float>::infinity();
-  co.hi = co.clip ? a.clip_hi : std::numeric_limits<float>::infinity();
+  const bool clip = a.clip_lo < a.clip_hi;
+  co.lo = clip ? a.clip_lo : -std::numeric_limits<float>::infinity();
+  co.hi = clip ? a.clip_hi : std::numeric_limits<float>::infinity();
   const float z0 = r0[4], z1 = r1[4];
   float w0[kMaxHistory], w1[kMaxHistory];
   for (int j = 0; j < k; ++j) { w0[j] = r0[kRowTerms + j]; w1[j] = r1[kRowTerms + j]; }
@@ -160,7 +157,7 @@ void run(const SolverStepArgs& a, const float* c) {
 
   auto body = [&](int64_t t) {
     // fp32 tensors are read and written in place; fp16/bf16 go through fp32 buffers in L1
-    alignas(64) float Xb[kChunk], Cb[kChunk], Ub[kChunk], Zb[kChunk], M[kChunk], O0b[kChunk], O1b[kChunk];
+    alignas(64) float Xb[kChunk], Cb[kChunk], Ub[kChunk], Zb[kChunk], D[kChunk], O0b[kChunk], O1b[kChunk];
     alignas(64) float Hb[std::is_same<T, float>::value ? 1 : kMaxHistory][kChunk];
     const int64_t b = t / chunks_per_row;
     const int64_t lo = b * inner + (t % chunks_per_row) * kChunk;
@@ -174,8 +171,8 @@ void run(const SolverStepArgs& a, const float* c) {
     float* O0 = out_view<T>(a.out_x, lo, O0b);
     float* O1 = a.out_h ? out_view<T>(a.out_h, lo, O1b) : nullptr;
     const float r = per_row ? a.row_scale[b] : 1.f;
-    fn(co, n, X, C, U, r, Z, H, w0, w1, z0, z1, M, O0, O1);
-    if (a.x0_stats) chunk_x0_stats(co, n, X, M, a.x0_stats + lo, a.x0_stats + a.numel + lo);
+    fn(co, n, X, C, U, r, Z, H, w0, w1, z0, z1, D, O0, O1);
+    if (a.x0_stats) chunk_x0_stats(n, D, a.x0_stats + lo, a.x0_stats + a.numel + lo);
     if (!std::is_same<T, float>::value) {
       store<T>(a.out_x, lo, n, O0);
       if (a.out_h) store<T>(a.out_h, lo, n, O1);
